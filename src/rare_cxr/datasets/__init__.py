@@ -1,0 +1,5 @@
+"""Kedro datasets that kedro-datasets does not provide (each module says why)."""
+
+from rare_cxr.datasets.image_folder import ImageFolderDataset
+
+__all__ = ["ImageFolderDataset"]

@@ -1,0 +1,114 @@
+"""A folder of NIH-layout PNGs as a Kedro dataset.
+
+Why not `partitions.PartitionedDataset` + `pillow.ImageDataset`: the NIH release comes either as
+`images/*.png` or, from Kaggle, as `images_001/images/*.png` ... `images_012/images/*.png`, and a
+partial download is normal. Downstream nodes need the *path* of every image (to index it, to
+decode it once into the cache, and to report which ones are missing or corrupt), not a
+decoded image object per file; PartitionedDataset offers neither the nested layout as one flat
+id space nor paths. Saving (used by the phantom generator) writes each PNG atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kedro.io import AbstractDataset, DatasetError
+from PIL import Image
+
+# NIH image names: 8-digit patient id, underscore, 3-digit follow-up number.
+IMAGE_ID_PATTERN = re.compile(r"^\d{8}_\d{3}\.png$")
+
+
+def validate_image_id(image_id: str) -> str:
+    """Refuse image names that could escape the image folder (separators, `..`)."""
+    if not isinstance(image_id, str) or not image_id:
+        raise ValueError(f"image id must be a non-empty string, got {image_id!r}")
+    if "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("."):
+        raise ValueError(f"image id {image_id!r} contains a path separator or '..'")
+    return image_id
+
+
+class ImageFolderDataset(AbstractDataset[Mapping[str, Any], dict[str, str]]):
+    """Load: `{image_id: absolute path}` for every PNG under `images/` or `images_*/images/`.
+
+    Save: a mapping `{image_id: image}` where an image is a uint8 numpy array (H×W),
+    a PIL image, or a zero-argument callable returning either (so a generator need not hold
+    every image in memory). Files are written to `<path>/images/<image_id>` atomically.
+    """
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+        self._root = Path(path)
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._root)}
+
+    def _image_dirs(self) -> list[Path]:
+        dirs = [self._root / "images"]
+        dirs += sorted(p / "images" for p in self._root.glob("images_*") if p.is_dir())
+        return [d for d in dirs if d.is_dir()]
+
+    def load(self) -> dict[str, str]:
+        if not self._root.is_dir():
+            raise DatasetError(
+                f"image folder {self._root} does not exist; expected the NIH layout "
+                f"({self._root}/images/*.png or {self._root}/images_0XX/images/*.png)"
+            )
+        found: dict[str, str] = {}
+        for folder in self._image_dirs():
+            for entry in os.scandir(folder):
+                if entry.name.lower().endswith(".png") and not entry.name.startswith("."):
+                    # the first occurrence wins; a duplicate across archives is the same image
+                    found.setdefault(entry.name, os.path.abspath(entry.path))
+        return dict(sorted(found.items()))
+
+    def save(self, data: Mapping[str, Any]) -> None:
+        target = self._root / "images"
+        target.mkdir(parents=True, exist_ok=True)
+        for image_id, image in data.items():
+            validate_image_id(image_id)
+            if callable(image):
+                image = image()
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(np.ascontiguousarray(image))
+            if not isinstance(image, Image.Image):
+                raise DatasetError(f"cannot save {image_id!r}: expected array or PIL image")
+            _atomic_png(image, target / image_id)
+
+    def _exists(self) -> bool:
+        return bool(self._image_dirs())
+
+
+def _atomic_png(image: Image.Image, destination: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: no half-written PNGs."""
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG")
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic_bytes(destination: str | os.PathLike, payload: bytes) -> None:
+    """Atomic write of a small file (used for JSON side files and resume state)."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+ImageSource = np.ndarray | Image.Image | Callable[[], Any]

@@ -1,0 +1,1 @@
+"""One folder per pipeline; see `pipeline_registry.py`."""
