@@ -78,6 +78,7 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KedroProje
 
     project = tmp_path / "project"
     project.mkdir()
+    (project / "src").mkdir()  # bootstrap_project requires the source folder to exist
     shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
     shutil.copytree(
         PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local")

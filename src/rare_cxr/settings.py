@@ -10,6 +10,9 @@ CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    # conf/nih repeats only the keys that differ from conf/base; "soft" merges them into the
+    # base blocks instead of replacing whole top-level keys.
+    "merge_strategy": {"parameters": "soft"},
     # every pipeline owns its own catalog_<pipeline>.yml / parameters_<pipeline>.yml
     "config_patterns": {
         "catalog": ["catalog*", "catalog*/**", "**/catalog*"],
