@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,25 @@ def nih_sample() -> Path:
     return NIH_SAMPLE
 
 
+def nest_dotted(params: dict[str, Any]) -> dict[str, Any]:
+    """`{"a.b": 1}` -> `{"a": {"b": 1}}`, as `kedro run --params a.b=1` does.
+
+    KedroSession.create takes runtime params as given; only the CLI splits dotted keys, and a
+    dotted key left flat silently changes nothing.
+    """
+    nested: dict[str, Any] = {}
+    for key, value in params.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf].update(value)
+        else:
+            node[leaf] = value
+    return nested
+
+
 class KedroProject:
     """A temporary copy of the project that runs pipelines through KedroSession."""
 
@@ -56,7 +74,7 @@ class KedroProject:
         from kedro.framework.session import KedroSession
 
         with KedroSession.create(
-            project_path=self.path, env=env, runtime_params=params or {}
+            project_path=self.path, env=env, runtime_params=nest_dotted(params or {})
         ) as session:
             return session.run(pipeline_name=pipeline, **run_kwargs)
 
@@ -64,7 +82,7 @@ class KedroProject:
         from kedro.framework.session import KedroSession
 
         with KedroSession.create(
-            project_path=self.path, env=env, runtime_params=params or {}
+            project_path=self.path, env=env, runtime_params=nest_dotted(params or {})
         ) as session:
             return session.load_context().catalog
 
@@ -80,9 +98,7 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KedroProje
     project.mkdir()
     (project / "src").mkdir()  # bootstrap_project requires the source folder to exist
     shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
-    shutil.copytree(
-        PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local")
-    )
+    shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
     for layer in (PROJECT_ROOT / "data").iterdir():
         if layer.is_dir():
@@ -90,5 +106,3 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KedroProje
     monkeypatch.chdir(project)
     bootstrap_project(project)
     return KedroProject(project)
-
-

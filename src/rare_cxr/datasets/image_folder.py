@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -69,20 +70,42 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, Any], dict[str, str]]):
         return dict(sorted(found.items()))
 
     def save(self, data: Mapping[str, Any]) -> None:
-        target = self._root / "images"
-        target.mkdir(parents=True, exist_ok=True)
-        for image_id, image in data.items():
-            validate_image_id(image_id)
-            if callable(image):
-                image = image()
-            if isinstance(image, np.ndarray):
-                image = Image.fromarray(np.ascontiguousarray(image))
-            if not isinstance(image, Image.Image):
-                raise DatasetError(f"cannot save {image_id!r}: expected array or PIL image")
-            _atomic_png(image, target / image_id)
+        """Replace `<path>/images` with exactly the given images.
+
+        The images are written into a fresh sibling folder which is then swapped in, so a
+        re-run with fewer images leaves no stale PNG behind for `index_images` to find, and an
+        interrupted save leaves the previous folder untouched.
+        """
+        self._root.mkdir(parents=True, exist_ok=True)
+        final = self._root / "images"
+        staging = Path(tempfile.mkdtemp(dir=self._root, prefix=".images-new-"))
+        try:
+            for image_id, source in data.items():
+                validate_image_id(image_id)
+                _atomic_png(_as_pil(image_id, source), staging / image_id)
+            staging.chmod(0o755)
+            if final.exists():
+                retired = Path(tempfile.mkdtemp(dir=self._root, prefix=".images-old-"))
+                os.replace(final, retired / "images")
+                os.replace(staging, final)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def _exists(self) -> bool:
         return bool(self._image_dirs())
+
+
+def _as_pil(image_id: str, source: Any) -> Image.Image:
+    image = source() if callable(source) else source
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image))
+    if not isinstance(image, Image.Image):
+        raise DatasetError(f"cannot save {image_id!r}: expected a uint8 array or a PIL image")
+    return image
 
 
 def _atomic_png(image: Image.Image, destination: Path) -> None:
