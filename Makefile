@@ -1,6 +1,8 @@
 # The two commands of the README: `make run` and `make test`.
 # Both create .venv on first use (Python 3.11) and reinstall only when pyproject.toml changes.
 PYTHON ?= python3
+# No usage telemetry from kedro-telemetry (the project also ships a `.telemetry` opt-out file).
+export KEDRO_DISABLE_TELEMETRY := true
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -23,6 +23,7 @@ NIH_SAMPLE = SHARED_DATA / "nih14-sample"
 
 # Keep torch from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(scope="session")

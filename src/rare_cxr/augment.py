@@ -1,0 +1,297 @@
+"""Random augmentation of whole training batches, on the training device.
+
+The random half of the input transform (the image cache is the deterministic half). It runs
+on batches already on the GPU, so no CPU worker ever touches pixels during training.
+
+Why not a `torchvision.transforms.v2.Compose` applied to the batch: v2 transforms treat a
+batched tensor as *one* image and draw *one* set of random parameters for the whole batch
+(every image of the batch rotated by the same angle, flipped together, equally brightened),
+which removes most of the augmentation's variance and correlates the gradients of a batch.
+Per-sample v2 calls in a Python loop would fix that at the cost of B small kernel launches per
+op. So here:
+
+* geometry (rotation, scale, translation, horizontal flip) is one 2x3 matrix per sample,
+  applied to the whole batch by a single `F.affine_grid` + `F.grid_sample` (one resampling,
+  not four);
+* photometry (brightness, contrast, gamma) uses the formulas of
+  `torchvision.transforms.v2.functional.adjust_brightness/adjust_contrast/adjust_gamma`,
+  vectorised with a per-sample factor (tests check equality with the torchvision functions);
+* Gaussian noise has a per-sample standard deviation drawn from [0, noise_std].
+
+Policy keys (`params:augmentation`, validated by `validate_policy`) are documented in
+`conf/base/parameters_augmentation.yml` and `docs/augmentation.md`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PADDING_MODES = ("zeros", "border", "reflection")
+
+DEFAULT_POLICY: dict[str, Any] = {
+    "enabled": True,
+    "rotation_degrees": 0.0,
+    "scale": [1.0, 1.0],
+    "translate": 0.0,
+    "hflip_probability": 0.0,
+    "brightness": [1.0, 1.0],
+    "contrast": [1.0, 1.0],
+    "gamma": [1.0, 1.0],
+    "noise_std": 0.0,
+    "padding_mode": "zeros",
+}
+
+
+def _number(policy: Mapping[str, Any], key: str) -> float:
+    value = policy[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"augmentation.{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _range(policy: Mapping[str, Any], key: str, positive: bool) -> list[float]:
+    value = policy[key]
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value)
+        or not all(math.isfinite(v) for v in value)
+    ):
+        raise ValueError(f"augmentation.{key} must be a [min, max] pair of numbers, got {value!r}")
+    low, high = float(value[0]), float(value[1])
+    if positive and low <= 0:
+        raise ValueError(f"augmentation.{key}: min must be > 0, got {low}")
+    if low > high:
+        raise ValueError(f"augmentation.{key}: min ({low}) must be <= max ({high})")
+    return [low, high]
+
+
+def validate_policy(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check `params:augmentation` and return the complete policy (defaults filled in).
+
+    Unknown keys are rejected (a typo such as `rotation_degree` would otherwise silently
+    disable an augmentation); every error names the offending key.
+    """
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"augmentation parameters must be a mapping, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(DEFAULT_POLICY))
+    if unknown:
+        raise ValueError(
+            f"augmentation: unknown key(s) {unknown}; allowed: {', '.join(DEFAULT_POLICY)}"
+        )
+    policy = {**DEFAULT_POLICY, **params}
+    if not isinstance(policy["enabled"], bool):
+        raise ValueError(f"augmentation.enabled must be true or false, got {policy['enabled']!r}")
+    rotation = _number(policy, "rotation_degrees")
+    if not 0 <= rotation <= 180:
+        raise ValueError(f"augmentation.rotation_degrees must be in [0, 180], got {rotation}")
+    translate = _number(policy, "translate")
+    if not 0 <= translate <= 0.5:
+        raise ValueError(
+            f"augmentation.translate must be a fraction of the image side in [0, 0.5], "
+            f"got {translate}"
+        )
+    flip = _number(policy, "hflip_probability")
+    if not 0 <= flip <= 1:
+        raise ValueError(f"augmentation.hflip_probability must be in [0, 1], got {flip}")
+    noise = _number(policy, "noise_std")
+    if noise < 0:
+        raise ValueError(f"augmentation.noise_std must be >= 0, got {noise}")
+    if policy["padding_mode"] not in PADDING_MODES:
+        raise ValueError(
+            f"augmentation.padding_mode must be one of {PADDING_MODES}, "
+            f"got {policy['padding_mode']!r}"
+        )
+    return {
+        "enabled": policy["enabled"],
+        "rotation_degrees": rotation,
+        "scale": _range(policy, "scale", positive=True),
+        "translate": translate,
+        "hflip_probability": flip,
+        "brightness": _range(policy, "brightness", positive=True),
+        "contrast": _range(policy, "contrast", positive=True),
+        "gamma": _range(policy, "gamma", positive=True),
+        "noise_std": noise,
+        "padding_mode": policy["padding_mode"],
+    }
+
+
+class BatchAugmenter:
+    """`augment(batch, generator=None)`: float [B, C, H, W] in [0, 1] → same shape and device.
+
+    Each sample gets its own random parameters. With a seeded `torch.Generator` the result is
+    reproducible; random numbers are drawn on the generator's device (CPU by default) and
+    moved to the batch's device, so one CPU generator gives the same draws whatever the
+    training device.
+    """
+
+    def __init__(self, policy: Mapping[str, Any]) -> None:
+        self.policy = validate_policy(policy)
+        p = self.policy
+        self.geometric = (
+            p["rotation_degrees"] > 0
+            or p["scale"] != [1.0, 1.0]
+            or p["translate"] > 0
+            or p["hflip_probability"] > 0
+        )
+        self.photometric = (
+            p["brightness"] != [1.0, 1.0]
+            or p["contrast"] != [1.0, 1.0]
+            or (p["gamma"] != [1.0, 1.0])
+        )
+        self.enabled = p["enabled"] and (self.geometric or self.photometric or p["noise_std"] > 0)
+
+    def __repr__(self) -> str:
+        return f"BatchAugmenter({self.policy})"
+
+    def __call__(
+        self, batch: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if batch.ndim != 4:
+            raise ValueError(
+                f"augment expects a [B, C, H, W] batch, got shape {tuple(batch.shape)}"
+            )
+        if not self.enabled or batch.shape[0] == 0:
+            return batch
+        dtype = batch.dtype
+        x = batch.float()
+        n = x.shape[0]
+        params = self.sample_parameters(n, generator, x.device)
+        if self.geometric:
+            x = self._geometry(x, params)
+        if self.photometric:
+            x = adjust_brightness(x, params["brightness"])
+            x = adjust_contrast(x, params["contrast"])
+            x = adjust_gamma(x, params["gamma"])
+        if self.policy["noise_std"] > 0:
+            noise = torch.randn(x.shape, generator=generator, device=_gen_device(generator, x))
+            x = x + noise.to(x.device) * params["noise_std"].view(-1, 1, 1, 1)
+        return x.clamp_(0.0, 1.0).to(dtype)
+
+    def sample_parameters(
+        self, n: int, generator: torch.Generator | None, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Independent per-sample draws (exposed so tests and the preview can inspect them)."""
+        p = self.policy
+        # a fixed number of draws per sample keeps a seeded run reproducible across policies
+        u = torch.rand((n, 8), generator=generator, device=_gen_device(generator, device)).to(
+            device
+        )
+
+        def uniform(column: int, low: float, high: float) -> torch.Tensor:
+            return low + (high - low) * u[:, column]
+
+        return {
+            "angle": uniform(0, -p["rotation_degrees"], p["rotation_degrees"]),
+            "scale": uniform(1, *p["scale"]),
+            "tx": uniform(2, -p["translate"], p["translate"]),
+            "ty": uniform(3, -p["translate"], p["translate"]),
+            "flip": u[:, 4] < p["hflip_probability"],
+            "brightness": uniform(5, *p["brightness"]),
+            "contrast": uniform(6, *p["contrast"]),
+            "gamma": uniform(7, *p["gamma"]),
+            "noise_std": p["noise_std"]
+            * torch.rand((n,), generator=generator, device=_gen_device(generator, device)).to(
+                device
+            ),
+        }
+
+    def _geometry(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        theta = affine_matrices(
+            params["angle"],
+            params["scale"],
+            params["tx"],
+            params["ty"],
+            params["flip"],
+            height=x.shape[-2],
+            width=x.shape[-1],
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(
+            x,
+            grid,
+            mode="bilinear",
+            padding_mode=self.policy["padding_mode"],
+            align_corners=False,
+        )
+
+
+def affine_matrices(
+    angle_deg: torch.Tensor,
+    scale: torch.Tensor,
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    flip: torch.Tensor,
+    *,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """[B, 2, 3] matrices for `affine_grid` (they map *output* to *input* coordinates).
+
+    The forward image transform is: flip, scale, rotate (counter-clockwise on screen) about
+    the centre, then shift by (tx, ty) fractions of the side. Its inverse is built in pixel
+    units and converted to affine_grid's normalised [-1, 1] coordinates, so rotation stays
+    a rotation on non-square images.
+    """
+    rad = torch.deg2rad(angle_deg)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    sign = torch.where(flip, -1.0, 1.0).to(scale.dtype)
+    half_w, half_h = width / 2.0, height / 2.0
+    # forward in pixels (y down): p_out = R(angle) S F p_in + t ; R for an on-screen CCW turn
+    # inverse: p_in = F S^-1 R(-angle) (p_out - t)
+    inv_scale = 1.0 / scale
+    a11 = sign * inv_scale * cos
+    a12 = sign * inv_scale * -sin
+    a21 = inv_scale * sin
+    a22 = inv_scale * cos
+    t_x = tx * width
+    t_y = ty * height
+    b1 = -(a11 * t_x + a12 * t_y)
+    b2 = -(a21 * t_x + a22 * t_y)
+    # normalised coords: p = D n with D = diag(half_w, half_h) → n_in = D^-1 A D n_out + D^-1 b
+    theta = torch.stack(
+        [
+            torch.stack([a11, a12 * half_h / half_w, b1 / half_w], dim=-1),
+            torch.stack([a21 * half_w / half_h, a22, b2 / half_h], dim=-1),
+        ],
+        dim=1,
+    )
+    return theta
+
+
+def _per_sample(factor: torch.Tensor) -> torch.Tensor:
+    return factor.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_brightness (scale, clamp to [0, 1]) with a factor per sample."""
+    return (x * _per_sample(factor)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_contrast for grey images: blend each image with its own mean."""
+    grey = x if x.shape[1] == 1 else x.mean(dim=1, keepdim=True)
+    mean = grey.mean(dim=(-3, -2, -1), keepdim=True)
+    f = _per_sample(factor)
+    return (f * x + (1.0 - f) * mean).clamp(0.0, 1.0)
+
+
+def adjust_gamma(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_gamma (gain 1): x ** gamma per sample, clamped to [0, 1]."""
+    return x.clamp(0.0, 1.0).pow(_per_sample(gamma)).clamp(0.0, 1.0)
+
+
+def _gen_device(
+    generator: torch.Generator | None, fallback: torch.Tensor | torch.device
+) -> torch.device:
+    """Draw where the generator lives; without one, straight on the batch's device."""
+    if generator is not None:
+        return generator.device
+    return fallback.device if isinstance(fallback, torch.Tensor) else torch.device(fallback)

@@ -1,0 +1,593 @@
+"""Decode every PNG once: the deterministic half of the input transform (MONAI's split).
+
+A full NIH epoch is 112,120 PNGs of 1024x1024; decoding and resizing them costs ~8 ms per image
+per core, which is more than a GPU needs to train on them. So each `ok` image of each split is
+decoded once (grayscale, resized to the largest scale the models use) into one uint8 `.npy`
+per split, and training reads random batches straight out of a memory map.
+
+On-disk layout of a cache folder (all written atomically, see `ImageCachePlan.build`)::
+
+    <path>/meta.json          size, findings, counts, fingerprints, format version
+    <path>/<split>.npy        uint8 [N, size, size], rows in the order of <split>.parquet
+    <path>/<split>.parquet    image_id, patient_id, then the 14 findings (int8 0/1)
+    <path>/skipped.csv        image_id, split, reason (missing/corrupt/not-indexed), detail
+
+Why a plan object: the Kedro node (`build_image_cache`) stays a pure function of its inputs
+(which images, which labels, which size) and returns an `ImageCachePlan`; the catalog's
+`ImageCacheDataset.save` executes it into `<path>.tmp-<pid>` next to the final folder and
+renames it into place, so the big array is never pickled or copied across filesystems, and
+an existing cache with the same fingerprint is reused without decoding anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from rare_cxr.findings import FINDINGS
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+RESAMPLE = Image.Resampling.BILINEAR  # Pillow's bilinear is antialiased when it downsamples
+RESAMPLE_NAME = "PIL.BILINEAR (antialiased)"
+SPLIT_ORDER = ("train", "val", "test")
+SKIPPED_COLUMNS = ["image_id", "split", "reason", "detail"]
+TABLE_ID_COLUMNS = ["image_id", "patient_id"]
+_CHUNK = 64  # max images per task sent to a worker: amortises IPC, keeps the bar live
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a cache
+# --------------------------------------------------------------------------------------------
+
+
+class CacheSplit:
+    """One split of a cache: `.images` (uint8 memmap [N, S, S]), `.table`, `.labels`.
+
+    Rows of `.images`, `.table` and `.labels` are aligned. The memmap is read-only, so a
+    buggy consumer cannot corrupt the cache, and opening a split costs nothing until pixels
+    are touched (the OS page cache does the rest).
+    """
+
+    def __init__(self, name: str, images: np.ndarray, table: pd.DataFrame) -> None:
+        if len(images) != len(table):
+            raise ValueError(
+                f"image cache split {name!r}: {len(images)} images but {len(table)} table rows"
+            )
+        self.name = name
+        self.images = images
+        self.table = table
+
+    @property
+    def labels(self) -> np.ndarray:
+        """float32 [N, 14] in FINDINGS order (what a BCE loss wants)."""
+        return self.table[list(FINDINGS)].to_numpy(dtype=np.float32)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [str(x) for x in self.table["image_id"]]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        return f"CacheSplit({self.name!r}, n={len(self)}, shape={tuple(self.images.shape)})"
+
+
+class ImageCache:
+    """A built cache folder: `.size`, `.findings`, `.split_names`, `.split(name)`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a built image cache (no meta.json); run "
+                f"`kedro run --pipeline augmentation` to build it"
+            )
+        self.meta: dict[str, Any] = json.loads(meta_file.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"image cache {self.path} has format_version "
+                f"{self.meta.get('format_version')!r}, expected {FORMAT_VERSION}; rebuild it"
+            )
+        self._splits: dict[str, CacheSplit] = {}
+
+    @property
+    def size(self) -> int:
+        """Side of the square images in pixels."""
+        return int(self.meta["size"])
+
+    @property
+    def findings(self) -> tuple[str, ...]:
+        return tuple(self.meta["findings"])
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.meta["counts"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "skipped.csv", dtype=str, keep_default_na=False)
+
+    def split(self, name: str) -> CacheSplit:
+        """Open one split (memory-mapped, read-only); cached per ImageCache object."""
+        if name not in self.meta["counts"]:
+            raise KeyError(
+                f"image cache {self.path} has no split {name!r}; it has {self.split_names}"
+            )
+        if name not in self._splits:
+            images = np.load(self.path / f"{name}.npy", mmap_mode="r")
+            table = pd.read_parquet(self.path / f"{name}.parquet")
+            self._splits[name] = CacheSplit(name, images, table)
+        return self._splits[name]
+
+    def __repr__(self) -> str:
+        return f"ImageCache({str(self.path)!r}, size={self.size}, counts={self.meta['counts']})"
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding (runs in worker processes)
+# --------------------------------------------------------------------------------------------
+
+
+def decode_resized(path: str, size: int) -> np.ndarray:
+    """Grayscale uint8 [size, size]: the exact pixels the cache stores for `path`."""
+    from rare_cxr.imaging import load_grayscale
+
+    gray = load_grayscale(path)
+    if gray.shape != (size, size):
+        gray = np.asarray(Image.fromarray(gray).resize((size, size), RESAMPLE))
+    return gray
+
+
+_worker_array: np.ndarray | None = None
+_worker_size = 0
+
+
+def _worker_init(npy_path: str, size: int) -> None:
+    """Each worker maps the output file once and writes its rows in place (no big pickles)."""
+    global _worker_array, _worker_size  # noqa: PLW0603 - per-process state by design
+    _worker_array = np.load(npy_path, mmap_mode="r+")
+    _worker_size = size
+
+
+def _decode_chunk(tasks: Sequence[tuple[int, str]]) -> list[tuple[int, str | None]]:
+    """Decode rows into the worker's memmap; return (row, error or None) per task."""
+    assert _worker_array is not None
+    results: list[tuple[int, str | None]] = []
+    for row, path in tasks:
+        try:
+            _worker_array[row] = decode_resized(path, _worker_size)
+            results.append((row, None))
+        except Exception as exc:  # a corrupt file is recorded, never fatal
+            results.append((row, f"{type(exc).__name__}: {exc}"))
+    _worker_array.flush()
+    return results
+
+
+def _chunks(items: Sequence[tuple[int, str]], n: int) -> Iterator[list[tuple[int, str]]]:
+    for start in range(0, len(items), n):
+        yield list(items[start : start + n])
+
+
+def resolve_workers(workers: int, n_items: int) -> int:
+    """0 means every core; never more processes than images."""
+    if workers < 0:
+        raise ValueError(f"image_cache.workers must be >= 0, got {workers}")
+    wanted = workers or (os.cpu_count() or 1)
+    return max(1, min(wanted, n_items or 1))
+
+
+def chunk_size(n_items: int, workers: int) -> int:
+    """Up to _CHUNK images per task, but at least ~8 tasks per worker so none idles at the end."""
+    return max(1, min(_CHUNK, n_items // (8 * workers) or 1))
+
+
+def decode_into(
+    npy_path: Path, paths: Sequence[str], size: int, workers: int, desc: str = "decode"
+) -> dict[int, str]:
+    """Fill rows 0..len(paths)-1 of the `.npy` at `npy_path`; return {row: error} failures.
+
+    `workers == 1` decodes in this process (tests, tiny caches); otherwise a process pool
+    (fork where available: the workers only need numpy and PIL) writes straight into the
+    shared memmap, and only (row, error) tuples travel back.
+    """
+    from tqdm.auto import tqdm
+
+    tasks = list(enumerate(paths))
+    n_workers = resolve_workers(workers, len(tasks))
+    failures: dict[int, str] = {}
+    bar = tqdm(total=len(tasks), desc=desc, unit="img", unit_scale=False, smoothing=0.1)
+    try:
+        if n_workers == 1:
+            _worker_init(str(npy_path), size)
+            for chunk in _chunks(tasks, chunk_size(len(tasks), 1)):
+                for row, error in _decode_chunk(chunk):
+                    if error:
+                        failures[row] = error
+                bar.update(len(chunk))
+        else:
+            methods = mp.get_all_start_methods()
+            context = mp.get_context("fork" if "fork" in methods else "spawn")
+            with ProcessPoolExecutor(
+                n_workers,
+                mp_context=context,
+                initializer=_worker_init,
+                initargs=(str(npy_path), size),
+            ) as pool:
+                chunks = _chunks(tasks, chunk_size(len(tasks), n_workers))
+                for results in pool.map(_decode_chunk, chunks):
+                    for row, error in results:
+                        if error:
+                            failures[row] = error
+                    bar.update(len(results))
+    finally:
+        bar.close()
+        _reset_worker_state()
+    return failures
+
+
+def _reset_worker_state() -> None:
+    global _worker_array  # noqa: PLW0603
+    _worker_array = None
+
+
+# --------------------------------------------------------------------------------------------
+# Planning and building
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitPlan:
+    """What goes into one split: images to decode (id, path) and their table rows."""
+
+    name: str
+    table: pd.DataFrame  # image_id, patient_id, 14 findings; rows in decode order
+    paths: list[str]
+
+
+@dataclass
+class ImageCachePlan:
+    """Everything needed to build (or reuse) a cache; cheap to create, holds no pixels."""
+
+    size: int
+    workers: int
+    splits: list[SplitPlan]
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
+
+    # -- fingerprints ------------------------------------------------------------------------
+
+    def pixel_fingerprint(self) -> str:
+        """Hash of what determines the pixels: ids, paths, file size+mtime, size, split.
+
+        File stats are read here (at build time, not in the node) so that a replaced PNG
+        invalidates the cache even when its name did not change.
+        """
+        digest = hashlib.sha256()
+        digest.update(f"v{FORMAT_VERSION}|size={self.size}|{RESAMPLE_NAME}|".encode())
+        for split in self.splits:
+            digest.update(f"[{split.name}]".encode())
+            for image_id, path in zip(split.table["image_id"], split.paths, strict=True):
+                try:
+                    stat = os.stat(path)
+                    sig = f"{stat.st_size}:{stat.st_mtime_ns}"
+                except OSError:
+                    sig = "missing"
+                digest.update(f"{image_id}|{path}|{sig}\n".encode())
+        return digest.hexdigest()
+
+    def table_fingerprint(self) -> str:
+        """Hash of the label tables (a relabel must not reuse stale labels)."""
+        digest = hashlib.sha256()
+        for split in self.splits:
+            digest.update(split.name.encode())
+            digest.update(pd.util.hash_pandas_object(split.table, index=False).to_numpy())
+        return digest.hexdigest()
+
+    # -- building ----------------------------------------------------------------------------
+
+    def build(self, path: str | os.PathLike) -> ImageCache:
+        """Build the cache at `path` atomically, reusing an up-to-date one; return it.
+
+        Staging happens in `<path>.tmp-<pid>` (same filesystem, so the final rename is
+        cheap). Any leftover staging folder of a dead process is deleted, never trusted.
+        If the pixels' fingerprint matches the existing cache but labels changed, the `.npy`
+        files are hard-linked into the new folder and only the tables are rewritten.
+        """
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(final)
+        pixel_fp = self.pixel_fingerprint()
+        table_fp = self.table_fingerprint()
+        existing = _try_open(final)
+        if existing is not None and existing.meta.get("fingerprint") == pixel_fp:
+            if existing.meta.get("table_fingerprint") == table_fp:
+                logger.info(
+                    "image cache %s is up to date (fingerprint %s): reusing it, no decoding",
+                    final,
+                    pixel_fp[:12],
+                )
+                return existing
+            logger.info("image cache %s: same pixels, new labels; rewriting tables only", final)
+
+        staging = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        try:
+            reuse = existing if existing is not None and existing.fingerprint == pixel_fp else None
+            meta = self._build_into(staging, reuse)
+            meta["fingerprint"] = pixel_fp
+            meta["table_fingerprint"] = table_fp
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            _fsync_dir(staging)
+            _swap_into_place(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return ImageCache(final)
+
+    def _build_into(self, folder: Path, reuse: ImageCache | None) -> dict[str, Any]:
+        skipped = [self.skipped]
+        counts: dict[str, int] = {}
+        started = time.perf_counter()
+        decoded = 0
+        for split in self.splits:
+            npy = folder / f"{split.name}.npy"
+            table = split.table.reset_index(drop=True)
+            if reuse is not None:
+                # same pixels: share the big file, keep the previous row selection
+                _link_or_copy(reuse.path / f"{split.name}.npy", npy)
+                kept_ids = pd.Index(reuse.split(split.name).table["image_id"])
+                # keep the decode-time failures of the previous build (same files, same result)
+                old = reuse.skipped
+                known = set(self.skipped["image_id"].astype(str))
+                skipped.append(
+                    old[
+                        (old["split"] == split.name)
+                        & (old["reason"] == "corrupt")
+                        & ~old["image_id"].isin(known)
+                    ]
+                )
+                table = table.set_index("image_id").loc[kept_ids].reset_index()
+            else:
+                n = len(split.paths)
+                array = np.lib.format.open_memmap(
+                    npy, mode="w+", dtype=np.uint8, shape=(n, self.size, self.size)
+                )
+                del array  # workers reopen it; closing here flushes the header
+                failures = decode_into(
+                    npy, split.paths, self.size, self.workers, desc=f"image cache {split.name}"
+                )
+                decoded += n
+                if failures:
+                    logger.warning(
+                        "image cache %s: %d image(s) failed to decode and are skipped",
+                        split.name,
+                        len(failures),
+                    )
+                    keep = np.array([i for i in range(n) if i not in failures], dtype=np.int64)
+                    _compact(npy, keep, self.size)
+                    bad = table.iloc[sorted(failures)]
+                    skipped.append(
+                        pd.DataFrame(
+                            {
+                                "image_id": bad["image_id"].astype(str).to_numpy(),
+                                "split": split.name,
+                                "reason": "corrupt",
+                                "detail": [failures[i] for i in sorted(failures)],
+                            }
+                        )
+                    )
+                    table = table.iloc[keep].reset_index(drop=True)
+            table.to_parquet(folder / f"{split.name}.parquet", index=False)
+            counts[split.name] = len(table)
+        all_skipped = (
+            pd.concat([s for s in skipped if len(s)], ignore_index=True)
+            if any(len(s) for s in skipped)
+            else pd.DataFrame(columns=SKIPPED_COLUMNS)
+        )
+        all_skipped[SKIPPED_COLUMNS].to_csv(folder / "skipped.csv", index=False)
+        seconds = time.perf_counter() - started
+        if decoded:
+            logger.info(
+                "image cache: decoded %d images in %.1f s (%.0f img/s)",
+                decoded,
+                seconds,
+                decoded / max(seconds, 1e-9),
+            )
+        return {
+            "format_version": FORMAT_VERSION,
+            "size": self.size,
+            "findings": list(FINDINGS),
+            "counts": counts,
+            "skipped": {str(k): int(v) for k, v in all_skipped["reason"].value_counts().items()},
+            "resample": RESAMPLE_NAME,
+            "build_seconds": round(seconds, 3),
+            "decoded_images": decoded,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def plan_image_cache(
+    splits: pd.DataFrame,
+    image_index: pd.DataFrame,
+    labels: pd.DataFrame,
+    size: int,
+    workers: int = 0,
+) -> ImageCachePlan:
+    """Decide which images of each split are decoded; record the others with a reason."""
+    for name, frame, needed in (
+        ("splits", splits, ("image_id", "split")),
+        ("image_index", image_index, ("image_id", "path", "status")),
+        ("labels", labels, ("image_id", "patient_id", *FINDINGS)),
+    ):
+        missing = [c for c in needed if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{name} lacks column(s) {missing} needed by build_image_cache")
+    index = image_index.assign(image_id=image_index["image_id"].astype(str)).set_index("image_id")
+    lab = labels.assign(image_id=labels["image_id"].astype(str))
+    lab = lab.drop_duplicates("image_id").set_index("image_id")
+    split_col = splits["split"].astype(str)
+    names = [s for s in SPLIT_ORDER if (split_col == s).any()]
+    names += sorted(set(split_col) - set(names))
+    plans: list[SplitPlan] = []
+    skipped: list[dict[str, str]] = []
+    for name in names:
+        ids = splits.loc[split_col == name, "image_id"].astype(str).tolist()
+        unlabeled = [i for i in ids if i not in lab.index]
+        if unlabeled:
+            raise ValueError(
+                f"splits: {len(unlabeled)} image(s) of split {name!r} are not in labels, "
+                f"e.g. {unlabeled[:3]}"
+            )
+        keep: list[str] = []
+        paths: list[str] = []
+        for image_id in ids:
+            if image_id not in index.index:
+                skipped.append(
+                    {"image_id": image_id, "split": name, "reason": "not-indexed", "detail": ""}
+                )
+                continue
+            status = str(index.at[image_id, "status"])
+            if status != "ok":
+                skipped.append(
+                    {"image_id": image_id, "split": name, "reason": status, "detail": "image_index"}
+                )
+                continue
+            keep.append(image_id)
+            paths.append(str(index.at[image_id, "path"]))
+        table = lab.loc[keep, ["patient_id", *FINDINGS]].reset_index()
+        table["patient_id"] = table["patient_id"].astype(np.int64)
+        table[list(FINDINGS)] = table[list(FINDINGS)].astype(np.int8)
+        table["image_id"] = table["image_id"].astype(str)
+        plans.append(
+            SplitPlan(name=name, table=table[TABLE_ID_COLUMNS + list(FINDINGS)], paths=paths)
+        )
+    return ImageCachePlan(
+        size=size,
+        workers=workers,
+        splits=plans,
+        skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
+    )
+
+
+def validate_cache_params(params: dict[str, Any]) -> tuple[int, int]:
+    """`params:image_cache` → (size, workers); errors name the key."""
+    if not isinstance(params, dict):
+        raise ValueError(f"params:image_cache must be a mapping, got {type(params).__name__}")
+    unknown = sorted(set(params) - {"size", "workers"})
+    if unknown:
+        raise ValueError(f"image_cache: unknown key(s) {unknown}; allowed: size, workers")
+    size = params.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"image_cache.size must be an integer >= 8 (pixels), got {size!r}")
+    workers = params.get("workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"image_cache.workers must be an integer >= 0, got {workers!r}")
+    return size, workers
+
+
+# --------------------------------------------------------------------------------------------
+# File-system helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _try_open(path: Path) -> ImageCache | None:
+    try:
+        return ImageCache(path)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(final: Path) -> None:
+    """Delete `<name>.tmp-<pid>` / `<name>.old-<pid>` left by a process that is gone."""
+    for leftover in final.parent.glob(f"{final.name}.*-*"):
+        kind, _, pid = leftover.name[len(final.name) + 1 :].partition("-")
+        if kind not in {"tmp", "old"} or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue  # another live build owns it
+        logger.warning("image cache: removing leftover %s from an interrupted build", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Rename staging → final. Directories cannot be exchanged atomically on every OS, so an
+    existing cache is first renamed aside; a reader never sees a half-written folder."""
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    for item in folder.iterdir():
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
+
+
+def _compact(npy: Path, keep: np.ndarray, size: int) -> None:
+    """Drop failed rows: rewrite the split without them (rare: the index missed a bad file)."""
+    source = np.load(npy, mmap_mode="r")
+    tmp = npy.with_suffix(".compact.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keep), size, size))
+    for start in range(0, len(keep), 1024):
+        out[start : start + 1024] = source[keep[start : start + 1024]]
+    out.flush()
+    del out, source
+    os.replace(tmp, npy)
