@@ -28,6 +28,8 @@ def register_pipelines() -> dict[str, Pipeline]:
         default += create_reporting(models=["multiscale_resnet"])
     pipelines["__default__"] = default
 
-    full = study + pipelines.get("baselines", Pipeline([])) + pipelines.get("reporting", Pipeline([]))
+    full = (
+        study + pipelines.get("baselines", Pipeline([])) + pipelines.get("reporting", Pipeline([]))
+    )
     pipelines["nih"] = full
     return pipelines

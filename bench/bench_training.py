@@ -1,0 +1,306 @@
+"""Benchmark the training path: loop overhead, cost of multi-scale, and GPU settings.
+
+Sections (JSON lines on stdout / --output, a table on stderr):
+
+(a) overhead   images/s of the project's training loop (`rare_cxr.training.fit`: memmap batches,
+               uint8 → float on device, balanced BCE, Adam + schedule, NaN guard, validation
+               excluded) against a minimal hand-written PyTorch loop on the same model, batch
+               and pixels. Goal: ratio >= 0.95. resnet18, single-scale and multi-scale, on CPU.
+(b) cost       forward GFLOPs per image (torch.utils.flop_counter.FlopCounterMode) and
+               inference images/s for single-scale vs multi-scale, including the conf/nih
+               configuration (resnet50 at 224 + 448).
+(c) gpu        (--gpu; CUDA only) AMP + channels_last vs fp32 eager: training images/s and peak
+               memory for resnet50@224 and the conf/nih multi-scale model. Without CUDA it says
+               so and records a `skipped` line.
+
+Usage: python bench/bench_training.py [--quick] [--gpu] [--only overhead,cost,gpu] [--output F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from common import emit, format_table, machine_info  # noqa: E402
+
+from rare_cxr.findings import FINDINGS  # noqa: E402
+from rare_cxr.models import build_model  # noqa: E402
+from rare_cxr.training import fit  # noqa: E402
+
+
+class _Split:
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+        self.table = pd.DataFrame(
+            {
+                "image_id": [f"{i:08d}_000.png" for i in range(len(images))],
+                "patient_id": np.arange(len(images)),
+            }
+        )
+
+
+class _Cache:
+    """Synthetic image cache with the ImageCache API (random pixels, ~NIH-like label rates)."""
+
+    def __init__(self, n_train: int, n_val: int, size: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.size, self.findings, self.split_names = size, list(FINDINGS), ["train", "val"]
+        self._splits = {}
+        for name, n in (("train", n_train), ("val", n_val)):
+            imgs = rng.integers(0, 255, size=(n, size, size), dtype=np.uint8)
+            labels = (rng.random((n, len(FINDINGS))) < 0.1).astype(np.float32)
+            self._splits[name] = _Split(imgs, labels)
+
+    def split(self, name: str) -> _Split:
+        return self._splits[name]
+
+
+def spec(backbone: str, scales: list[int]) -> dict[str, Any]:
+    return {
+        "name": f"bench_{backbone}_{'_'.join(map(str, scales))}",
+        "architecture": "multiscale_resnet",
+        "backbone": backbone,
+        "scales": scales,
+    }
+
+
+def minimal_loop(model_spec: dict[str, Any], cache: _Cache, batch: int, epochs: int) -> float:
+    """The reference: the simplest correct PyTorch loop; images/s of its best epoch."""
+    torch.manual_seed(0)
+    model = build_model(model_spec)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    split = cache.split("train")
+    n = (len(split.images) // batch) * batch
+    rate = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(len(split.images)).numpy()
+        t0 = time.perf_counter()
+        model.train()
+        for i in range(0, n, batch):
+            idx = np.sort(order[i : i + batch])
+            x = torch.from_numpy(split.images[idx]).unsqueeze(1).float().div_(255)
+            y = torch.from_numpy(split.labels[idx])
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        rate = max(rate, n / (time.perf_counter() - t0))
+    return rate
+
+
+def project_loop(model_spec: dict[str, Any], cache: _Cache, batch: int, epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        params = {
+            "epochs": epochs,
+            "patience": epochs,
+            "batch_size": batch,
+            "device": "cpu",
+            "progress_bar": False,
+            "resume": False,
+            "resume_dir": tmp,
+            "schedule": {"name": "cosine", "warmup_epochs": 0},
+        }
+        result = fit(model_spec, cache, None, params)
+    return float(result.history["img_per_s"].max())
+
+
+def section_overhead(quick: bool) -> list[dict[str, Any]]:
+    # best epoch of alternating rounds: robust to other processes on a shared machine
+    size, n, batch, epochs, rounds = (64, 64, 16, 2, 1) if quick else (128, 96, 32, 3, 2)
+    scales_sets = [[size // 2], [size // 2, size]]
+    cache = _Cache(n, 16, size)
+    rows = []
+    for scales in scales_sets:
+        s = spec("resnet18", scales)
+        ref = ours = 0.0
+        for _ in range(rounds):
+            ref = max(ref, minimal_loop(s, cache, batch, epochs))
+            ours = max(ours, project_loop(s, cache, batch, epochs))
+        rows.append(
+            {
+                "section": "overhead",
+                "case": f"resnet18 {scales}",
+                "device": "cpu",
+                "batch": batch,
+                "input": size,
+                "images_per_s": round(ours, 2),
+                "minimal_images_per_s": round(ref, 2),
+                "ratio": round(ours / ref, 3),
+            }
+        )
+    return rows
+
+
+def gflops_per_image(model: torch.nn.Module, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, 1, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def inference_rate(model: torch.nn.Module, size: int, batch: int, reps: int) -> float:
+    model.eval()
+    x = torch.rand(batch, 1, size, size)
+    with torch.no_grad():
+        model(x)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            model(x)
+    return batch * reps / (time.perf_counter() - t0)
+
+
+def section_cost(quick: bool) -> list[dict[str, Any]]:
+    cases = [
+        ("resnet18", [64], 128),
+        ("resnet18", [64, 128], 128),
+        ("resnet50", [224], 448),
+        ("resnet50", [224, 448], 448),
+    ]
+    batch, reps = (1, 1) if quick else (4, 2)
+    rows = []
+    for backbone, scales, size in cases:
+        model = build_model(spec(backbone, scales))
+        rows.append(
+            {
+                "section": "cost",
+                "case": f"{backbone} {scales}",
+                "device": "cpu",
+                "input": size,
+                "gflops_per_image": round(gflops_per_image(model, size), 2),
+                "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                "images_per_s": round(inference_rate(model, size, batch, reps), 2),
+                "mode": "inference",
+            }
+        )
+    return rows
+
+
+def _gpu_step(*, model, opt, scaler, x, y, amp: bool, dtype) -> None:
+    with torch.autocast("cuda", dtype=dtype, enabled=amp):
+        logits = model(x)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def section_gpu(quick: bool) -> list[dict[str, Any]]:
+    if not torch.cuda.is_available():
+        print(
+            "GPU section: CUDA is not available on this machine -- skipped "
+            "(run with --gpu on a CUDA machine).",
+            file=sys.stderr,
+        )
+        return [{"section": "gpu", "case": "skipped", "reason": "CUDA not available"}]
+    dev = torch.device("cuda")
+    bf16 = torch.cuda.is_bf16_supported()
+    steps = 5 if quick else 20
+    rows = []
+    for backbone, scales, size, batch in (
+        ("resnet50", [224], 224, 64),
+        ("resnet50", [224, 448], 448, 32),
+    ):
+        for mode in ("fp32 eager", "amp+channels_last"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            amp = mode != "fp32 eager"
+            model = build_model(spec(backbone, scales)).to(dev)
+            if amp:
+                model = model.to(memory_format=torch.channels_last)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            scaler = torch.amp.GradScaler("cuda", enabled=amp and not bf16)
+            x = torch.rand(batch, 1, size, size, device=dev)
+            if amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = (torch.rand(batch, len(FINDINGS), device=dev) < 0.1).float()
+            dtype = torch.bfloat16 if bf16 else torch.float16
+
+            step = functools.partial(
+                _gpu_step, model=model, opt=opt, scaler=scaler, x=x, y=y, amp=amp, dtype=dtype
+            )
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+            rows.append(
+                {
+                    "section": "gpu",
+                    "case": f"{backbone} {scales}",
+                    "mode": mode,
+                    "device": torch.cuda.get_device_name(0),
+                    "batch": batch,
+                    "input": size,
+                    "images_per_s": round(batch * steps / (time.perf_counter() - t0), 1),
+                    "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                }
+            )
+            del model, opt
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small inputs, few steps (~1 min)")
+    parser.add_argument("--gpu", action="store_true", help="also run section (c) (CUDA only)")
+    parser.add_argument(
+        "--only", default="overhead,cost,gpu", help="comma-separated sections to run (default: all)"
+    )
+    parser.add_argument("--output", help="append JSON lines to this file")
+    args = parser.parse_args(argv)
+    sections = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = sections - {"overhead", "cost", "gpu"}
+    if unknown:
+        parser.error(f"--only: unknown section(s) {sorted(unknown)}")
+    machine = machine_info()
+    rows: list[dict[str, Any]] = []
+    if "overhead" in sections:
+        rows += section_overhead(args.quick)
+    if "cost" in sections:
+        rows += section_cost(args.quick)
+    if "gpu" in sections and args.gpu:
+        rows += section_gpu(args.quick)
+    elif "gpu" in sections:
+        print("GPU section not requested (--gpu).", file=sys.stderr)
+    emit([{**r, "quick": args.quick, "machine": machine} for r in rows], args.output)
+    columns = [
+        "section",
+        "case",
+        "mode",
+        "device",
+        "input",
+        "batch",
+        "images_per_s",
+        "minimal_images_per_s",
+        "ratio",
+        "gflops_per_image",
+        "params_m",
+        "peak_mem_gib",
+    ]
+    print(format_table(rows, columns), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    raise SystemExit(main())

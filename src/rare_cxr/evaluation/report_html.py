@@ -1,0 +1,161 @@
+"""One self-contained `report.html`: tables, base64-embedded figures, definitions, data, params.
+
+Self-contained because a report is mailed, attached to tickets and opened years later: no
+external CSS, scripts or image files, only inline styles and `data:image/png;base64` images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+METRIC_EXPLANATIONS: list[tuple[str, str]] = [
+    (
+        "Threshold",
+        "Chosen per finding on the validation split only (max F1 by default, Youden's "
+        "J as an option) and applied unchanged to test. Test labels never influence it.",
+    ),
+    (
+        "ACC / Recall / Precision / F1 (the paper's four numbers)",
+        "Macro averages over the "
+        "findings where the metric is defined, of per-finding accuracy (TP+TN)/N, recall "
+        "TP/(TP+FN), precision TP/(TP+FP) and F1 2TP/(2TP+FP+FN), on test at the validation "
+        "thresholds.",
+    ),
+    (
+        "All-negative ACC",
+        "The ACC of a model that predicts every finding absent: mean over "
+        "findings of 1 - prevalence. On ChestX-ray14 it is about 0.92 - an ACC near it means "
+        "nothing. Read ACC only next to it, and prefer AUROC/AUPRC.",
+    ),
+    (
+        "Subset accuracy",
+        "Share of test images whose 14 predictions are all correct (exact "
+        "match); the all-negative model scores the share of 'No Finding' images.",
+    ),
+    (
+        "AUROC",
+        "Probability that a random positive image scores above a random negative one; "
+        "threshold-free, 0.5 = chance; insensitive to prevalence.",
+    ),
+    (
+        "AUPRC",
+        "Average precision over recall levels; its chance level is the prevalence, so it "
+        "is the honest summary for rare findings.",
+    ),
+    ("Micro", "Ratios from TP/FP/FN/TN pooled over all findings: dominated by the common ones."),
+    (
+        "95% intervals",
+        "Percentile bootstrap over patients (all images of a patient are "
+        "resampled together), thresholds fixed; the number of resamples and seed are below.",
+    ),
+    (
+        "Undefined",
+        "A metric with an empty denominator (e.g. a finding with no positives in a "
+        "split) is shown as 'n/a' and listed as undefined - never as 0.",
+    ),
+    (
+        "Cost",
+        "Parameters; GFLOPs per image at the model's input size (multiply-add = 2 FLOPs, "
+        "torch.utils.flop_counter); measured inference images/s on the reporting device.",
+    ),
+]
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.6em 0;font-size:.85em}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #ddd;margin:.4em 0}
+.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em 1em}
+code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;overflow-x:auto}
+dt{font-weight:600}dd{margin:0 0 .5em 1.2em}
+"""
+
+
+def png_data_uri(png: bytes | str) -> str:
+    """`data:` URI for PNG bytes (or an already base64-encoded string)."""
+    b64 = png if isinstance(png, str) else base64.b64encode(png).decode("ascii")
+    return f"data:image/png;base64,{b64}"
+
+
+def _defined(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def _table(df: pd.DataFrame) -> str:
+    table = df.to_html(index=False, na_rep="n/a", border=0, escape=True)
+    return f"<div style='overflow-x:auto'>{table}</div>"
+
+
+def render_report(
+    *,
+    title: str,
+    table1: pd.DataFrame,
+    all_negative: Mapping[str, float],
+    per_finding_auroc: pd.DataFrame,
+    rare_table: pd.DataFrame,
+    rare_findings: Mapping[str, Any],
+    data_summary: Mapping[str, Any],
+    figures: Mapping[str, tuple[str, bytes | str]],
+    undefined: Mapping[str, Mapping[str, list[str]]],
+    params: Mapping[str, Any],
+) -> str:
+    """The HTML text of the report. `figures`: key -> (caption, PNG bytes or base64)."""
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{e(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        "<p>Multi-label classification of 14 thoracic findings. Start with Table 1; read ACC "
+        "only next to the all-negative ACC; compare models on AUROC/AUPRC with their "
+        "intervals; the rare-finding block is the point of the study.</p>",
+        "<h2>Table 1 — test set, validation-tuned thresholds, 95% patient-bootstrap intervals</h2>",
+        _table(table1),
+        "<p class='warn'>All-negative baseline (predict nothing): "
+        + ", ".join(
+            f"{e(k)} {v:.3f}"
+            for k, v in all_negative.items()
+            if v is not None and not math.isnan(v)
+        )
+        + ". A model's ACC close to this number has learnt nothing that ACC can show.</p>",
+        "<h2>Rare findings</h2>",
+        f"<p>{e(str(rare_findings.get('rule', '')))}: "
+        f"{e(', '.join(rare_findings.get('findings', [])))}.</p>",
+        _table(rare_table),
+        "<h2>Per-finding test AUROC</h2>",
+        _table(per_finding_auroc),
+    ]
+    for key, (caption, png) in figures.items():
+        parts.append(
+            f"<h3 id='{e(key)}'>{e(caption)}</h3><img alt='{e(key)}' src='{png_data_uri(png)}'>"
+        )
+    parts.append("<h2>What the metrics mean</h2><dl>")
+    parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in METRIC_EXPLANATIONS]
+    parts.append("</dl>")
+    if any(undefined.values()):
+        parts.append("<h2>Undefined metrics</h2><ul>")
+        for model, per in undefined.items():
+            for finding, names in per.items():
+                parts.append(f"<li>{e(model)} — {e(finding)}: {e(', '.join(names))}</li>")
+        parts.append("</ul>")
+    parts.append("<h2>Data used</h2>")
+    parts.append(f"<p>Source: <code>{e(str(data_summary.get('source', '')))}</code></p>")
+    counts = data_summary.get("splits")
+    if counts:
+        parts.append(_table(pd.DataFrame(counts)))
+    positives = data_summary.get("positives")
+    if positives:
+        parts.append("<p>Positive images per finding and split:</p>")
+        parts.append(_table(pd.DataFrame(positives)))
+    parts.append("<h2>Run parameters</h2><pre>")
+    parts.append(e(json.dumps(params, indent=2, sort_keys=True, default=str)))
+    parts.append("</pre></body></html>")
+    return "\n".join(parts)

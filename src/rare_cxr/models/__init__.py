@@ -1,0 +1,33 @@
+"""Models: one factory for the multi-scale ResNet and every baseline.
+
+Every model built here takes float `[B, 1, H, W]` in `[0, 1]` at the image-cache size, normalises
+and resizes internally to its own scale(s), and returns logits `[B, 14]` in `FINDINGS` order, so
+the training and prediction code never branch on the architecture (DESIGN: "a model is a
+parameter block, not a code branch").
+"""
+
+from rare_cxr.models.factory import (
+    ARCHITECTURES,
+    BACKBONES,
+    FUSIONS,
+    NORMALISATION,
+    SingleScaleNet,
+    build_model,
+    validate_model_spec,
+)
+from rare_cxr.models.multiscale import MultiScaleResNet
+from rare_cxr.models.transfer import LoadReport, load_pretrained, load_state_dict_into
+
+__all__ = [
+    "ARCHITECTURES",
+    "BACKBONES",
+    "FUSIONS",
+    "NORMALISATION",
+    "LoadReport",
+    "MultiScaleResNet",
+    "SingleScaleNet",
+    "build_model",
+    "load_pretrained",
+    "load_state_dict_into",
+    "validate_model_spec",
+]

@@ -1,0 +1,220 @@
+"""Pipeline `reporting`: metrics, tables, figures and report.html for a list of models.
+
+Per model (namespace `<model>`, so kedro-viz folds them into the same box as that model's
+training nodes): `select_thresholds` (validation only) -> `evaluate_model` (test + patient
+bootstrap) ; `measure_cost` ; `gradcam_examples`. Then, once for all models:
+`combine_metrics` -> `build_table1`, `build_per_finding_auroc`, `build_rare_findings_table`,
+the figures, and `render_report`, which embeds the PNGs this run saved.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from kedro.pipeline import Node, Pipeline
+
+from rare_cxr.pipelines.reporting import nodes
+
+ALL_MODELS: tuple[str, ...] = (
+    "multiscale_resnet",
+    "resnet_single_scale",
+    "vgg16",
+    "inception_v3",
+    "densenet121",
+    "efficientnet_b0",
+)
+SHARED_INPUTS = {"labels", "image_cache", "image_index", "raw_bbox_list", "rare_findings"}
+FIGURES = (
+    "figure2_validation_curves",
+    "training_loss_curves",
+    "per_finding_auroc_figure",
+    "roc_curves",
+    "pr_curves",
+    "reliability_diagram",
+)
+
+
+def _model_pipeline() -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                nodes.select_thresholds,
+                ["predictions", "labels", "params:reporting"],
+                "thresholds",
+                name="select_thresholds",
+                tags=["metrics"],
+            ),
+            Node(
+                nodes.evaluate_model,
+                ["predictions", "labels", "thresholds", "params:reporting"],
+                "metrics",
+                name="evaluate_model",
+                tags=["metrics"],
+            ),
+            Node(
+                nodes.measure_cost,
+                ["checkpoint", "params:reporting"],
+                "cost",
+                name="measure_cost",
+                tags=["cost"],
+            ),
+            Node(
+                nodes.gradcam_examples,
+                {
+                    **{k: k for k in ("checkpoint", "predictions", "thresholds", "labels")},
+                    **{k: k for k in ("image_cache", "image_index", "raw_bbox_list")},
+                    "rare_findings": "rare_findings",
+                    "reporting": "params:reporting",
+                },
+                "gradcam",
+                name="gradcam_examples",
+                tags=["figures", "gradcam"],
+            ),
+        ]
+    )
+
+
+def create_model_pipeline(model: str) -> Pipeline:
+    """The per-model reporting nodes in namespace `model`."""
+    return Pipeline(
+        _model_pipeline(),
+        namespace=model,
+        inputs=SHARED_INPUTS,
+        parameters={"params:reporting": "params:reporting"},
+        tags=[model],
+    )
+
+
+def create_pipeline(models: list[str] | None = None, **kwargs: object) -> Pipeline:
+    """Reporting for `models` (default: all six) from `<model>.predictions|history|checkpoint`."""
+    models = list(ALL_MODELS if models is None else models)
+    if not models:
+        raise ValueError("reporting: need at least one model")
+    unknown = sorted(set(models) - set(ALL_MODELS))
+    if unknown:
+        raise ValueError(f"reporting: unknown model(s) {unknown}; known: {list(ALL_MODELS)}")
+    per_model = sum((create_model_pipeline(m) for m in models), Pipeline([]))
+    histories = {m: f"{m}.history" for m in models}
+    predictions = {m: f"{m}.predictions" for m in models}
+    metric_inputs = {f"{m}__{k}": f"{m}.{k}" for m in models for k in ("metrics", "cost")}
+    report_inputs = {
+        "all_metrics": "metrics_all",
+        "table1": "table1",
+        "per_finding_auroc": "per_finding_auroc",
+        "rare_findings_table": "rare_findings_table",
+        "rare_findings": "rare_findings",
+        "data_summary": "data_summary",
+        "reporting": "params:reporting",
+        **{f: f for f in FIGURES},
+        **{f"{m}__gradcam": f"{m}.gradcam" for m in models},
+    }
+    with warnings.catch_warnings():
+        # The combined nodes read other namespaces' datasets by their full dotted names on
+        # purpose; Kedro warns about any dotted name outside a namespace.
+        warnings.filterwarnings("ignore", message="One or more dataset names contain")
+        combined = _combined_pipeline(histories, predictions, metric_inputs, report_inputs)
+    return Pipeline(per_model + combined, tags=["reporting"])
+
+
+def _combined_pipeline(
+    histories: dict[str, str],
+    predictions: dict[str, str],
+    metric_inputs: dict[str, str],
+    report_inputs: dict[str, str],
+) -> Pipeline:
+    """The once-per-run nodes: shared inputs, combined tables, figures, report."""
+    return Pipeline(
+        [
+            Node(
+                nodes.select_rare_findings,
+                ["labels", "splits", "params:reporting"],
+                "rare_findings",
+                name="select_rare_findings",
+                tags=["metrics"],
+            ),
+            Node(
+                nodes.summarise_data,
+                ["labels", "splits", "params:reporting"],
+                "data_summary",
+                name="summarise_data",
+                tags=["tables"],
+            ),
+            Node(
+                nodes.combine_metrics,
+                metric_inputs,
+                "metrics_all",
+                name="combine_metrics",
+                tags=["metrics"],
+            ),
+            Node(
+                nodes.build_table1,
+                "metrics_all",
+                ["table1", "table1_markdown"],
+                name="build_table1",
+                tags=["tables"],
+            ),
+            Node(
+                nodes.build_per_finding_auroc,
+                "metrics_all",
+                "per_finding_auroc",
+                name="build_per_finding_auroc",
+                tags=["tables"],
+            ),
+            Node(
+                nodes.build_rare_findings_table,
+                ["metrics_all", "rare_findings"],
+                "rare_findings_table",
+                name="build_rare_findings_table",
+                tags=["tables"],
+            ),
+            Node(
+                nodes.plot_validation_curves,
+                histories,
+                "figure2_validation_curves",
+                name="plot_validation_curves",
+                tags=["figures"],
+            ),
+            Node(
+                nodes.plot_training_loss,
+                histories,
+                "training_loss_curves",
+                name="plot_training_loss",
+                tags=["figures"],
+            ),
+            Node(
+                nodes.plot_auroc_intervals,
+                "metrics_all",
+                "per_finding_auroc_figure",
+                name="plot_auroc_intervals",
+                tags=["figures"],
+            ),
+            Node(
+                nodes.plot_roc_curves,
+                {"labels": "labels", **predictions},
+                "roc_curves",
+                name="plot_roc_curves",
+                tags=["figures"],
+            ),
+            Node(
+                nodes.plot_pr_curves,
+                {"labels": "labels", **predictions},
+                "pr_curves",
+                name="plot_pr_curves",
+                tags=["figures"],
+            ),
+            Node(
+                nodes.plot_reliability,
+                {"labels": "labels", "reporting": "params:reporting", **predictions},
+                "reliability_diagram",
+                name="plot_reliability",
+                tags=["figures"],
+            ),
+            Node(
+                nodes.render_report,
+                report_inputs,
+                "report_html",
+                name="render_report",
+                tags=["report"],
+            ),
+        ]
+    )

@@ -1,0 +1,183 @@
+"""Models: factory, multi-scale ResNet, baselines, grey first conv, transfer learning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from rare_cxr.findings import FINDINGS
+from rare_cxr.models import MultiScaleResNet, build_model, load_pretrained, validate_model_spec
+from rare_cxr.models.common import GREY_MEAN, GREY_STD, grey_conv_from
+from rare_cxr.models.transfer import imagenet_state_dict
+
+torch.set_num_threads(1)
+
+
+def _x(n: int = 2, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "mean", "attention"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_multiscale_outputs_logits_and_one_cam_layer_per_scale(fusion, shared):
+    model = build_model(
+        {
+            "architecture": "multiscale_resnet",
+            "backbone": "resnet18",
+            "scales": [16, 32],
+            "fusion": fusion,
+            "shared_trunk": shared,
+        }
+    )
+    model.eval()
+    assert model(_x()).shape == (2, len(FINDINGS))
+    assert set(model.cam_layers()) == {"scale_16", "scale_32"}
+    assert len(model.trunks) == (1 if shared else 2)
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, o.shape[-1])))
+        for n, m in model.cam_layers().items()
+    ]
+    model(_x())
+    for h in hooks:
+        h.remove()
+    assert seen == [("scale_16", 1), ("scale_32", 1)]
+
+
+def test_single_scale_multiscale_resnet_is_a_plain_torchvision_resnet():
+    model = build_model(
+        {"architecture": "multiscale_resnet", "backbone": "resnet18", "scales": [32]}
+    ).eval()
+    plain = torchvision.models.resnet18(num_classes=len(FINDINGS))
+    plain.conv1 = grey_conv_from(plain.conv1)
+    trunk = {
+        k.removeprefix("trunks.0."): v
+        for k, v in model.state_dict().items()
+        if k.startswith("trunks.0.")
+    }
+    trunk.update({"fc.weight": model.fc.weight, "fc.bias": model.fc.bias})
+    plain.load_state_dict(trunk)
+    plain.eval()
+    x = _x(3, 32)
+    with torch.no_grad():
+        expected = plain((x - GREY_MEAN) / GREY_STD)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        # an input larger than the scale is resized first, exactly like the ablation's input
+        big = _x(3, 64)
+        small = torch.nn.functional.interpolate(
+            (big - GREY_MEAN) / GREY_STD, size=(32, 32), mode="bilinear", antialias=True
+        )
+        torch.testing.assert_close(model(big), plain(small))
+
+
+def test_grey_conv_equals_rgb_conv_on_a_grey_image():
+    rgb = torch.nn.Conv2d(3, 4, 3, padding=1)
+    grey = grey_conv_from(rgb)
+    x = torch.rand(1, 1, 8, 8)
+    torch.testing.assert_close(grey(x), rgb(x.expand(-1, 3, -1, -1)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arch", "size"),
+    [("vgg16", 32), ("inception_v3", 75), ("densenet121", 32), ("efficientnet_b0", 32)],
+)
+def test_baselines_take_grey_input_and_give_14_logits(arch, size):
+    model = build_model({"architecture": arch, "scales": [size]})
+    model.train()  # inception's training mode must not return aux logits
+    out = model(_x(2, 48))
+    assert out.shape == (2, len(FINDINGS))
+    out.sum().backward()
+    ((name, layer),) = model.cam_layers().items()
+    assert isinstance(layer, torch.nn.Module) and name
+    assert model.head().weight.shape[0] == len(FINDINGS)
+
+
+@pytest.mark.parametrize(
+    ("spec", "key"),
+    [
+        ({"architecture": "resnet", "scales": [32]}, "model.architecture"),
+        ({"architecture": "multiscale_resnet", "backbone": "resnet19"}, "model.backbone"),
+        ({"architecture": "multiscale_resnet", "scales": [0, 32]}, "model.scales"),
+        ({"architecture": "multiscale_resnet", "scales": [32.5]}, "model.scales"),
+        ({"architecture": "multiscale_resnet", "scales": []}, "model.scales"),
+        ({"architecture": "multiscale_resnet", "fusion": "sum"}, "model.fusion"),
+        ({"architecture": "inception_v3", "scales": [64]}, "model.scales"),
+        ({"architecture": "vgg16", "scales": [64, 128]}, "model.scales"),
+        ({"architecture": "vgg16", "scales": [64], "backbone": "resnet18"}, "model.backbone"),
+        ({"architecture": "vgg16", "scales": [64], "colour": 1}, "unknown key"),
+    ],
+)
+def test_invalid_model_specs_name_the_key(spec, key):
+    with pytest.raises(ValueError, match=key):
+        validate_model_spec({"name": "m", **spec})
+
+
+def test_loading_a_state_dict_changes_weights_and_partial_load_reports_skipped_keys(
+    tmp_path: Path, caplog
+):
+    source = torchvision.models.resnet18(num_classes=1000)  # RGB conv1, 1000-way head
+    for p in source.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    path = tmp_path / "backbone.pt"
+    torch.save(source.state_dict(), path)
+    spec = {
+        "name": "m",
+        "architecture": "multiscale_resnet",
+        "backbone": "resnet18",
+        "scales": [32],
+        "pretrained": str(path),
+    }
+    fresh = build_model({**spec, "pretrained": "none"})
+    with caplog.at_level(logging.INFO, logger="rare_cxr"):
+        model = build_model(spec)
+    loaded = model.trunks[0]
+    torch.testing.assert_close(loaded.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    assert not torch.equal(loaded.layer3[0].conv1.weight, fresh.trunks[0].layer3[0].conv1.weight)
+    torch.testing.assert_close(loaded.conv1.weight, source.conv1.weight.sum(1, keepdim=True))
+    report = load_pretrained(build_model({**spec, "pretrained": "none"}), model.spec)
+    assert "conv1.weight" in report.adapted
+    assert {"fc.weight", "fc.bias"} <= set(report.unexpected)  # trunk has no fc: reported
+    assert "fc.weight" in caplog.text
+
+    # a whole-model checkpoint with another head size: the head is skipped, the rest loads
+    other = MultiScaleResNet("resnet18", [32], num_outputs=3)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": other.state_dict(), "metadata": {}}, ckpt)
+    report = load_pretrained(
+        build_model({**spec, "pretrained": "none"}), {**model.spec, "pretrained": str(ckpt)}
+    )
+    assert set(report.skipped) == {"fc.weight", "fc.bias"}
+    assert len(report.loaded) > 50
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache_or_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / Path(url).name
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", offline)
+    with pytest.raises(RuntimeError, match=str(expected)):
+        imagenet_state_dict("resnet18")
+
+    expected.parent.mkdir(parents=True, exist_ok=True)
+    weights = torchvision.models.resnet18().state_dict()
+    torch.save(weights, expected)
+    model = build_model(
+        {
+            "architecture": "multiscale_resnet",
+            "backbone": "resnet18",
+            "scales": [32],
+            "pretrained": "imagenet",
+        }
+    )
+    torch.testing.assert_close(
+        model.trunks[0].layer1[0].conv1.weight, weights["layer1.0.conv1.weight"]
+    )

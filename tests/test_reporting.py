@@ -1,0 +1,219 @@
+"""Reporting: Grad-CAM, cost, node outputs on hand-made frames, pipeline wiring (no training)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from test_metrics import make_frames
+from torch import nn
+
+from rare_cxr.evaluation import cam, cost, figures
+from rare_cxr.findings import FINDINGS
+from rare_cxr.pipelines.reporting import ALL_MODELS, create_pipeline, nodes
+
+PARAMS = {"bootstrap": {"n_resamples": 30, "seed": 1}, "data_source": "hand-made"}
+
+
+class TinyNet(nn.Module):
+    """Smallest model with the project's contract: [B,1,H,W] -> [B,14] and cam_layers()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)  # in-place after the CAM layer, like VGG/DenseNet
+        self.fc = nn.Linear(4, len(FINDINGS))
+        self.scales = [16]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+    def cam_layers(self) -> dict[str, nn.Module]:
+        return {"conv": self.conv}
+
+
+def test_grad_cam_shape_range_and_non_negative():
+    torch.manual_seed(0)
+    model = TinyNet()
+    x = torch.rand(3, 1, 16, 16)
+    maps = cam.grad_cam(model, x, class_index=FINDINGS.index("Hernia"))
+    assert list(maps) == ["conv"]
+    m = maps["conv"]
+    assert m.shape == (3, 16, 16)
+    assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0 + 1e-6
+    assert not model.conv.weight.grad  # grads were taken functionally, model left clean
+
+
+def test_grad_cam_one_map_per_scale_for_multiscale():
+    from rare_cxr.models import build_model
+
+    model = build_model(
+        {"architecture": "multiscale_resnet", "backbone": "resnet18", "scales": [32, 64]},
+        load_weights=False,
+    )
+    maps = cam.grad_cam(model, torch.rand(2, 1, 64, 64), class_index=0)
+    assert sorted(maps) == ["scale_32", "scale_64"]
+    assert all(m.shape == (2, 64, 64) and float(m.min()) >= 0 for m in maps.values())
+
+
+def test_cost_counts_params_and_flops():
+    model = TinyNet()
+    c = cost.model_cost(model, 16, batch_size=2, n_batches=1, warmup_batches=0)
+    assert c["params"] == 4 * 9 + 4 + 4 * 14 + 14
+    conv_flops = 2 * 16 * 16 * 4 * 9  # multiply-adds of the 3x3 conv, 2 FLOPs each
+    assert c["gflops"] * 1e9 >= conv_flops
+    assert c["img_per_s"] > 0
+
+
+def test_reporting_nodes_on_hand_made_predictions():
+    preds, labels = make_frames()
+    splits = labels[["image_id", "patient_id"]].assign(split="test")
+    splits.loc[: len(splits) // 3, "split"] = "train"
+    thresholds = nodes.select_thresholds(preds, labels, PARAMS)
+    assert thresholds["split"] == "val" and thresholds["thresholds"]["Hernia"] is None
+    m = nodes.evaluate_model(preds, labels, thresholds, PARAMS)
+    json.dumps(m, allow_nan=False)  # valid JSON: undefined metrics are null, not NaN
+    assert m["test"]["per_finding"]["Hernia"]["auroc"] is None
+    assert "Hernia" in m["test"]["undefined"]
+    assert m["intervals"]["unit"] == "patient"
+    rare = nodes.select_rare_findings(labels, splits, PARAMS)
+    assert len(rare["findings"]) == 5
+    all_metrics = nodes.combine_metrics(
+        a__metrics=m, a__cost={"params": 1000, "gflops": 0.5, "img_per_s": 10.0}, b__metrics=m
+    )
+    table, markdown = nodes.build_table1(all_metrics)
+    assert list(table["Model"]) == ["a", "b"]
+    assert {"ACC", "Recall", "Precision", "F1", "AUROC", "AUPRC", "params", "GFLOPs"} <= set(
+        table.columns
+    )
+    assert "[" in table.loc[0, "F1"] and table.loc[1, "params"] == "n/a"
+    assert markdown.startswith("| Model | ACC |")
+    per = nodes.build_per_finding_auroc(all_metrics)
+    assert per.shape == (2, len(FINDINGS) + 2) and per["Hernia"].isna().all()
+    rare_table = nodes.build_rare_findings_table(all_metrics, rare)
+    assert len(rare_table) == 10
+    summary = nodes.summarise_data(labels, splits, PARAMS)
+    fig = figures.auroc_intervals({"a": m})
+    png = _png(fig)
+    html = nodes.render_report(
+        all_metrics=all_metrics,
+        table1=table,
+        per_finding_auroc=per,
+        rare_findings_table=rare_table,
+        rare_findings=rare,
+        data_summary=summary,
+        reporting=PARAMS,
+        per_finding_auroc_figure=png,
+        a__gradcam=png,
+    )
+    assert html.count("data:image/png;base64,") == 2
+    assert "All-negative baseline" in html and "n/a" in html and "hand-made" in html
+    assert "<script" not in html and "src='http" not in html  # self-contained
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def test_figures_survive_undefined_findings():
+    preds, labels = make_frames()
+    histories = {
+        "a": pd.DataFrame(
+            {
+                "epoch": [1, 2],
+                "train_loss": [1.0, 0.8],
+                "val_loss": [1.1, 0.9],
+                "val_acc": [0.5, 0.6],
+                "val_macro_auroc": [0.55, 0.6],
+            }
+        )
+    }
+    for fig in (
+        nodes.plot_validation_curves(**histories),
+        nodes.plot_training_loss(**histories),
+        nodes.plot_roc_curves(labels, a=preds, b=preds),
+        nodes.plot_pr_curves(labels, a=preds),
+        nodes.plot_reliability(labels, PARAMS, a=preds),
+        figures.gradcam_panel("a", []),
+    ):
+        assert len(_png(fig)) > 1000
+
+
+def test_bbox_list_parsing_uses_alias():
+    text = (
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+        "00000001_000.png,Infiltrate,10.5,20,30,40\n"
+        "00000002_000.png,Hernia,1,2,3,4\n"
+    )
+    boxes = nodes._bbox_table(text)
+    assert list(boxes["finding"]) == ["Infiltration", "Hernia"]
+    assert boxes.loc[0, "x"] == pytest.approx(10.5)
+
+
+def test_params_are_validated_with_the_key_named():
+    with pytest.raises(ValueError, match="reporting.threshold_method"):
+        nodes.validate_reporting_params({"threshold_method": "median"})
+    with pytest.raises(ValueError, match="reporting.bootstrap.n_resamples"):
+        nodes.validate_reporting_params({"bootstrap": {"n_resamples": 0}})
+    with pytest.raises(ValueError, match="unknown key"):
+        nodes.validate_reporting_params({"bootsrap": {}})
+
+
+def test_pipeline_per_model_namespaces_and_inputs():
+    pipe = create_pipeline(models=["multiscale_resnet", "vgg16"])
+    names = {n.name for n in pipe.nodes}
+    for model in ("multiscale_resnet", "vgg16"):
+        for node in ("select_thresholds", "evaluate_model", "measure_cost", "gradcam_examples"):
+            assert f"{model}.{node}" in names
+    assert {"build_table1", "render_report", "plot_validation_curves"} <= names
+    expected = {
+        "labels",
+        "splits",
+        "image_cache",
+        "image_index",
+        "raw_bbox_list",
+        "params:reporting",
+        *(
+            f"{m}.{k}"
+            for m in ("multiscale_resnet", "vgg16")
+            for k in ("predictions", "history", "checkpoint")
+        ),
+    }
+    assert pipe.inputs() == expected
+    assert len(create_pipeline().nodes) == 4 * len(ALL_MODELS) + 13
+    with pytest.raises(ValueError, match="unknown model"):
+        create_pipeline(models=["resnet9000"])
+
+
+def test_every_reporting_output_is_persisted(kedro_project):
+    catalog = kedro_project.catalog()
+    pipe = create_pipeline()
+    for name in sorted(pipe.all_outputs()):
+        ds = catalog.get(name) if hasattr(catalog, "get") else catalog._get_dataset(name)
+        assert type(ds).__name__ != "MemoryDataset", f"{name} is not persisted"
+        assert "08_reporting" in str(ds._describe().get("filepath")), name
+
+
+def test_registry_default_reports_the_multiscale_model_and_nih_all_six():
+    from rare_cxr.pipeline_registry import register_pipelines
+
+    pipes = register_pipelines()
+    default_nodes = {n.name for n in pipes["__default__"].nodes}
+    assert "multiscale_resnet.evaluate_model" in default_nodes
+    assert "vgg16.evaluate_model" not in default_nodes
+    nih_nodes = {n.name for n in pipes["nih"].nodes}
+    assert {f"{m}.evaluate_model" for m in ALL_MODELS} <= nih_nodes
+    assert {f"{m}.train_model" for m in ALL_MODELS} <= nih_nodes
+    baselines = {n.name for n in pipes["baselines"].nodes}
+    assert baselines == {
+        f"{m}.{n}"
+        for m in ALL_MODELS
+        if m != "multiscale_resnet"
+        for n in ("train_model", "predict")
+    }

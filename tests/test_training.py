@@ -1,0 +1,273 @@
+"""Training loop: losses, schedule, parameter validation, learning, NaN guard, resume, DDP.
+
+Everything runs on tiny in-memory image caches (`FakeCache`, same attributes as
+`rare_cxr.image_cache.ImageCache`), 32 px images and resnet18, so the file stays fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rare_cxr.findings import FINDINGS
+from rare_cxr.training import TrainingCallbacks, fit, validate_training_params
+from rare_cxr.training.losses import MultiLabelLoss, balanced_pos_weight
+from rare_cxr.training.schedule import LRSchedule
+
+HISTORY_COLUMNS = [
+    "epoch",
+    "stage",
+    "train_loss",
+    "val_loss",
+    "val_macro_auroc",
+    *[f"val_auroc_{f}" for f in FINDINGS],
+    "val_acc",
+    "val_recall",
+    "val_precision",
+    "val_f1",
+    "lr",
+    "img_per_s",
+]
+
+
+class FakeSplit:
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, offset: int) -> None:
+        self.name = name
+        self.images = images
+        n = len(images)
+        table = pd.DataFrame(
+            {
+                "image_id": [f"{offset + i:08d}_000.png" for i in range(n)],
+                "patient_id": np.arange(offset, offset + n),
+            }
+        )
+        for k, f in enumerate(FINDINGS):
+            table[f] = labels[:, k].astype(np.int8)
+        self.table = table
+        self.labels = labels.astype(np.float32)
+
+
+class FakeCache:
+    """In-memory stand-in for `rare_cxr.image_cache.ImageCache` (the documented API)."""
+
+    def __init__(self, splits: dict[str, FakeSplit], size: int) -> None:
+        self._splits = splits
+        self.size = size
+        self.findings = list(FINDINGS)
+        self.split_names = list(splits)
+
+    def split(self, name: str) -> FakeSplit:
+        return self._splits[name]
+
+
+def blob_cache(
+    n_train: int = 96, n_val: int = 48, n_test: int = 16, size: int = 32, seed: int = 0
+) -> FakeCache:
+    """Easy task: Atelectasis ⇔ bright blob top-left, Cardiomegaly ⇔ bright blob bottom-right."""
+    rng = np.random.default_rng(seed)
+    splits, offset = {}, 0
+    for name, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        labels = np.zeros((n, len(FINDINGS)), np.float32)
+        labels[:, 0] = rng.random(n) < 0.4
+        labels[:, 1] = rng.random(n) < 0.3
+        imgs = rng.integers(0, 60, size=(n, size, size)).astype(np.uint8)
+        q = size // 2
+        for i in range(n):
+            if labels[i, 0]:
+                imgs[i, 2 : q - 2, 2 : q - 2] = 230
+            if labels[i, 1]:
+                imgs[i, q + 2 : size - 2, q + 2 : size - 2] = 230
+        splits[name] = FakeSplit(name, imgs, labels, offset)
+        offset += n
+    return FakeCache(splits, size)
+
+
+TINY_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "architecture": "multiscale_resnet",
+    "backbone": "resnet18",
+    "scales": [32],
+    "pretrained": "none",
+}
+
+
+def tiny_params(tmp_path: Path, **over: Any) -> dict[str, Any]:
+    params = {
+        "epochs": 2,
+        "patience": 2,
+        "batch_size": 16,
+        "eval_batch_size": 32,
+        "device": "cpu",
+        "progress_bar": False,
+        "resume_dir": str(tmp_path / "resume"),
+        "loader_threads": 0,
+        "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
+        "schedule": {"name": "constant", "warmup_epochs": 0},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(params.get(key), dict):
+            params[key] = {**params[key], **value}
+        else:
+            params[key] = value
+    return params
+
+
+# ---------------------------------------------------------------- losses and schedule
+
+
+def test_balanced_pos_weight_is_neg_over_pos_capped_and_safe_for_zero_positives():
+    labels = np.zeros((100, 3))
+    labels[:10, 0] = 1  # 10 % -> 9
+    labels[:1, 1] = 1  # 1 % -> 99 -> capped at 50
+    w = balanced_pos_weight(labels, cap=50.0)
+    assert w.tolist() == pytest.approx([9.0, 50.0, 1.0])
+
+
+def test_masked_loss_ignores_masked_findings_and_focal_down_weights_easy_examples():
+    logits = torch.tensor([[5.0, -3.0], [0.0, 2.0]])
+    y = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss = MultiLabelLoss(None)
+    loss.set_mask(torch.tensor([1.0, 0.0]))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y[:, 0])
+    assert loss(logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    bce = MultiLabelLoss(None)(logits, y)
+    focal = MultiLabelLoss(None, kind="focal", gamma=2.0)(logits, y)
+    assert focal < bce
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LRSchedule(
+        opt,
+        1.0,
+        {
+            "name": "cosine",
+            "warmup_epochs": 1,
+            "min_lr_ratio": 0.1,
+            "plateau_factor": 0.5,
+            "plateau_patience": 0,
+        },
+        steps_per_epoch=4,
+        epochs=3,
+    )
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0)
+    assert lrs[4] > lrs[8] > lrs[11] >= 0.1 - 1e-9
+
+
+# ---------------------------------------------------------------- parameter validation
+
+
+@pytest.mark.parametrize(
+    ("over", "key"),
+    [
+        ({"optimizer": {"lr": 0}}, "training.optimizer.lr"),
+        ({"batch_size": 0}, "training.batch_size"),
+        ({"epochs": -1}, "training.epochs"),
+        ({"patience": "x"}, "training.patience"),
+        ({"schedule": {"name": "step"}}, "training.schedule.name"),
+        ({"transfer": {"rare_findings": ["Hernai"]}}, "training.transfer.rare_findings"),
+        ({"lerning_rate": 1}, "training.lerning_rate"),
+    ],
+)
+def test_invalid_training_params_name_the_key(over, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate_training_params(over)
+
+
+def test_fit_validates_before_touching_data(tmp_path):
+    class Untouchable:
+        size = 32
+
+        def split(self, name):  # pragma: no cover - must not be reached
+            raise AssertionError("data touched before validation")
+
+    with pytest.raises(ValueError, match=r"tiny\.model\.backbone"):
+        fit({**TINY_SPEC, "backbone": "resnet19"}, Untouchable(), None, tiny_params(tmp_path))
+    with pytest.raises(ValueError, match=r"tiny\.model\.scales"):
+        fit({**TINY_SPEC, "scales": [0, 32]}, Untouchable(), None, tiny_params(tmp_path))
+    with pytest.raises(ValueError, match=r"training\.optimizer\.lr"):
+        fit(TINY_SPEC, Untouchable(), None, tiny_params(tmp_path, optimizer={"lr": -1}))
+
+
+# ---------------------------------------------------------------- learning, NaN
+
+
+@pytest.mark.slow
+def test_validation_auroc_rises_above_chance_on_an_easy_task(tmp_path):
+    cache = blob_cache()
+    result = fit(TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=3, patience=3))
+    hist = result.history
+    assert list(hist.columns) == HISTORY_COLUMNS
+    assert len(hist) == 3 and hist["stage"].eq("single").all()
+    assert hist["val_macro_auroc"].max() > 0.8
+    assert result.metadata["metric"] == pytest.approx(hist["val_macro_auroc"].max())
+    assert result.metadata["epoch"] == int(hist["val_macro_auroc"].idxmax()) + 1
+    # training finished: the resume state is gone so that the next run starts afresh
+    assert not (tmp_path / "resume" / "tiny" / "last.pt").exists()
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_state(tmp_path):
+    cache = blob_cache(n_train=48, n_val=16)
+    state = tmp_path / "resume" / "tiny" / "last.pt"
+
+    def poison(epoch: int, step: int) -> None:
+        if epoch == 1 and step == 0:
+            with torch.no_grad():
+                for p in model_ref[0].parameters():
+                    p.fill_(float("nan"))
+
+    model_ref: list[torch.nn.Module] = []
+    from rare_cxr.training import engine
+
+    real_build = engine.build_model
+
+    def capture(spec, *a, **k):
+        model = real_build(spec, *a, **k)
+        model_ref.append(model)
+        return model
+
+    engine_build = pytest.MonkeyPatch()
+    engine_build.setattr(engine, "build_model", capture)
+    try:
+        with pytest.raises(FloatingPointError, match=r"epoch 2 step 2") as err:
+            fit(
+                TINY_SPEC,
+                cache,
+                None,
+                tiny_params(tmp_path, epochs=3),
+                callbacks=TrainingCallbacks(on_step=poison),
+            )
+    finally:
+        engine_build.undo()
+    assert str(state) in str(err.value)
+    saved = torch.load(state, weights_only=True)
+    assert saved["global_epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_two_stage_transfer_trains_common_then_all(tmp_path):
+    cache = blob_cache(n_train=48, n_val=24)
+    params = tiny_params(
+        tmp_path,
+        epochs=1,
+        transfer={
+            "two_stage": True,
+            "rare_findings": ["Cardiomegaly", "Hernia"],
+            "stage1_epochs": 1,
+            "stage2_targets": "all",
+            "frozen_trunk_epochs": 1,
+        },
+    )
+    result = fit(TINY_SPEC, cache, None, params)
+    assert result.history["stage"].tolist() == ["common", "all"]
+    assert result.metadata["stage"] == "all"
+    assert result.metadata["metric_name"] == "val_macro_auroc"

@@ -1,0 +1,109 @@
+"""Resume after a real kill, and DDP (2 gloo processes) against one process: same results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import TINY_SPEC, blob_cache, tiny_params
+
+TESTS = Path(__file__).resolve().parent
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_training_resume_ddp import run_tiny
+
+    def kill(epoch, step):
+        # a real, unclean death in the middle of epoch 2: no cleanup, no exception handlers
+        if epoch == 1 and step == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run_tiny(sys.argv[1], on_step=kill)
+    """
+).format(tests=str(TESTS))
+
+
+def run_tiny(resume_dir: str, on_step=None):
+    """The run under test: 3 epochs, real augmentation, deterministic mode, 1 thread."""
+    from rare_cxr.pipelines.training.nodes import make_augmenter
+    from rare_cxr.training import TrainingCallbacks, fit
+
+    params = tiny_params(
+        Path(resume_dir), epochs=3, patience=3, deterministic=True, loader_threads=1
+    )
+    params["resume_dir"] = resume_dir
+    augment = make_augmenter({"rotation_degrees": 5.0, "hflip_probability": 0.5, "noise_std": 0.02})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fit(
+            TINY_SPEC,
+            blob_cache(n_train=32, n_val=16),
+            augment,
+            params,
+            callbacks=TrainingCallbacks(on_step=on_step),
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, caplog):
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = torch.load(tmp_path / "run" / "tiny" / "last.pt", weights_only=True)
+    assert state["global_epoch"] == 1  # epoch 1 was saved, epoch 2 died at its 2nd step
+
+    with caplog.at_level(logging.INFO, logger="rare_cxr"):
+        resumed = run_tiny(str(tmp_path / "run"))
+    assert "resuming from" in caplog.text
+    assert not (tmp_path / "run" / "tiny" / "last.pt").exists()
+    reference = run_tiny(str(tmp_path / "ref"))
+
+    assert resumed.history["epoch"].tolist() == reference.history["epoch"].tolist() == [1, 2, 3]
+    assert resumed.history["train_loss"].tolist() == reference.history["train_loss"].tolist()
+    for key, value in reference.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[key]), key
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    from rare_cxr.pipelines.training.nodes import fit_spawned
+    from rare_cxr.training import fit
+
+    cache = blob_cache(n_train=32, n_val=16)
+    # Adam with a large eps moves weights proportionally to the gradient (like SGD), so equal
+    # weights mean equal gradients; with eps=1e-8 its first steps are lr*sign(g) and round-off
+    # on near-zero gradients would flip signs.
+    params = tiny_params(
+        tmp_path, epochs=1, batch_size=16, deterministic=False, resume=False, optimizer={"eps": 1.0}
+    )
+    single = fit(TINY_SPEC, cache, None, params)
+    ddp = fit_spawned(TINY_SPEC, cache, None, {**params, "devices": 2}, world=2)
+    assert ddp.metadata["world_size"] == 2
+    assert ddp.history["train_loss"].iloc[0] == pytest.approx(
+        single.history["train_loss"].iloc[0], rel=1e-5
+    )
+    for key, value in single.state_dict.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(
+                ddp.state_dict[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
+            )
