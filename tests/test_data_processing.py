@@ -18,8 +18,8 @@ from rare_cxr.findings import FINDINGS
 from rare_cxr.imaging import load_grayscale
 from rare_cxr.pipelines.data_processing.nodes import index_images, parse_labels, split_patients
 from rare_cxr.pipelines.data_processing.parsing import LABEL_COLUMNS, InputDataError
-from rare_cxr.pipelines.data_processing.splitting import iterative_stratification
 from rare_cxr.pipelines.data_processing.validation import ParameterError
+from rare_cxr.stratification import iterative_stratification
 
 HEADER_2020 = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"

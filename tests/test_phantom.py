@@ -236,7 +236,19 @@ def test_rare_findings_get_a_minimum_of_patients() -> None:
 
 def test_split_is_patient_level_and_never_empty() -> None:
     params = validate_params({"n_patients": 3, "test_fraction": 0.01})
-    assert len(split_patients(params)) == 1
+    assert len(split_patients(params, sample_cohort(params))) == 1
+
+
+def test_test_list_holds_every_finding_with_two_or_more_patients() -> None:
+    params = validate_params({"n_patients": 60, "min_patients_per_finding": 3})
+    plans = sample_cohort(params)
+    test = split_patients(params, plans)
+    assert abs(len(test) - round(params.test_fraction * 60)) <= 3
+    for name in FINDINGS:
+        patients = {p.patient_id for p in plans if name in p.recorded}
+        if len(patients) >= 2:
+            assert patients & test, f"{name} has no positive patient in the test list"
+            assert patients - test, f"{name} has no positive patient in train/val"
 
 
 # --- environments and Kedro -------------------------------------------------------------

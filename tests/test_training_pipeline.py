@@ -143,3 +143,18 @@ def test_train_model_node_fails_before_any_work_naming_the_key(model, training, 
     spec = {"name": "multiscale_resnet", "architecture": "multiscale_resnet", **model}
     with pytest.raises(ValueError, match=key):
         train_model(Untouchable(), {}, spec, training)
+
+
+def test_per_model_training_overrides_merge_key_by_key_and_leave_the_spec_clean():
+    from rare_cxr.pipelines.training.nodes import split_training_overrides
+
+    shared = {"epochs": 8, "optimizer": {"lr": 1e-3, "weight_decay": 1e-4}}
+    spec, merged = split_training_overrides(
+        {"name": "vgg16", "architecture": "vgg16", "training": {"optimizer": {"lr": 1e-4}}},
+        shared,
+    )
+    assert "training" not in spec
+    assert merged == {"epochs": 8, "optimizer": {"lr": 1e-4, "weight_decay": 1e-4}}
+    assert shared["optimizer"]["lr"] == 1e-3  # the shared block is not mutated
+    with pytest.raises(ValueError, match=r"vgg16\.model\.training"):
+        split_training_overrides({"name": "vgg16", "training": 3}, shared)

@@ -12,6 +12,7 @@ identical whatever else is generated, in whatever order or process.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from rare_cxr.findings import FINDINGS, NIH_PREVALENCE
 from rare_cxr.phantom.anatomy import Anatomy, Pose, sample_anatomy, sample_pose
 from rare_cxr.phantom.lesions import MODELS, Lesion
 from rare_cxr.phantom.params import MAX_PREVALENCE, PhantomParams
+from rare_cxr.stratification import iterative_stratification
 
 # Stream ids (first element of a spawn key).
 _PATIENT, _IMAGE, _RENDER, _SPLIT, _CHRONIC_LESION, _ACUTE_LESION, _FORCE = range(1, 8)
@@ -179,14 +181,31 @@ def sample_cohort(params: PhantomParams) -> list[ImagePlan]:
     return [plan for pid in sorted(by_patient) for plan in by_patient[pid]]
 
 
-def split_patients(params: PhantomParams) -> set[int]:
-    """Patient ids of the official-style test list (patient-disjoint by construction)."""
+def split_patients(params: PhantomParams, plans: Sequence[ImagePlan]) -> set[int]:
+    """Patient ids of the official-style test list (patient-disjoint by construction).
+
+    Stratified by patient over the recorded findings, as a curated test list would be, so that
+    every finding present in at least two patients has a positive patient in the test list and
+    in train/val (a random list of ~30 patients often misses Hernia, leaving its test AUROC
+    undefined).
+    """
     n = params.n_patients
     n_test = round(params.test_fraction * n)
     if params.test_fraction > 0 and n >= 2:
         n_test = min(max(n_test, 1), n - 1)
-    order = rng_for(params.seed, _SPLIT).permutation(n) + 1
-    return {int(pid) for pid in order[:n_test]}
+    if n_test == 0:
+        return set()
+    counts = np.zeros((n, len(FINDINGS)))
+    sizes = np.zeros(n)
+    for plan in plans:
+        row = plan.patient_id - 1
+        sizes[row] += 1
+        for name in plan.recorded:
+            counts[row, FINDINGS.index(name)] += 1
+    fraction = n_test / n
+    seed = int(rng_for(params.seed, _SPLIT).integers(2**31))
+    assignment = iterative_stratification(counts, sizes, (1 - fraction, fraction), seed)
+    return {row + 1 for row in np.flatnonzero(assignment == 1).tolist()}
 
 
 def render_seed_key(plan: ImagePlan) -> tuple[int, ...]:

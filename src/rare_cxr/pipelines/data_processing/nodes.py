@@ -18,12 +18,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from rare_cxr.findings import FINDINGS
+from rare_cxr.stratification import iterative_stratification
 
 from .parsing import InputDataError, parse_data_entry
 from .splitting import (
     SPLIT_NAMES,
     assert_patient_disjoint,
-    iterative_stratification,
     official_assignment,
     patient_table,
     split_report_table,

@@ -50,7 +50,7 @@ def generate_phantom(
 
     plans = sample_cohort(config)
     size = config.image_size
-    test_patients = split_patients(config)
+    test_patients = split_patients(config, plans)
     test_ids = [p.image_id for p in plans if p.patient_id in test_patients]
     train_val_ids = [p.image_id for p in plans if p.patient_id not in test_patients]
     boxes = [(p.image_id, *box) for p in plans for box in lesion_boxes(p, size)]

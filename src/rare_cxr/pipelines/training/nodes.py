@@ -92,6 +92,34 @@ def fit_spawned(spec, cache, policy, params, world: int) -> FitResult:
     return FitResult(obj["state_dict"], obj["metadata"], pd.DataFrame(obj["history"]))
 
 
+def split_training_overrides(
+    model: Mapping[str, Any], training: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate a model block's optional `training:` overrides and merge them into `training`.
+
+    Every model shares one protocol (`params:training`), "unless a parameter says otherwise":
+    `<model>.model.training` is that parameter (e.g. a smaller learning rate for VGG16, which
+    collapses to constant outputs from scratch at the shared rate). Nested blocks merge key by
+    key, so `{optimizer: {lr: 1e-4}}` keeps the shared weight decay.
+    """
+    model = dict(model)
+    overrides = model.pop("training", None) or {}
+    if not isinstance(overrides, Mapping):
+        name = model.get("name", model.get("architecture"))
+        raise ValueError(f"{name}.model.training: expected a mapping of overrides")
+
+    def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in extra.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = value
+        return out
+
+    return model, merge(training or {}, overrides)
+
+
 def train_model(
     image_cache: Any,
     augmentation_policy: Mapping[str, Any] | None,
@@ -105,6 +133,7 @@ def train_model(
     than 0 exit the process after training, so only rank 0 writes catalog entries (run
     `torchrun ... -m rare_cxr run --pipeline training` so no other stage runs on every rank).
     """
+    model, training = split_training_overrides(model, training)
     spec = validate_model_spec(model)
     cfg = validate_training_params(training)
     augment = make_augmenter(augmentation_policy)  # validates the policy up front
