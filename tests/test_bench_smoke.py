@@ -97,3 +97,59 @@ def test_bench_training_quick_cost_and_gpu_notice(tmp_path: Path) -> None:
     if not records[-1]["machine"]["gpu"]:
         assert "CUDA is not available" in done.stderr
     assert "| section" in done.stderr
+
+
+def test_run_all_help() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--quick" in done.stdout and "--gpu" in done.stdout and "--doc" in done.stdout
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_doc_to_given_path(tmp_path: Path) -> None:
+    """run_all --quick regenerates a doc at --doc (never the real docs/benchmarks.md), keeps the
+    hand-written section, and says plainly when there is no GPU."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        "old\n<!-- BEGIN HAND-WRITTEN: kept verbatim by bench/run_all.py -->\n"
+        "my profile notes\n<!-- END HAND-WRITTEN -->\n"
+    )
+    real_doc = ROOT / "docs" / "benchmarks.md"
+    before = real_doc.read_text() if real_doc.exists() else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run_all.py"),
+            "--quick",
+            "--data-seconds",
+            "0.2",
+            "--training-sections",
+            "gpu",
+            "--doc",
+            str(doc),
+            "--results-dir",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    assert "my profile notes" in text and "old\n" not in text
+    assert "## 1. Data path" in text and "cache_loader" in text and "Data-path ratio" in text
+    assert "## 4. GPU" in text and "python bench/run_all.py --gpu" in text
+    assert "Machine" in text and "CPU:" in text
+    if "GPU: none" in text:
+        assert "no CUDA device: GPU figures not measured" in text
+    assert list((tmp_path / "results").glob("*/data_path.jsonl"))
+    assert (real_doc.read_text() if real_doc.exists() else None) == before
