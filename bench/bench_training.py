@@ -10,10 +10,15 @@ Sections (JSON lines on stdout / --output, a table on stderr):
                inference images/s for single-scale vs multi-scale, including the conf/nih
                configuration (resnet50 at 224 + 448).
 (c) gpu        (--gpu; CUDA only) AMP + channels_last vs fp32 eager: training images/s and peak
-               memory for resnet50@224 and the conf/nih multi-scale model. Without CUDA it says
-               so and records a `skipped` line.
+               memory for resnet50@224 and the conf/nih multi-scale model, on in-memory batches.
+               Without CUDA it says so and records a `skipped` line.
+(d) epoch      (--gpu; CUDA, or --epoch-device cpu for a smoke run) one epoch of the project's
+               `fit` fed from an on-disk synthetic image cache (the real loader path), with GPU
+               utilisation sampled by nvidia-smi, peak memory and the NIH-epoch extrapolation
+               (bench/gpu_epoch.py).
 
-Usage: python bench/bench_training.py [--quick] [--gpu] [--only overhead,cost,gpu] [--output F]
+Usage: python bench/bench_training.py [--quick] [--gpu] [--only overhead,cost,gpu,epoch]
+                                      [--epoch-device cuda|cpu] [--output F]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import emit, format_table, machine_info  # noqa: E402
+from gpu_epoch import section_epoch  # noqa: E402
 
 from rare_cxr.findings import FINDINGS  # noqa: E402
 from rare_cxr.models import build_model  # noqa: E402
@@ -271,12 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small inputs, few steps (~1 min)")
     parser.add_argument("--gpu", action="store_true", help="also run section (c) (CUDA only)")
     parser.add_argument(
-        "--only", default="overhead,cost,gpu", help="comma-separated sections to run (default: all)"
+        "--only",
+        default="overhead,cost,gpu,epoch",
+        help="comma-separated sections to run (default: all)",
+    )
+    parser.add_argument(
+        "--epoch-device",
+        default=None,
+        help="device for section (d); default cuda with --gpu. 'cpu' runs it anyway (smoke test)",
     )
     parser.add_argument("--output", help="append JSON lines to this file")
     args = parser.parse_args(argv)
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
-    unknown = sections - {"overhead", "cost", "gpu"}
+    unknown = sections - {"overhead", "cost", "gpu", "epoch"}
     if unknown:
         parser.error(f"--only: unknown section(s) {sorted(unknown)}")
     machine = machine_info()
@@ -289,6 +302,17 @@ def main(argv: list[str] | None = None) -> int:
         rows += section_gpu(args.quick)
     elif "gpu" in sections:
         print("GPU section not requested (--gpu).", file=sys.stderr)
+    if "epoch" in sections:
+        epoch_device = args.epoch_device or ("cuda" if args.gpu else None)
+        if epoch_device is None:
+            print("Epoch section not requested (--gpu or --epoch-device).", file=sys.stderr)
+        elif epoch_device.startswith("cuda") and not torch.cuda.is_available():
+            print(
+                "Epoch section: CUDA is not available on this machine -- skipped.", file=sys.stderr
+            )
+            rows.append({"section": "epoch", "case": "skipped", "reason": "CUDA not available"})
+        else:
+            rows += section_epoch(args.quick, epoch_device)
     emit([{**r, "quick": args.quick, "machine": machine} for r in rows], args.output)
     columns = [
         "section",
@@ -303,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "gflops_per_image",
         "params_m",
         "peak_mem_gib",
+        "gpu_util_mean",
+        "nih_epoch_min",
     ]
     print(format_table(rows, columns), file=sys.stderr)
     return 0

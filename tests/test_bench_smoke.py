@@ -153,3 +153,96 @@ def test_run_all_quick_writes_doc_to_given_path(tmp_path: Path) -> None:
         assert "no CUDA device: GPU figures not measured" in text
     assert list((tmp_path / "results").glob("*/data_path.jsonl"))
     assert (real_doc.read_text() if real_doc.exists() else None) == before
+
+
+def _bench_module(name: str):
+    """Import a bench/ script as a module (bench/ is not a package; scripts import siblings)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_gpu_epoch_synthetic_cache_opens_with_the_project_reader(tmp_path: Path) -> None:
+    from rare_cxr.findings import FINDINGS
+    from rare_cxr.image_cache import ImageCache
+
+    gpu_epoch = _bench_module("gpu_epoch")
+    gpu_epoch.write_synthetic_cache(tmp_path / "cache", n_train=300, n_val=7, size=16, seed=3)
+    cache = ImageCache(tmp_path / "cache")
+    train = cache.split("train")
+    assert cache.size == 16 and cache.split_names == ["train", "val"]
+    assert train.images.shape == (300, 16, 16) and train.images.dtype.name == "uint8"
+    assert train.labels.shape == (300, len(FINDINGS))
+    assert len(cache.split("val")) == 7
+    assert train.images.std() > 50  # pixels were written, not left at zero
+
+
+def test_gpu_epoch_nih_config_is_the_resolved_nih_environment() -> None:
+    training, model, policy = _bench_module("gpu_epoch").nih_training_config()
+    assert model["backbone"] == "resnet50" and model["scales"] == [224, 448]
+    assert training["amp"] in ("auto", True) and training["batch_size"] == 64
+    assert "loader_threads" in training  # base keys survive the soft merge
+    assert policy["rotation_degrees"] > 0
+
+
+def test_utilisation_window_keeps_only_samples_inside_the_training_steps() -> None:
+    sampler = _bench_module("gpu_epoch").UtilisationSampler()
+    sampler.samples = [(0.5, 10.0), (1.0, 90.0), (2.0, 95.0), (3.0, 20.0)]
+    assert sampler.window(1.0, 2.0) == [90.0, 95.0]
+
+
+@pytest.mark.slow
+def test_bench_epoch_section_runs_the_project_loop_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "training.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_training.py"),
+            "--quick",
+            "--only",
+            "epoch",
+            "--epoch-device",
+            "cpu",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["section"] == "epoch" and row["mode"] == "cpu"
+    assert row["steps"] == 6  # 48 train images / batch 8: the whole epoch ran through `fit`
+    assert row["images_per_s"] > 0 and row["nih_epoch_min"] > 0
+    assert row["gpu_util_mean"] is None  # no utilisation figure without a GPU
+
+
+def test_run_all_renders_gpu_epoch_rows() -> None:
+    run_all = _bench_module("run_all")
+    epoch = {
+        "section": "epoch",
+        "case": "resnet50 [224]",
+        "mode": "amp+channels_last",
+        "device": "NVIDIA H100 80GB HBM3",
+        "batch": 256,
+        "input": 224,
+        "train_images": 32768,
+        "images_per_s": 3100.0,
+        "gpu_util_mean": 93.5,
+        "gpu_util_median": 97.0,
+        "peak_mem_gib": 21.4,
+        "nih_epoch_min": 0.6,
+    }
+    lines = "\n".join(run_all.gpu_section([], [epoch], {"gpu": epoch["device"]}, True))
+    assert "NVIDIA H100 80GB HBM3" in lines and "3,100.0" in lines and "93.5" in lines
+    assert "No GPU" not in lines
+    none = "\n".join(run_all.gpu_section([], [], {"gpu": None}, False))
+    assert "No GPU was available" in none
