@@ -255,7 +255,7 @@ def test_test_list_holds_every_finding_with_two_or_more_patients() -> None:
 
 
 def test_disabled_generator_refuses_before_writing() -> None:
-    with pytest.raises(ValueError, match=r"kedro run --env nih --pipeline nih"):
+    with pytest.raises(ValueError, match=r"kedro run --env nih --pipelines nih"):
         generate_phantom({"enabled": False})
 
 

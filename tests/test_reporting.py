@@ -200,7 +200,7 @@ def test_every_reporting_output_is_persisted(kedro_project):
         assert "08_reporting" in str(ds._describe().get("filepath")), name
 
 
-def test_registry_default_reports_the_multiscale_model_and_nih_all_six():
+def test_registry_default_reports_the_multiscale_model_and_nih_all_six(kedro_project):
     from rare_cxr.pipeline_registry import register_pipelines
 
     pipes = register_pipelines()
@@ -217,3 +217,29 @@ def test_registry_default_reports_the_multiscale_model_and_nih_all_six():
         if m != "multiscale_resnet"
         for n in ("train_model", "predict")
     }
+
+
+@pytest.mark.parametrize("requested", [["nih"], ["all_models"], ["data_processing"]])
+def test_registry_compositions_survive_kedro_lazy_loading(kedro_project, requested):
+    """`kedro run --pipelines nih` makes Kedro 1.7 load only the *folders* it names; the
+    compositions must not come out empty (they once did: `--pipelines nih` ran nothing)."""
+    import warnings
+
+    from kedro.framework.project import pipelines as project_pipelines
+
+    from rare_cxr.pipeline_registry import register_pipelines
+
+    project_pipelines.set_requested(requested)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "error occurred while importing ...nih" noise
+            pipes = register_pipelines()
+    finally:
+        project_pipelines.set_requested(None)
+    full = {n.name for n in pipes["nih"].nodes}
+    assert {"parse_labels", "split_patients"} <= full
+    assert {f"{m}.train_model" for m in ALL_MODELS} <= full
+    assert {n.name for n in pipes["all_models"].nodes} == full
+    from rare_cxr.pipelines.phantom import create_pipeline as create_phantom
+
+    assert set(create_phantom().nodes) <= set(pipes["__default__"].nodes)

@@ -8,11 +8,15 @@ figure of the report is produced, versioned, and lists all six models.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 
 from rare_cxr.pipelines.reporting import ALL_MODELS
 
@@ -105,3 +109,25 @@ def test_baselines_and_reporting_end_to_end(kedro_project):
     assert html.count("data:image/png;base64,") == 6 + len(ALL_MODELS)
     for model in ALL_MODELS:
         assert model in html
+
+    # The issue's `kedro run --namespaces densenet121`, through Kedro's real CLI: the default
+    # (demo) pipeline has no baselines, so rare_cxr.cli selects the namespace from all_models.
+    # The tiny parameters go to conf/local, which soft-merges over conf/base like --params.
+    (kedro_project.path / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(params))
+    checkpoints = kedro_project.data("06_models", "densenet121", "checkpoint.pt")
+    vgg_checkpoints = kedro_project.data("06_models", "vgg16", "checkpoint.pt")
+    before, vgg_before = len(list(checkpoints.iterdir())), len(list(vgg_checkpoints.iterdir()))
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("kedro")), "run", "--namespaces", "densenet121"],
+        cwd=kedro_project.path,
+        env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "400"},  # no log wrap
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "selecting them from the 'all_models' pipeline" in log
+    assert len(list(checkpoints.iterdir())) == before + 1  # a new version, the old one kept
+    assert len(list(vgg_checkpoints.iterdir())) == vgg_before  # no other model ran

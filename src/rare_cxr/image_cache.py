@@ -98,7 +98,7 @@ class ImageCache:
         if not meta_file.is_file():
             raise FileNotFoundError(
                 f"{self.path} is not a built image cache (no meta.json); run "
-                f"`kedro run --pipeline augmentation` to build it"
+                f"`kedro run --pipelines augmentation` to build it"
             )
         self.meta: dict[str, Any] = json.loads(meta_file.read_text())
         if self.meta.get("format_version") != FORMAT_VERSION:

@@ -4,7 +4,7 @@ No training code here on purpose (DESIGN: "a model is a parameter block, not a c
 each baseline is `training.create_model_pipeline(<name>)`, reading `params:<name>.model`
 (conf/base/parameters_baselines.yml) and the shared `params:training`, and writing
 `<name>.checkpoint`, `<name>.history`, `<name>.predictions`.
-`kedro run --pipeline baselines` trains all five; `kedro run --namespaces densenet121` one.
+`kedro run --pipelines baselines` trains all five; `kedro run --namespaces densenet121` one.
 """
 
 from __future__ import annotations

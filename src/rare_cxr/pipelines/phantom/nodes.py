@@ -31,7 +31,7 @@ NIH_GUARD_MESSAGE = (
     "phantom.enabled is false in this configuration environment: the phantom generator "
     "would write synthetic files into the raw data folder, which here is your NIH "
     "ChestX-ray14 download. Nothing was written. To run the study on real data, run "
-    "`kedro run --env nih --pipeline nih` (it does not include the phantom pipeline)."
+    "`kedro run --env nih --pipelines nih` (it does not include the phantom pipeline)."
 )
 
 
