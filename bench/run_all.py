@@ -170,7 +170,8 @@ def overhead_section(rows: list[dict[str, Any]]) -> list[str]:
         for r in rows
     ]
     return [
-        "Best epoch of each loop, alternating rounds after an untimed warm-up; validation is "
+        "Median epoch of each loop over three alternating rounds (ABBA) after an untimed "
+        "warm-up; validation is "
         "outside the timed epoch in both.",
         "",
         format_table(table, list(table[0])),
