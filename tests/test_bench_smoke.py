@@ -13,26 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run a bench/ script as a user would (its own process, one thread: smoke sizes)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+
+
 @pytest.mark.slow
 def test_bench_data_path_quick(tmp_path: Path) -> None:
     out = tmp_path / "data_path.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench_data_path.py"),
-            "--quick",
-            "--seconds",
-            "0.3",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
+    done = run_bench("bench_data_path.py", "--quick", "--seconds", "0.3", "--output", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     cases = {r["case"]: r for r in records}
@@ -44,25 +40,13 @@ def test_bench_data_path_quick(tmp_path: Path) -> None:
 
 
 def test_bench_data_path_help() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_data_path.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_bench("bench_data_path.py", "--help", timeout=120)
     assert done.returncode == 0
     assert "--seconds" in done.stdout and "--quick" in done.stdout and "--workers" in done.stdout
 
 
 def test_bench_training_help() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_training.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_bench("bench_training.py", "--help", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--quick" in done.stdout and "--gpu" in done.stdout and "--only" in done.stdout
 
@@ -70,23 +54,8 @@ def test_bench_training_help() -> None:
 @pytest.mark.slow
 def test_bench_training_quick_cost_and_gpu_notice(tmp_path: Path) -> None:
     out = tmp_path / "training.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench_training.py"),
-            "--quick",
-            "--gpu",
-            "--only",
-            "cost,gpu",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
+    done = run_bench(
+        "bench_training.py", "--quick", "--gpu", "--only", "cost,gpu", "--output", str(out)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -100,13 +69,7 @@ def test_bench_training_quick_cost_and_gpu_notice(tmp_path: Path) -> None:
 
 
 def test_run_all_help() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_bench("run_all.py", "--help", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--quick" in done.stdout and "--gpu" in done.stdout and "--doc" in done.stdout
 
@@ -122,26 +85,17 @@ def test_run_all_quick_writes_doc_to_given_path(tmp_path: Path) -> None:
     )
     real_doc = ROOT / "docs" / "benchmarks.md"
     before = real_doc.read_text() if real_doc.exists() else None
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "run_all.py"),
-            "--quick",
-            "--data-seconds",
-            "0.2",
-            "--training-sections",
-            "gpu",
-            "--doc",
-            str(doc),
-            "--results-dir",
-            str(tmp_path / "results"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
+    done = run_bench(
+        "run_all.py",
+        "--quick",
+        "--data-seconds",
+        "0.2",
+        "--training-sections",
+        "gpu",
+        "--doc",
+        str(doc),
+        "--results-dir",
+        str(tmp_path / "results"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
@@ -198,24 +152,15 @@ def test_utilisation_window_keeps_only_samples_inside_the_training_steps() -> No
 @pytest.mark.slow
 def test_bench_epoch_section_runs_the_project_loop_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "training.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench_training.py"),
-            "--quick",
-            "--only",
-            "epoch",
-            "--epoch-device",
-            "cpu",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
+    done = run_bench(
+        "bench_training.py",
+        "--quick",
+        "--only",
+        "epoch",
+        "--epoch-device",
+        "cpu",
+        "--output",
+        str(out),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
