@@ -158,3 +158,22 @@ def test_per_model_training_overrides_merge_key_by_key_and_leave_the_spec_clean(
     assert shared["optimizer"]["lr"] == 1e-3  # the shared block is not mutated
     with pytest.raises(ValueError, match=r"vgg16\.model\.training"):
         split_training_overrides({"name": "vgg16", "training": 3}, shared)
+
+
+def test_python_m_entry_point_is_kedro_run_for_torchrun():
+    """The documented multi-GPU launch is `torchrun ... -m rare_cxr --pipelines training`:
+    `python -m rare_cxr` must be the project's `run` command itself (no `run` sub-command)."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "rare_cxr", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--pipelines" in done.stdout and "--namespaces" in done.stdout

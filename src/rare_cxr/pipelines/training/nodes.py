@@ -131,7 +131,7 @@ def train_model(
 
     Parameters are validated before the image cache is touched. Under `torchrun`, ranks other
     than 0 exit the process after training, so only rank 0 writes catalog entries (run
-    `torchrun ... -m rare_cxr run --pipelines training` so no other stage runs on every rank).
+    `torchrun ... -m rare_cxr --pipelines training` so no other stage runs on every rank).
     """
     model, training = split_training_overrides(model, training)
     spec = validate_model_spec(model)
