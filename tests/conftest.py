@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,16 @@ SHARED_DATA = Path(
 ).resolve()
 NIH_META = SHARED_DATA / "nih14-meta"
 NIH_SAMPLE = SHARED_DATA / "nih14-sample"
+
+DATA_LAYERS = (
+    "01_raw",
+    "02_intermediate",
+    "03_primary",
+    "05_model_input",
+    "06_models",
+    "07_model_output",
+    "08_reporting",
+)
 
 # Keep torch from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -87,8 +99,34 @@ class KedroProject:
         ) as session:
             return session.load_context().catalog
 
-    def data(self, *parts: str) -> Path:
-        return self.path.joinpath("data", *parts)
+    def data(self, *parts: str, env: str = "base") -> Path:
+        """A path in the environment's data folder (`data/base`, `data/nih`)."""
+        return self.path.joinpath("data", env, *parts)
+
+    def write_local_params(self, params: dict[str, Any]) -> None:
+        """Overrides in conf/local, which soft-merges over conf/base like `--params` does."""
+        import yaml
+
+        (self.path / "conf" / "local" / "parameters.yml").write_text(
+            yaml.safe_dump(nest_dotted(params))
+        )
+
+    def cli(
+        self, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run the real `kedro` command line in this project (what users type)."""
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("kedro")), *args],
+            cwd=self.path,
+            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "400", **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check:
+            assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+        return done
 
 
 @pytest.fixture
@@ -101,9 +139,9 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KedroProje
     shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
-    for layer in (PROJECT_ROOT / "data").iterdir():
-        if layer.is_dir():
-            (project / "data" / layer.name).mkdir(parents=True)
+    for env in ("base", "nih"):  # each environment's data folder, with Kedro's layer folders
+        for layer in DATA_LAYERS:
+            (project / "data" / env / layer).mkdir(parents=True)
     monkeypatch.chdir(project)
     bootstrap_project(project)
     return KedroProject(project)

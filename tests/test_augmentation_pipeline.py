@@ -16,7 +16,7 @@ from test_image_cache import expected_pixels, make_nih_like
 from rare_cxr.image_cache import ImageCache
 
 LOCAL_CATALOG = {
-    name: {"type": "pandas.ParquetDataset", "filepath": f"data/{folder}/{name}.parquet"}
+    name: {"type": "pandas.ParquetDataset", "filepath": f"data/base/{folder}/{name}.parquet"}
     for name, folder in (
         ("splits", "03_primary"),
         ("image_index", "02_intermediate"),

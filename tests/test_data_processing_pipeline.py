@@ -52,24 +52,25 @@ def _latest(path: Path) -> Path:
     return versions[-1] / path.name
 
 
-def _check_outputs(project, names: list[str]) -> dict:
-    labels = pd.read_parquet(project.data("02_intermediate", "labels.parquet"))
+def _check_outputs(project, names: list[str], env: str = "base") -> dict:
+    def data(*parts: str) -> Path:
+        return project.data(*parts, env=env)
+
+    labels = pd.read_parquet(data("02_intermediate", "labels.parquet"))
     assert tuple(labels.columns) == LABEL_COLUMNS
     assert sorted(labels["image_id"]) == sorted(names)
     assert all(str(labels[f].dtype) == "int8" for f in FINDINGS)
-    index = pd.read_parquet(project.data("02_intermediate", "image_index.parquet"))
+    index = pd.read_parquet(data("02_intermediate", "image_index.parquet"))
     assert tuple(index.columns) == ("image_id", "path", "status", "width", "height", "mode")
-    splits = pd.read_parquet(_latest(project.data("03_primary", "splits.parquet")))
+    splits = pd.read_parquet(_latest(data("03_primary", "splits.parquet")))
     assert tuple(splits.columns) == ("image_id", "patient_id", "split")
     assert (splits.groupby("patient_id")["split"].nunique() == 1).all()
-    split_report = pd.read_csv(_latest(project.data("08_reporting", "split_report.csv")))
+    split_report = pd.read_csv(_latest(data("08_reporting", "split_report.csv")))
     assert {"split", "finding", "patients", "images", "positives", "prevalence"} <= set(
         split_report.columns
     )
-    assert _latest(project.data("08_reporting", "split_summary.json")).exists()
-    report = json.loads(
-        _latest(project.data("08_reporting", "data_quality_report.json")).read_text()
-    )
+    assert _latest(data("08_reporting", "split_summary.json")).exists()
+    report = json.loads(_latest(data("08_reporting", "data_quality_report.json")).read_text())
     return {"index": index, "splits": splits, "report": report}
 
 
@@ -94,7 +95,9 @@ def test_data_processing_nih_env_partial_download(
         env="nih",
         params={"data_root": str(folder), "data_entry_file": "Data_Entry_2017_v2020.csv.gz"},
     )
-    out = _check_outputs(kedro_project, names)
+    out = _check_outputs(kedro_project, names, env="nih")
+    # the nih environment wrote nothing into the default environment's folder
+    assert not any(kedro_project.data("02_intermediate").iterdir())
     status = out["index"].set_index("image_id")["status"]
     assert (status[names[:5]] == "ok").all() and (status[names[5:]] == "missing").all()
     missing = out["report"]["images"]["missing"]

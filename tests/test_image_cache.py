@@ -128,11 +128,11 @@ def test_interrupted_build_leaves_old_cache_intact(nih_like, tmp_path, monkeypat
     calls = {"n": 0}
     real = ic.decode_resized
 
-    def flaky(path: str, size: int) -> np.ndarray:
+    def flaky(path: str, size: int, **kwargs: int) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # the user pressed Ctrl-C mid-build
-        return real(path, size)
+        return real(path, size, **kwargs)
 
     monkeypatch.setattr(ic, "decode_resized", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -172,7 +172,7 @@ def test_fingerprint_reuse_and_invalidation(nih_like, tmp_path, monkeypatch, cap
     inode = npy.stat().st_ino
     real = ic.decode_resized
 
-    def boom(path: str, size: int) -> np.ndarray:
+    def boom(path: str, size: int, **kwargs: int) -> np.ndarray:
         raise AssertionError("an up-to-date cache must not be decoded again")
 
     monkeypatch.setattr(ic, "decode_resized", boom)

@@ -71,9 +71,11 @@ def test_reporting_nodes_on_hand_made_predictions():
     preds, labels = make_frames()
     splits = labels[["image_id", "patient_id"]].assign(split="test")
     splits.loc[: len(splits) // 3, "split"] = "train"
-    thresholds = nodes.select_thresholds(preds, labels, PARAMS)
+    lineage = {"model": "a", "checkpoint_version": "2026-01-01T00.00.00.000Z"}
+    thresholds = nodes.select_thresholds(preds, labels, lineage, PARAMS)
     assert thresholds["split"] == "val" and thresholds["thresholds"]["Hernia"] is None
     m = nodes.evaluate_model(preds, labels, thresholds, PARAMS)
+    assert m["lineage"] == lineage
     json.dumps(m, allow_nan=False)  # valid JSON: undefined metrics are null, not NaN
     assert m["test"]["per_finding"]["Hernia"]["auroc"] is None
     assert "Hernia" in m["test"]["undefined"]
@@ -94,7 +96,8 @@ def test_reporting_nodes_on_hand_made_predictions():
     assert per.shape == (2, len(FINDINGS) + 2) and per["Hernia"].isna().all()
     rare_table = nodes.build_rare_findings_table(all_metrics, rare)
     assert len(rare_table) == 10
-    summary = nodes.summarise_data(labels, splits, PARAMS)
+    summary = nodes.summarise_data(labels, splits, "", PARAMS)
+    assert summary["bounding_boxes"]["present"] is False  # the optional file is absent
     fig = figures.auroc_intervals({"a": m})
     png = _png(fig)
     html = nodes.render_report(
@@ -186,7 +189,7 @@ def test_pipeline_per_model_namespaces_and_inputs():
         ),
     }
     assert pipe.inputs() == expected
-    assert len(create_pipeline().nodes) == 4 * len(ALL_MODELS) + 13
+    assert len(create_pipeline().nodes) == 5 * len(ALL_MODELS) + 13
     with pytest.raises(ValueError, match="unknown model"):
         create_pipeline(models=["resnet9000"])
 
@@ -194,10 +197,17 @@ def test_pipeline_per_model_namespaces_and_inputs():
 def test_every_reporting_output_is_persisted(kedro_project):
     catalog = kedro_project.catalog()
     pipe = create_pipeline()
-    for name in sorted(pipe.all_outputs()):
-        ds = catalog.get(name) if hasattr(catalog, "get") else catalog._get_dataset(name)
-        assert type(ds).__name__ != "MemoryDataset", f"{name} is not persisted"
-        assert "08_reporting" in str(ds._describe().get("filepath")), name
+    # verify_lineage hands the tables it checked on, in memory, within the run (by design)
+    in_memory = {
+        n for n in pipe.all_outputs() if n.endswith((".verified_predictions", ".verified_history"))
+    }
+    assert len(in_memory) == 2 * len(ALL_MODELS)
+    reports = kedro_project.data("08_reporting")
+    for name in sorted(pipe.all_outputs() - in_memory):
+        ds = catalog.get(name, fallback_to_runtime_pattern=True)
+        assert ds is not None and type(ds).__name__ != "MemoryDataset", f"{name} is not persisted"
+        assert str(ds._describe().get("filepath")).startswith(str(reports)), name
+        assert type(ds).__module__.startswith("rare_cxr."), f"{name}: not an atomic dataset"
 
 
 def test_registry_default_reports_the_multiscale_model_and_nih_all_six(kedro_project):

@@ -32,6 +32,7 @@ HISTORY_COLUMNS = [
     "val_f1",
     "lr",
     "img_per_s",
+    "training_id",
 ]
 
 
@@ -211,13 +212,15 @@ def test_validation_auroc_rises_above_chance_on_an_easy_task(tmp_path):
     assert hist["val_macro_auroc"].max() > 0.8
     assert result.metadata["metric"] == pytest.approx(hist["val_macro_auroc"].max())
     assert result.metadata["epoch"] == int(hist["val_macro_auroc"].idxmax()) + 1
-    # training finished: the resume state is gone so that the next run starts afresh
-    assert not (tmp_path / "resume" / "tiny" / "last.pt").exists()
+    # training finished: the state is kept, marked finished, for reruns to reuse
+    (state_file,) = (tmp_path / "resume" / "tiny").glob("*.pt")
+    saved = torch.load(state_file, weights_only=True)
+    assert saved["finished"] is True and "optimizer" not in saved
+    assert saved["metadata"]["training_id"] == result.metadata["training_id"]
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_state(tmp_path):
     cache = blob_cache(n_train=48, n_val=16)
-    state = tmp_path / "resume" / "tiny" / "last.pt"
 
     def poison(epoch: int, step: int) -> None:
         if epoch == 1 and step == 0:
@@ -248,8 +251,10 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_state(tmp_path):
             )
     finally:
         engine_build.undo()
+    (state,) = (tmp_path / "resume" / "tiny").glob("*.pt")
     assert str(state) in str(err.value)
     saved = torch.load(state, weights_only=True)
+    assert saved["finished"] is False
     assert saved["global_epoch"] == 1
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 

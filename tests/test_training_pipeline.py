@@ -71,7 +71,9 @@ def test_training_pipeline_writes_contract_outputs_and_a_reloadable_checkpoint(
         kedro_project.data("06_models", "multiscale_resnet").glob("checkpoint.pt/*/checkpoint.pt")
     )
     assert len(ckpt_files) == 1  # versioned
-    assert not kedro_project.data("06_models", "multiscale_resnet", "last.pt").exists()
+    # the finished training is kept in the catalog's training_state folder, for reruns
+    states = list(kedro_project.data("06_models", "multiscale_resnet", "training_state").iterdir())
+    assert len(states) == 1 and torch.load(states[0], weights_only=True)["finished"] is True
     checkpoint = torch.load(ckpt_files[0], weights_only=True)
     meta = checkpoint["metadata"]
     for key in (
@@ -93,7 +95,19 @@ def test_training_pipeline_writes_contract_outputs_and_a_reloadable_checkpoint(
     history = catalog.load("multiscale_resnet.history")
     assert list(history.columns) == HISTORY_COLUMNS and len(history) == 1
     predictions = catalog.load("multiscale_resnet.predictions")
-    assert list(predictions.columns) == ["image_id", "patient_id", "split", *FINDINGS]
+    assert list(predictions.columns) == [
+        "image_id",
+        "patient_id",
+        "split",
+        *FINDINGS,
+        "checkpoint_version",
+        "training_id",
+        "image_cache_fingerprint",
+    ]
+    # lineage: every row names the checkpoint version (= the run id) and training it came from
+    assert predictions["checkpoint_version"].unique().tolist() == [ckpt_files[0].parent.name]
+    assert predictions["training_id"].unique().tolist() == [meta["training_id"]]
+    assert history["training_id"].unique().tolist() == [meta["training_id"]]
     assert predictions["split"].tolist() == ["val"] * 16 + ["test"] * 8
     assert predictions[list(FINDINGS)].apply(lambda c: c.between(0, 1).all()).all()
 
@@ -117,6 +131,7 @@ def test_namespaced_pipelines_share_inputs_and_map_their_own_parameters():
         "augmentation_policy",
         "params:training",
         "params:densenet121.model",
+        "densenet121.training_state",
     }
     assert pipe.outputs() == {"densenet121.history", "densenet121.predictions"}
     assert {n.name for n in pipe.nodes} == {"densenet121.train_model", "densenet121.predict"}

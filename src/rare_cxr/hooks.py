@@ -1,11 +1,32 @@
-"""Project hooks: keep torch polite on small machines and the logs readable."""
+"""Project hooks: keep torch polite on small machines, and keep every run safe and traceable.
+
+`RunSafetyHooks` is where the data-safety rules of docs/architecture.md are enforced for every
+run, however it is started (`kedro run`, `python -m rare_cxr`, a `KedroSession` in a notebook):
+
+* the environment's data folder (`data_dir`) is claimed for that environment, and a run that
+  resolves to another environment's folder stops (`rare_cxr.ownership`);
+* one run at a time per data folder (`rare_cxr.runs.RunLock`; the CLI takes it even earlier);
+* temporaries left by an interrupted write of a dead process are removed;
+* the run's manifest `<data_dir>/runs/<run id>.json` records the command, parameters, and every
+  dataset loaded (with its version) and saved.
+
+Only rank 0 of a `torchrun` launch does any of this: the other ranks run the same session and
+must neither wait on rank 0's lock nor write a second manifest.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+from typing import Any
 
 from kedro.framework.hooks import hook_impl
+from kedro.io import AbstractVersionedDataset
+
+from rare_cxr.atomic import sweep_leftovers
+from rare_cxr.ownership import claim_data_dir
+from rare_cxr.runs import RunLock, RunManifest, distributed_rank, later_runs
 
 logger = logging.getLogger(__name__)
 
@@ -21,3 +42,114 @@ class ProjectHooks:
 
             torch.set_num_threads(int(threads))
         logger.debug("rare-cxr context created for env %r", context.env)
+
+
+class RunSafetyHooks:
+    """Ownership check, lock, clean-up and manifest around every pipeline run."""
+
+    def __init__(self) -> None:
+        self._context: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._catalog: Any = None
+        self._lock: RunLock | None = None
+        self._manifest: RunManifest | None = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self._context = context
+
+    def _data_dir(self, project_path: Path) -> Path:
+        configured = Path(str(self._context.config_loader["globals"].get("data_dir", "data")))
+        return configured if configured.is_absolute() else project_path / configured
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._reset()
+        if distributed_rank() != 0 or self._context is None:
+            return
+        data_dir = self._data_dir(Path(run_params["project_path"]))
+        run_id = str(run_params["run_id"])
+        if RunLock.held(data_dir) is None:
+            # started without the project CLI (KedroSession, notebook): lock now, and refuse if
+            # a run that started later got the folder first (its newer versions would be
+            # loaded as "latest" by this run's nodes)
+            lock = RunLock(data_dir)
+            lock.acquire()
+            newer = later_runs(data_dir, run_id)
+            if newer:
+                lock.release()
+                raise RuntimeError(
+                    f"run {run_id} waited for {data_dir} while run {newer[-1]}, started later, "
+                    "used it; this run's outputs would be older than what it loads. Nothing was "
+                    "run: start it again."
+                )
+            self._lock = lock
+        try:
+            claim_data_dir(data_dir, run_params.get("env"))
+            sweep_leftovers(data_dir)
+            self._manifest = RunManifest(data_dir, run_params)
+            self._manifest.write()
+        except BaseException:
+            self._release()
+            raise
+        self._catalog = catalog
+        logger.info("run %s: outputs in %s (manifest %s)", run_id, data_dir, self._manifest.path)
+
+    def _version(self, dataset_name: str, kind: str) -> str | None:
+        if self._catalog is None:
+            return None
+        try:
+            dataset = self._catalog.get(dataset_name)
+        except Exception:  # a dataset the catalog cannot describe is recorded unversioned
+            return None
+        if not isinstance(dataset, AbstractVersionedDataset):
+            return None
+        try:
+            return (
+                dataset.resolve_load_version()
+                if kind == "loaded"
+                else dataset.resolve_save_version()
+            )
+        except Exception:
+            return None
+
+    def _record(self, kind: str, dataset_name: str) -> None:
+        if self._manifest is None or dataset_name.startswith(("params:", "parameters")):
+            return
+        self._manifest.dataset(kind, dataset_name, self._version(dataset_name, kind))
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str) -> None:
+        self._record("loaded", dataset_name)
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        self._record("saved", dataset_name)
+
+    @hook_impl
+    def after_node_run(self) -> None:
+        if self._manifest is not None:
+            self._manifest.write()  # a killed run's manifest still lists what it did
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+        self._reset()
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        try:
+            if self._manifest is not None:
+                self._manifest.finish()
+        finally:
+            self._release()
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception) -> None:
+        try:
+            if self._manifest is not None:
+                self._manifest.finish(error)
+        finally:
+            self._release()

@@ -10,7 +10,8 @@ On-disk layout of a cache folder (all written atomically, see `ImageCachePlan.bu
     <path>/meta.json          size, findings, counts, fingerprints, format version
     <path>/<split>.npy        uint8 [N, size, size], rows in the order of <split>.parquet
     <path>/<split>.parquet    image_id, patient_id, then the 14 findings (int8 0/1)
-    <path>/skipped.csv        image_id, split, reason (missing/corrupt/not-indexed), detail
+    <path>/skipped.csv        image_id, split, reason (missing/corrupt/too-large/not-a-file/
+                              not-indexed), detail
 
 Why a plan object: the Kedro node (`build_image_cache`) stays a pure function of its inputs
 (which images, which labels, which size) and returns an `ImageCachePlan`; the catalog's
@@ -28,6 +29,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ import pandas as pd
 from PIL import Image
 
 from rare_cxr.findings import FINDINGS
+from rare_cxr.imaging import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +153,15 @@ class ImageCache:
 # --------------------------------------------------------------------------------------------
 
 
-def decode_resized(path: str, size: int) -> np.ndarray:
-    """Grayscale uint8 [size, size]: the exact pixels the cache stores for `path`."""
+def decode_resized(path: str, size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Grayscale uint8 [size, size]: the exact pixels the cache stores for `path`.
+
+    Raises what `rare_cxr.imaging.load_grayscale` raises: an `ImageReadError` (with its
+    status) for a file that is not a usable image, `TransientImageError` for a system error.
+    """
     from rare_cxr.imaging import load_grayscale
 
-    gray = load_grayscale(path)
+    gray = load_grayscale(path, max_pixels=max_pixels)
     if gray.shape != (size, size):
         gray = np.asarray(Image.fromarray(gray).resize((size, size), RESAMPLE))
     return gray
@@ -162,25 +169,39 @@ def decode_resized(path: str, size: int) -> np.ndarray:
 
 _worker_array: np.ndarray | None = None
 _worker_size = 0
+_worker_max_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+# (reason, detail) of an image that could not be cached; reason is an image_index status
+Failure = tuple[str, str]
 
 
-def _worker_init(npy_path: str, size: int) -> None:
+def _worker_init(npy_path: str, size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """Each worker maps the output file once and writes its rows in place (no big pickles)."""
-    global _worker_array, _worker_size  # noqa: PLW0603 - per-process state by design
+    global _worker_array, _worker_size, _worker_max_pixels  # noqa: PLW0603 - per-process state
     _worker_array = np.load(npy_path, mmap_mode="r+")
     _worker_size = size
+    _worker_max_pixels = max_pixels
 
 
-def _decode_chunk(tasks: Sequence[tuple[int, str]]) -> list[tuple[int, str | None]]:
-    """Decode rows into the worker's memmap; return (row, error or None) per task."""
+def _decode_chunk(tasks: Sequence[tuple[int, str]]) -> list[tuple[int, Failure | None]]:
+    """Decode rows into the worker's memmap; return (row, (reason, detail) or None) per task.
+
+    Only a problem *of the file* (`ImageReadError`: corrupt, too-large, not-a-file, missing)
+    is recorded. A `TransientImageError` (EIO, EACCES, MemoryError... after retries) or any
+    unexpected error propagates and aborts the build: recording it would mark a healthy
+    image as bad in `skipped.csv`, and a reused cache would keep that row forever.
+    """
     assert _worker_array is not None
-    results: list[tuple[int, str | None]] = []
+    results: list[tuple[int, Failure | None]] = []
     for row, path in tasks:
         try:
-            _worker_array[row] = decode_resized(path, _worker_size)
+            _worker_array[row] = decode_resized(path, _worker_size, max_pixels=_worker_max_pixels)
             results.append((row, None))
-        except Exception as exc:  # a corrupt file is recorded, never fatal
-            results.append((row, f"{type(exc).__name__}: {exc}"))
+        except ImageReadError as exc:  # a bad file is recorded, never fatal
+            results.append((row, (exc.status, exc.reason)))
+        except Exception as exc:
+            exc.add_note(f"while decoding {path} for the image cache (build aborted)")
+            raise
     _worker_array.flush()
     return results
 
@@ -204,23 +225,31 @@ def chunk_size(n_items: int, workers: int) -> int:
 
 
 def decode_into(
-    npy_path: Path, paths: Sequence[str], size: int, workers: int, desc: str = "decode"
-) -> dict[int, str]:
-    """Fill rows 0..len(paths)-1 of the `.npy` at `npy_path`; return {row: error} failures.
+    npy_path: Path,
+    paths: Sequence[str],
+    size: int,
+    workers: int,
+    desc: str = "decode",
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> dict[int, Failure]:
+    """Fill rows 0..len(paths)-1 of the `.npy` at `npy_path`; return {row: (reason, detail)}.
 
     `workers == 1` decodes in this process (tests, tiny caches); otherwise a process pool
     (fork where available: the workers only need numpy and PIL) writes straight into the
-    shared memmap, and only (row, error) tuples travel back.
+    shared memmap, and only (row, failure) tuples travel back. Images above `max_pixels`
+    are refused before decoding (reason `too-large`). A transient read error raises
+    `TransientImageError` (remaining work is cancelled) instead of becoming a failure.
     """
     from tqdm.auto import tqdm
 
     tasks = list(enumerate(paths))
     n_workers = resolve_workers(workers, len(tasks))
-    failures: dict[int, str] = {}
+    failures: dict[int, Failure] = {}
     bar = tqdm(total=len(tasks), desc=desc, unit="img", unit_scale=False, smoothing=0.1)
     try:
         if n_workers == 1:
-            _worker_init(str(npy_path), size)
+            _worker_init(str(npy_path), size, max_pixels)
             for chunk in _chunks(tasks, chunk_size(len(tasks), 1)):
                 for row, error in _decode_chunk(chunk):
                     if error:
@@ -233,7 +262,7 @@ def decode_into(
                 n_workers,
                 mp_context=context,
                 initializer=_worker_init,
-                initargs=(str(npy_path), size),
+                initargs=(str(npy_path), size, max_pixels),
             ) as pool:
                 chunks = _chunks(tasks, chunk_size(len(tasks), n_workers))
                 for results in pool.map(_decode_chunk, chunks):
@@ -274,6 +303,8 @@ class ImageCachePlan:
     workers: int
     splits: list[SplitPlan]
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
+    # images above this many pixels are skipped as `too-large` (see rare_cxr.imaging)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     # -- fingerprints ------------------------------------------------------------------------
 
@@ -285,6 +316,10 @@ class ImageCachePlan:
         """
         digest = hashlib.sha256()
         digest.update(f"v{FORMAT_VERSION}|size={self.size}|{RESAMPLE_NAME}|".encode())
+        if self.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS:
+            # a changed limit changes which images are kept; the default is left out so that
+            # caches built before the limit existed keep their fingerprint (no 30-min rebuild)
+            digest.update(f"max_pixels={self.max_image_pixels}|".encode())
         for split in self.splits:
             digest.update(f"[{split.name}]".encode())
             for image_id, path in zip(split.table["image_id"], split.paths, strict=True):
@@ -359,13 +394,16 @@ class ImageCachePlan:
                 # same pixels: share the big file, keep the previous row selection
                 _link_or_copy(reuse.path / f"{split.name}.npy", npy)
                 kept_ids = pd.Index(reuse.split(split.name).table["image_id"])
-                # keep the decode-time failures of the previous build (same files, same result)
+                # keep the decode-time failures of the previous build (same files, same result):
+                # the images planned for decoding that the previous build did not keep, with
+                # whatever reason it found (corrupt, too-large, not-a-file, missing)
                 old = reuse.skipped
                 known = set(self.skipped["image_id"].astype(str))
+                planned = set(table["image_id"].astype(str))
                 skipped.append(
                     old[
                         (old["split"] == split.name)
-                        & (old["reason"] == "corrupt")
+                        & old["image_id"].isin(planned)
                         & ~old["image_id"].isin(known)
                     ]
                 )
@@ -377,14 +415,20 @@ class ImageCachePlan:
                 )
                 del array  # workers reopen it; closing here flushes the header
                 failures = decode_into(
-                    npy, split.paths, self.size, self.workers, desc=f"image cache {split.name}"
+                    npy,
+                    split.paths,
+                    self.size,
+                    self.workers,
+                    desc=f"image cache {split.name}",
+                    max_pixels=self.max_image_pixels,
                 )
                 decoded += n
                 if failures:
                     logger.warning(
-                        "image cache %s: %d image(s) failed to decode and are skipped",
+                        "image cache %s: %d image(s) failed to decode and are skipped: %s",
                         split.name,
                         len(failures),
+                        dict(Counter(reason for reason, _ in failures.values())),
                     )
                     keep = np.array([i for i in range(n) if i not in failures], dtype=np.int64)
                     _compact(npy, keep, self.size)
@@ -394,8 +438,8 @@ class ImageCachePlan:
                             {
                                 "image_id": bad["image_id"].astype(str).to_numpy(),
                                 "split": split.name,
-                                "reason": "corrupt",
-                                "detail": [failures[i] for i in sorted(failures)],
+                                "reason": [failures[i][0] for i in sorted(failures)],
+                                "detail": [failures[i][1] for i in sorted(failures)],
                             }
                         )
                     )
@@ -435,8 +479,17 @@ def plan_image_cache(
     labels: pd.DataFrame,
     size: int,
     workers: int = 0,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ImageCachePlan:
-    """Decide which images of each split are decoded; record the others with a reason."""
+    """Decide which images of each split are decoded; record the others with a reason.
+
+    `max_image_pixels` is the decode-time limit (images above it are skipped as `too-large`);
+    keep it equal to `data_processing.images.max_image_pixels` so index and cache agree.
+    """
+    bad = isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int)
+    if bad or max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be an integer >= 1, got {max_image_pixels!r}")
     for name, frame, needed in (
         ("splits", splits, ("image_id", "split")),
         ("image_index", image_index, ("image_id", "path", "status")),
@@ -489,6 +542,7 @@ def plan_image_cache(
         workers=workers,
         splits=plans,
         skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
+        max_image_pixels=max_image_pixels,
     )
 
 

@@ -4,9 +4,9 @@ import warnings
 
 from kedro.config import OmegaConfigLoader
 
-from rare_cxr.hooks import ProjectHooks
+from rare_cxr.hooks import ProjectHooks, RunSafetyHooks
 
-HOOKS = (ProjectHooks(),)
+HOOKS = (ProjectHooks(), RunSafetyHooks())
 
 # Kedro 1.7's own OmegaConfigLoader calls omegaconf 2.4's deprecated `register_new_resolver`,
 # which printed two UserWarnings on every `kedro run` that no user of this project can act on.

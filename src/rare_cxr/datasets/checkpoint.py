@@ -5,19 +5,21 @@ checkpoint here must carry its own model spec, finding order, input normalisatio
 that prediction and reporting can rebuild the model without the training parameters.
 
 Saved object: `{"state_dict": {name: tensor}, "metadata": {plain python}}`, written with
-`torch.save` to a temporary file and renamed (atomic); loaded with `torch.load(weights_only=True)`,
-which refuses anything but tensors and plain containers.
+`torch.save` to a temporary file, fsynced and renamed (`rare_cxr.atomic`); loaded with
+`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+Loading adds `metadata["checkpoint_version"]`: the catalog version (run id) the file was read
+from, which `predict` stamps on every prediction so reporting can check what belongs together.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from kedro.io import AbstractVersionedDataset, DatasetError, Version
+
+from rare_cxr.atomic import AtomicWriter
 
 
 class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, Any]]):
@@ -48,22 +50,18 @@ class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, 
             raise DatasetError(
                 f"{path} is not a rare-cxr checkpoint (needs state_dict and metadata)"
             )
+        obj["metadata"]["checkpoint_version"] = (
+            self.resolve_load_version() if self._version else None
+        ) or "unversioned"
         return obj
 
     def save(self, data: dict[str, Any]) -> None:
         if not isinstance(data, dict) or set(data) < {"state_dict", "metadata"}:
             raise DatasetError("a checkpoint must be a dict with 'state_dict' and 'metadata'")
         state = {k: v.detach().cpu() for k, v in data["state_dict"].items()}
-        path = Path(self._get_save_path())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-        os.close(fd)
-        try:
-            torch.save({"state_dict": state, "metadata": data["metadata"]}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        metadata = {k: v for k, v in data["metadata"].items() if k != "checkpoint_version"}
+        with AtomicWriter(Path(self._get_save_path()), "wb") as handle:
+            torch.save({"state_dict": state, "metadata": metadata}, handle)
 
     def _exists(self) -> bool:
         try:

@@ -5,15 +5,22 @@ Why not `partitions.PartitionedDataset` + `pillow.ImageDataset`: the NIH release
 partial download is normal. Downstream nodes need the *path* of every image (to index it, to
 decode it once into the cache, and to report which ones are missing or corrupt), not a
 decoded image object per file; PartitionedDataset offers neither the nested layout as one flat
-id space nor paths. Saving (used by the phantom generator) writes each PNG atomically.
+id space nor paths.
+
+Saving is used by the phantom generator only, and is guarded: it writes only into a folder
+rare-cxr owns (`rare_cxr.ownership.claim_phantom_folder`: new, empty, or marked as a phantom),
+so the user's NIH download can never be replaced. The new images are written into a staging
+folder that is swapped in whole (`rare_cxr.atomic.staging_folder`). A mapping that carries a
+`fingerprint` (what `PhantomImages` does) is not rewritten when the folder already holds
+exactly those images from the same fingerprint: an unchanged phantom keeps its files and their
+modification times, so the image cache built from them stays valid.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,11 @@ from typing import Any
 import numpy as np
 from kedro.io import AbstractDataset, DatasetError
 from PIL import Image
+
+from rare_cxr.atomic import staging_folder, sweep_leftovers
+from rare_cxr.ownership import claim_phantom_folder, update_phantom_marker
+
+logger = logging.getLogger(__name__)
 
 # NIH image names: 8-digit patient id, underscore, 3-digit follow-up number.
 IMAGE_ID_PATTERN = re.compile(r"^\d{8}_\d{3}\.png$")
@@ -70,30 +82,34 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, Any], dict[str, str]]):
         return dict(sorted(found.items()))
 
     def save(self, data: Mapping[str, Any]) -> None:
-        """Replace `<path>/images` with exactly the given images.
+        """Replace `<path>/images` with exactly the given images (in a folder rare-cxr owns).
 
-        The images are written into a fresh sibling folder which is then swapped in, so a
+        The images are written into a fresh staging folder which is then swapped in, so a
         re-run with fewer images leaves no stale PNG behind for `index_images` to find, and an
         interrupted save leaves the previous folder untouched.
         """
-        self._root.mkdir(parents=True, exist_ok=True)
+        marker = claim_phantom_folder(self._root)  # raises before any write if not ours
+        sweep_leftovers(self._root)
         final = self._root / "images"
-        staging = Path(tempfile.mkdtemp(dir=self._root, prefix=".images-new-"))
-        try:
+        fingerprint = getattr(data, "fingerprint", None)
+        if fingerprint is not None and marker.get("images_fingerprint") == fingerprint:
+            on_disk = {e.name for e in os.scandir(final)} if final.is_dir() else set()
+            if on_disk == set(data):
+                logger.info(
+                    "%s already holds these %d images (fingerprint %s): not rewritten",
+                    final,
+                    len(on_disk),
+                    fingerprint[:12],
+                )
+                return
+        update_phantom_marker(self._root, images_fingerprint=None)  # invalid while rewriting
+        with staging_folder(final) as staging:
             for image_id, source in data.items():
                 validate_image_id(image_id)
-                _atomic_png(_as_pil(image_id, source), staging / image_id)
+                # plain writes: the staging folder is invisible until it is fsynced and swapped in
+                _as_pil(image_id, source).save(staging / image_id, format="PNG")
             staging.chmod(0o755)
-            if final.exists():
-                retired = Path(tempfile.mkdtemp(dir=self._root, prefix=".images-old-"))
-                os.replace(final, retired / "images")
-                os.replace(staging, final)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                os.replace(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        update_phantom_marker(self._root, images_fingerprint=fingerprint)
 
     def _exists(self) -> bool:
         return bool(self._image_dirs())
@@ -106,32 +122,6 @@ def _as_pil(image_id: str, source: Any) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise DatasetError(f"cannot save {image_id!r}: expected a uint8 array or a PIL image")
     return image
-
-
-def _atomic_png(image: Image.Image, destination: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written PNGs."""
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_atomic_bytes(destination: str | os.PathLike, payload: bytes) -> None:
-    """Atomic write of a small file (used for JSON side files and resume state)."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 ImageSource = np.ndarray | Image.Image | Callable[[], Any]

@@ -2,13 +2,15 @@
 
 kedro-datasets' `MatplotlibDataset` is save-only; the report node needs the very PNGs the run
 saved (same version) to embed them, and re-drawing them would duplicate work and could drift.
-Saving, versioning and kedro-viz's image preview are inherited unchanged.
+Saving (atomic, see `rare_cxr.datasets.atomic`), versioning and kedro-viz's image preview are
+inherited unchanged.
 """
 
 from __future__ import annotations
 
 from kedro.io.core import get_filepath_str
-from kedro_datasets.matplotlib import MatplotlibDataset
+
+from rare_cxr.datasets.atomic import MatplotlibDataset
 
 
 class FigureDataset(MatplotlibDataset):

@@ -107,6 +107,7 @@ def render_report(
     figures: Mapping[str, tuple[str, bytes | str]],
     undefined: Mapping[str, Mapping[str, list[str]]],
     params: Mapping[str, Any],
+    lineage: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The HTML text of the report. `figures`: key -> (caption, PNG bytes or base64)."""
     e = html.escape
@@ -155,6 +156,32 @@ def render_report(
     if positives:
         parts.append("<p>Positive images per finding and split:</p>")
         parts.append(_table(pd.DataFrame(positives)))
+    boxes = data_summary.get("bounding_boxes") or {}
+    if boxes.get("present"):
+        parts.append(
+            f"<p>Bounding boxes: {boxes.get('boxes')} on {boxes.get('images')} images "
+            "(drawn on the Grad-CAM figures where a shown image has one).</p>"
+        )
+    elif boxes:
+        parts.append(f"<p class='warn'>Bounding boxes: {e(str(boxes.get('note', '')))}.</p>")
+    if lineage:
+        parts.append(
+            "<h2>Sources</h2><p>Each model's numbers come from one training: its checkpoint "
+            "version (the run id that saved it), training id and image cache were checked to "
+            "belong together before anything was computed (node <code>verify_lineage</code>). "
+            "The run that wrote this report is recorded in <code>data/&lt;env&gt;/runs/</code>.</p>"
+        )
+        rows = [
+            {
+                "Model": model,
+                "checkpoint version": rec.get("checkpoint_version", "n/a"),
+                "training id": rec.get("training_id", "n/a"),
+                "best epoch": rec.get("best_epoch", "n/a"),
+                "image cache": rec.get("image_cache_fingerprint", "n/a"),
+            }
+            for model, rec in lineage.items()
+        ]
+        parts.append(_table(pd.DataFrame(rows)))
     parts.append("<h2>Run parameters</h2><pre>")
     parts.append(e(json.dumps(params, indent=2, sort_keys=True, default=str)))
     parts.append("</pre></body></html>")

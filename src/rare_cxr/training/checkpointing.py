@@ -1,14 +1,25 @@
-"""The resume state (`last.pt`): everything needed to continue an interrupted training exactly.
+"""The training state: resume an interrupted training exactly, reuse a finished one.
 
-It is *run state*, not a product of the pipeline, so it lives outside the catalog at
-`<training.resume_dir>/<model name>/last.pt` (versioning it would make "the latest" ambiguous
-between runs). Written atomically after every epoch (temporary file + rename), so a kill at any
-moment leaves either the previous or the new epoch's state. Loaded with `weights_only=True`:
-tensors, numbers, strings and containers only (RNG states are stored as tensors/tuples).
+One file per training configuration, `<state folder>/<fingerprint>.pt`, where the fingerprint
+hashes everything a training's result depends on: the model spec, the training parameters that
+change the numbers, the image cache's pixel and label fingerprints, the augmentation policy and
+the number of processes. The state folder is the catalog entry `<model>.training_state`
+(`data/<env>/06_models/<model>/training_state/`); Kedro resolves it against the project root.
 
-When a training finishes, the state is **deleted**: a re-run then starts afresh instead of
-"resuming" a finished run and returning immediately. The product (best checkpoint, history)
-is in the versioned catalog entries; a finished run's optimiser state has no further use.
+* **Unfinished** (`finished: False`): written atomically after every epoch — weights,
+  optimiser, scaler, schedule, RNG states, early-stopping record, history. A rerun of the same
+  configuration continues from the last completed epoch and replays it bit for bit.
+* **Finished** (`finished: True`): written when training completes — the best weights, their
+  metadata and the history (no optimiser: ~1/3 of the size). It is *kept*: if the catalog save
+  of the checkpoint fails (full disk, kill), or the run dies in a later model or stage, the rerun
+  returns this result at once instead of training again, and says so in the log. Set
+  `training.reuse_finished: false` (or delete the file) to train again.
+
+A state of another configuration is never overwritten (it has another file name); the log says
+which settings differ from the newest one, so "why did it start from scratch?" has an answer
+(changing the batch size after an out-of-memory crash, for instance, starts afresh: it changes
+the sample order and the schedule). Loaded with `weights_only=True`: tensors, numbers, strings
+and containers only. An unreadable or malformed file is logged and ignored, never trusted.
 """
 
 from __future__ import annotations
@@ -24,13 +35,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from rare_cxr.datasets.image_folder import write_atomic_bytes
+from rare_cxr.atomic import write_atomic_bytes
 
 logger = logging.getLogger(__name__)
 
-
-def resume_path(resume_dir: str | Path, model_name: str) -> Path:
-    return Path(resume_dir) / model_name / "last.pt"
+STATE_FORMAT = 2
+# Keys every unfinished / finished state must hold (checked before use: a foreign or truncated
+# file gives a logged fresh start, not an AttributeError three epochs later).
+UNFINISHED_KEYS = frozenset(
+    {
+        "model",
+        "optimizer",
+        "scaler",
+        "schedule",
+        "rng",
+        "stage_index",
+        "epoch_in_stage",
+        "global_epoch",
+        "best_metric",
+        "best_state",
+        "best_epoch",
+        "bad_epochs",
+        "history",
+    }
+)
+FINISHED_KEYS = frozenset({"best_state", "metadata", "history"})
 
 
 def fingerprint(*parts: Any) -> str:
@@ -59,31 +88,98 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_resume_state(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomic_bytes(path, buffer.getvalue())
+def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(settings, dict):
+        out: dict[str, Any] = {}
+        for key, value in settings.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: settings}
 
 
-def load_resume_state(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:
-    """The saved state if it exists and belongs to the same configuration, else None (logged)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a corrupt file must not block a fresh start
-        logger.warning("ignoring unreadable resume state %s (%s); starting afresh", path, err)
-        return None
-    if state.get("fingerprint") != expected_fingerprint:
-        logger.warning(
-            "resume state %s was written with different model/training parameters or data; "
-            "starting afresh (delete it to silence this)",
-            path,
+def describe_differences(old: Any, new: Any, limit: int = 6) -> str:
+    """`training.batch_size: 64 -> 32; data.cache: ab12 -> cd34` (the first `limit` keys)."""
+    before, after = (
+        _flatten(json.loads(json.dumps(old, default=str))),
+        _flatten(json.loads(json.dumps(new, default=str))),
+    )
+    keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    shown = [f"{k}: {before.get(k, '(absent)')!r} -> {after.get(k, '(absent)')!r}" for k in keys]
+    more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(shown[:limit]) + more if shown else "nothing recorded differs"
+
+
+class TrainingStateStore:
+    """The folder of one model's training states (see the module docstring)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def __repr__(self) -> str:
+        return f"TrainingStateStore({str(self.folder)!r})"
+
+    def path(self, fp: str) -> Path:
+        return self.folder / f"{fp}.pt"
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unreadable: a truncated copy, another program's file
+            logger.warning(
+                "ignoring unreadable training state %s (%s: %s); starting afresh",
+                path,
+                type(err).__name__,
+                err,
+            )
+            return None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            logger.warning(
+                "ignoring %s: not a rare-cxr training state of format %d; starting afresh",
+                path,
+                STATE_FORMAT,
+            )
+            return None
+        needed = FINISHED_KEYS if state.get("finished") else UNFINISHED_KEYS
+        missing = sorted(needed - set(state))
+        if missing:
+            logger.warning(
+                "ignoring malformed training state %s (missing %s); starting afresh", path, missing
+            )
+            return None
+        return state
+
+    def load(self, fp: str, settings: Any) -> dict[str, Any] | None:
+        """The state for this fingerprint, or None (with a log line saying why none is used)."""
+        path = self.path(fp)
+        if path.is_file():
+            state = self._read(path)
+            if state is not None and state.get("fingerprint") != fp:
+                logger.warning("ignoring %s: its recorded fingerprint does not match", path)
+                return None
+            return state
+        others = sorted(
+            (p for p in self.folder.glob("*.pt") if p != path), key=lambda p: p.stat().st_mtime
         )
+        if others:
+            newest = self._read(others[-1])
+            detail = (
+                describe_differences(newest.get("settings"), settings)
+                if newest is not None
+                else "unreadable"
+            )
+            logger.warning(
+                "training state(s) of other configurations exist in %s; the newest (%s) differs "
+                "in: %s. This configuration starts afresh; the other states are kept.",
+                self.folder,
+                others[-1].name,
+                detail,
+            )
         return None
-    return state
 
-
-def finish(path: Path) -> None:
-    """Training completed: remove the resume state so the next run starts afresh."""
-    path.unlink(missing_ok=True)
+    def save(self, fp: str, state: dict[str, Any]) -> Path:
+        """Write a state atomically (temporary file + fsync + rename)."""
+        buffer = io.BytesIO()
+        torch.save({**state, "format": STATE_FORMAT, "fingerprint": fp}, buffer)
+        path = self.path(fp)
+        write_atomic_bytes(path, buffer.getvalue())
+        return path

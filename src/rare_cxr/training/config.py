@@ -40,7 +40,11 @@ DEFAULTS: dict[str, Any] = {
     "sync_batchnorm": True,
     "loader_threads": 1,
     "resume": True,
-    "resume_dir": "data/06_models",
+    # Reuse a finished training of the same fingerprint instead of training again.
+    "reuse_finished": True,
+    # Folder of training states for direct `fit` calls (tests, benchmarks). In a Kedro run the
+    # folder is the catalog entry `<model>.training_state` and this key must stay unset.
+    "resume_dir": None,
     "tta_hflip": False,
     "progress_bar": True,
 }
@@ -158,11 +162,16 @@ def validate_training_params(params: Mapping[str, Any] | None) -> dict[str, Any]
         "deterministic",
         "sync_batchnorm",
         "resume",
+        "reuse_finished",
         "tta_hflip",
         "progress_bar",
     ):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"{where}.{key}: expected true or false, got {cfg[key]!r}")
-    if not isinstance(cfg["resume_dir"], str) or not cfg["resume_dir"]:
-        raise ValueError(f"{where}.resume_dir: expected a folder path, got {cfg['resume_dir']!r}")
+    if cfg["resume_dir"] is not None and (
+        not isinstance(cfg["resume_dir"], str) or not cfg["resume_dir"]
+    ):
+        raise ValueError(
+            f"{where}.resume_dir: expected a folder path or null, got {cfg['resume_dir']!r}"
+        )
     return cfg

@@ -9,14 +9,17 @@ run inside the Kedro node, in DDP worker processes, in the benchmark and in test
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -224,6 +227,54 @@ def plan_stages(cfg: Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]
     ]
 
 
+# Training parameters that do not change what is learned: excluded from the state fingerprint,
+# so that e.g. moving a resumed run from the CPU to a GPU, or turning the progress bar off,
+# continues it instead of starting afresh.
+NON_RESULT_KEYS = frozenset(
+    {"progress_bar", "resume", "reuse_finished", "device", "loader_threads", "resume_dir"}
+)
+
+
+def data_fingerprint(cache: Any) -> dict[str, Any]:
+    """What the training data is: the image cache's pixel and label fingerprints.
+
+    A built `ImageCache` records both (hashes of file names, sizes, mtimes and label tables);
+    other cache-like objects (tests, benchmarks) are hashed from their train/val arrays.
+    """
+    meta = getattr(cache, "meta", None)
+    if isinstance(meta, Mapping) and meta.get("fingerprint"):
+        return {
+            "pixels": str(meta["fingerprint"]),
+            "labels": str(meta.get("table_fingerprint")),
+            "size": int(cache.size),
+        }
+    digest = hashlib.sha256()
+    for name in ("train", "val"):
+        part = cache.split(name)
+        digest.update(np.ascontiguousarray(part.images).tobytes())
+        digest.update(np.ascontiguousarray(part.labels, dtype=np.float32).tobytes())
+    return {"arrays": digest.hexdigest(), "size": int(cache.size)}
+
+
+def training_settings(
+    spec: Mapping[str, Any],
+    cfg: Mapping[str, Any],
+    cache: Any,
+    augment: Augment | None,
+    world: int,
+) -> dict[str, Any]:
+    """Everything a training's result depends on (the fingerprinted settings)."""
+    policy = getattr(augment, "policy", None)
+    return {
+        "model": dict(spec),
+        "training": {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS},
+        "data": data_fingerprint(cache),
+        "augmentation": dict(policy) if isinstance(policy, Mapping) else repr(augment),
+        "processes": world,
+        "findings": list(FINDINGS),
+    }
+
+
 def _head_parameter_ids(model: nn.Module) -> set[int]:
     return {id(p) for p in model.head().parameters()}
 
@@ -242,12 +293,26 @@ def fit(
     callbacks: TrainingCallbacks | None = None,
     rank: int = 0,
     world: int = 1,
+    state_store: checkpointing.TrainingStateStore | None = None,
 ) -> FitResult | None:
     """Train one model; returns the best-on-validation weights + metadata + history on rank 0
-    (None on other ranks)."""
+    (None on other ranks).
+
+    `state_store` is the folder of training states (the catalog's `<model>.training_state`);
+    without it, `training.resume_dir/<model name>` is used when set, else nothing is persisted.
+    """
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     try:
-        return _fit(model_spec, cache, augment, params, callbacks=callbacks, rank=rank, world=world)
+        return _fit(
+            model_spec,
+            cache,
+            augment,
+            params,
+            callbacks=callbacks,
+            rank=rank,
+            world=world,
+            state_store=state_store,
+        )
     finally:
         # deterministic mode is process-global: do not leak it into whatever runs next
         torch.use_deterministic_algorithms(previous_determinism)
@@ -262,6 +327,7 @@ def _fit(
     callbacks: TrainingCallbacks | None,
     rank: int,
     world: int,
+    state_store: checkpointing.TrainingStateStore | None,
 ) -> FitResult | None:
     spec = validate_model_spec(model_spec)
     cfg = validate_training_params(params)
@@ -272,15 +338,6 @@ def _fit(
             f"training.batch_size ({cfg['batch_size']}) must be divisible by the "
             f"number of DDP processes ({world})"
         )
-    device = resolve_device(cfg["device"], rank)
-    if world > 1:
-        distributed.init_process_group(rank, world, device)
-    seed_everything(cfg["seed"], cfg["deterministic"])
-    dtype = amp_dtype(cfg, device)
-    channels_last = (cfg["channels_last"] is True) or (
-        cfg["channels_last"] == "auto" and device.type == "cuda"
-    )
-
     train, val = cache.split("train"), cache.split("val")
     train_images, train_labels = train.images, np.asarray(train.labels, dtype=np.float32)
     val_images, val_labels = val.images, np.asarray(val.labels, dtype=np.float32)
@@ -289,6 +346,44 @@ def _fit(
             f"{name}: the image cache needs >= 2 train and >= 1 val images "
             f"(has {len(train_labels)} / {len(val_labels)})"
         )
+
+    # ---- training state: reuse a finished training, or resume an unfinished one -----------
+    settings = training_settings(spec, cfg, cache, augment, world)
+    fp = checkpointing.fingerprint(settings)
+    store = state_store
+    if store is None and cfg["resume_dir"]:
+        store = checkpointing.TrainingStateStore(Path(cfg["resume_dir"]) / name)
+    if not cfg["resume"]:
+        store = None
+    state = store.load(fp, settings) if store is not None else None
+    if state is not None and state.get("finished"):
+        if cfg["reuse_finished"]:
+            if rank == 0:
+                logger.info(
+                    "%s: training already finished for this configuration (%s, best epoch %s): "
+                    "reusing its result, no epoch is trained (training.reuse_finished=false "
+                    "trains again)",
+                    name,
+                    store.path(fp),
+                    state["metadata"].get("epoch"),
+                )
+            if rank != 0:
+                return None
+            history_frame = pd.DataFrame(state["history"])
+            history_frame["training_id"] = state["metadata"].get("training_id")
+            return FitResult(dict(state["best_state"]), dict(state["metadata"]), history_frame)
+        logger.info("%s: training.reuse_finished is false: training again", name)
+        state = None
+    state_path = store.path(fp) if store is not None else None
+
+    device = resolve_device(cfg["device"], rank)
+    if world > 1:
+        distributed.init_process_group(rank, world, device)
+    seed_everything(cfg["seed"], cfg["deterministic"])
+    dtype = amp_dtype(cfg, device)
+    channels_last = (cfg["channels_last"] is True) or (
+        cfg["channels_last"] == "auto" and device.type == "cuda"
+    )
 
     model = build_model(spec).to(device)
     if world > 1 and cfg["sync_batchnorm"]:
@@ -325,16 +420,7 @@ def _fit(
     )
 
     # ---- resume --------------------------------------------------------------------------
-    run_keys = {
-        k: v
-        for k, v in cfg.items()
-        if k not in ("progress_bar", "resume", "device", "loader_threads", "resume_dir")
-    }
-    fp = checkpointing.fingerprint(
-        spec, run_keys, cache.size, len(train_labels), len(val_labels), world
-    )
-    state_path = checkpointing.resume_path(cfg["resume_dir"], name)
-    state = checkpointing.load_resume_state(state_path, fp) if cfg["resume"] else None
+    training_id = uuid.uuid4().hex[:12]
     stage_i, epoch_in_stage, global_epoch = 0, 0, 0
     best_metric, best_state, best_epoch, bad_epochs = float("nan"), None, -1, 0
     history: list[dict[str, Any]] = []
@@ -350,6 +436,7 @@ def _fit(
         best_epoch, bad_epochs = state["best_epoch"], state["bad_epochs"]
         history = list(state["history"])
         schedule_state = state["schedule"]
+        training_id = str(state.get("training_id") or training_id)
         if rank == 0:
             logger.info(
                 "%s: resuming from %s at epoch %d (stage %s)",
@@ -434,8 +521,9 @@ def _fit(
                     raise FloatingPointError(
                         f"{name}: training loss is {loss.item()} at epoch {global_epoch + 1} "
                         f"step {step + 1} (stage {stage.name}); training stopped. The last good "
-                        f"state (end of epoch {last_good_epoch}) is kept at {state_path}. Try a "
-                        "lower training.optimizer.lr, amp: false, or check the input images."
+                        f"state (end of epoch {last_good_epoch}) is kept at "
+                        f"{state_path or '(nowhere: resume is off)'}. Try a lower "
+                        "training.optimizer.lr, amp: false, or check the input images."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -522,11 +610,13 @@ def _fit(
                 model.load_state_dict(best_state)
                 optimizer.state.clear()
                 best_metric, best_state, best_epoch, bad_epochs = float("nan"), None, -1, 0
-            if rank == 0 and cfg["resume"]:
-                checkpointing.save_resume_state(
-                    state_path,
+            if rank == 0 and store is not None:
+                store.save(
+                    fp,
                     {
-                        "fingerprint": fp,
+                        "finished": False,
+                        "settings": settings,
+                        "training_id": training_id,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(),
@@ -550,8 +640,6 @@ def _fit(
     distributed.barrier()
     if rank != 0:
         return None
-    if cfg["resume"]:
-        checkpointing.finish(state_path)
     final_stage = stages[-1]
     metadata = {
         "model_spec": dict(spec),
@@ -567,5 +655,25 @@ def _fit(
         "stage": final_stage.name,
         "pos_weight": pos_weight.tolist() if pos_weight is not None else None,
         "world_size": world,
+        "training_id": training_id,
+        "fingerprint": fp,
+        "image_cache": settings["data"],
     }
-    return FitResult(best_state, metadata, pd.DataFrame(history))
+    if store is not None:
+        # kept, not deleted: if the checkpoint's catalog save fails, or a later model or stage
+        # dies, the rerun reuses this result instead of training again
+        store.save(
+            fp,
+            {
+                "finished": True,
+                "settings": settings,
+                "training_id": training_id,
+                "best_state": best_state,
+                "metadata": metadata,
+                "history": history,
+            },
+        )
+        logger.info("%s: training finished; result kept at %s for reruns", name, store.path(fp))
+    history_frame = pd.DataFrame(history)
+    history_frame["training_id"] = training_id
+    return FitResult(best_state, metadata, history_frame)

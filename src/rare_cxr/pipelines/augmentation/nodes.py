@@ -18,6 +18,7 @@ from rare_cxr.image_cache import (
     plan_image_cache,
     validate_cache_params,
 )
+from rare_cxr.pipelines.data_processing.validation import check_image_params
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def build_image_cache(
     image_index: pd.DataFrame,
     labels: pd.DataFrame,
     params: dict[str, Any],
+    image_params: dict[str, Any],
 ) -> ImageCachePlan:
     """Plan the decode-once cache: which `ok` images of each split, their labels, the size.
 
@@ -39,7 +41,12 @@ def build_image_cache(
     the cache's `skipped.csv`, as are files that fail to decode during the build.
     """
     size, workers = validate_cache_params(params)
-    plan = plan_image_cache(splits, image_index, labels, size=size, workers=workers)
+    # the same pixel limit as the image index (data_processing.images.max_image_pixels), so an
+    # image the index accepted is never refused here
+    max_pixels = check_image_params(image_params)["max_image_pixels"]
+    plan = plan_image_cache(
+        splits, image_index, labels, size=size, workers=workers, max_image_pixels=max_pixels
+    )
     for split in plan.splits:
         logger.info("image cache plan: %s: %d images at %d px", split.name, len(split.paths), size)
     if len(plan.skipped):

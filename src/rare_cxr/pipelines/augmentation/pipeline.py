@@ -16,7 +16,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 build_image_cache,
-                inputs=["splits", "image_index", "labels", "params:image_cache"],
+                inputs=[
+                    "splits",
+                    "image_index",
+                    "labels",
+                    "params:image_cache",
+                    "params:data_processing.images",
+                ],
                 outputs="image_cache",
                 name="build_image_cache",
                 tags=["augmentation", "image_cache"],

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from rare_cxr.findings import FINDINGS
+from rare_cxr.imaging import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image
 from rare_cxr.stratification import iterative_stratification
 
 from .parsing import InputDataError, parse_data_entry
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_INDEX_COLUMNS = ("image_id", "path", "status", "width", "height", "mode")
 SPLIT_COLUMNS = ("image_id", "patient_id", "split")
+# Statuses of files that exist but cannot be used; all follow `images.on_corrupt`.
+UNREADABLE_STATUSES = ("corrupt", "too-large", "not-a-file")
 
 
 def parse_labels(
@@ -60,25 +63,34 @@ def parse_labels(
     return labels, quality
 
 
-def _inspect(path: str | None, check: str) -> tuple[str, int | None, int | None, str | None, str]:
+def _inspect(
+    path: str | None, check: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[str, int | None, int | None, str | None, str]:
     """(status, width, height, mode, error) of one image file, as cheaply as `check` allows.
 
     `header` reads only the PNG header; `verify` also walks every chunk and checks its CRC
     (catches truncated and damaged files without decompressing pixels); `decode` decompresses.
+    Files are read through `rare_cxr.imaging.read_image`, the same door as the image cache, so
+    the status here (ok/missing/corrupt/too-large/not-a-file) is what the cache would find.
+    A `TransientImageError` (I/O error after retries) is not a status: it propagates.
     """
     if path is None:
         return "missing", None, None, None, ""
-    width = height = mode = None
+    seen: dict[str, Any] = {}
+
+    def look(image: Image.Image) -> None:
+        seen.update(width=image.size[0], height=image.size[1], mode=image.mode)
+        if check == "verify":
+            image.verify()
+        elif check == "decode":
+            image.load()
+
     try:
-        with Image.open(path) as image:
-            (width, height), mode = image.size, image.mode
-            if check == "verify":
-                image.verify()
-            elif check == "decode":
-                image.load()
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
-        return "corrupt", width, height, mode, f"{type(exc).__name__}: {exc}"
-    return "ok", width, height, mode, ""
+        read_image(path, look, max_pixels=max_pixels)
+    except ImageReadError as exc:
+        width, height = exc.size or (seen.get("width"), seen.get("height"))
+        return exc.status, width, height, seen.get("mode"), exc.reason
+    return "ok", seen["width"], seen["height"], seen["mode"], ""
 
 
 def _policy_error(kind: str, ids: list[str], total: int, key: str) -> InputDataError:
@@ -98,10 +110,13 @@ def index_images(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Check every labelled image: present, decodable, size and mode.
 
-    Returns `image_index` (one row per labelled image, status ok/missing/corrupt; later stages
-    use only `ok` rows) and the data-quality report (label oddities, missing/corrupt images,
-    modes and sizes, images on disk without labels). A partial download is normal: with
-    `on_missing: drop` the missing images are recorded, not fatal.
+    Returns `image_index` (one row per labelled image, status ok / missing / corrupt /
+    too-large / not-a-file; later stages use only `ok` rows) and the data-quality report (label
+    oddities, each non-ok status with examples, modes and sizes, images on disk without
+    labels). A partial download is normal: with `on_missing: drop` the missing images are
+    recorded, not fatal. `on_corrupt` governs every unreadable status (corrupt, too-large,
+    not-a-file). A system error while reading (EIO, EACCES, ... after retries) stops the node
+    with `TransientImageError` instead of marking a healthy image corrupt.
     """
     checked = check_image_params(params)
     limit = checked["report_examples"]
@@ -110,7 +125,10 @@ def index_images(
     with ThreadPoolExecutor(max_workers=checked["workers"]) as pool:
         results = list(
             tqdm(
-                pool.map(lambda p: _inspect(p, checked["check"]), paths, chunksize=64),
+                # on a TransientImageError, map's iterator cancels the images not yet started
+                pool.map(
+                    lambda p: _inspect(p, checked["check"], checked["max_image_pixels"]), paths
+                ),
                 total=len(paths),
                 desc="index_images",
                 unit="img",
@@ -129,14 +147,22 @@ def index_images(
         }
     )
     missing = index.loc[index["status"] == "missing", "image_id"].tolist()
-    corrupt_rows = index.loc[index["status"] == "corrupt"]
-    corrupt = corrupt_rows["image_id"].tolist()
+    # every status other than ok/missing is a file that is there but unusable
+    unreadable_rows = {
+        status: index.loc[index["status"] == status] for status in UNREADABLE_STATUSES
+    }
+    corrupt = unreadable_rows["corrupt"]["image_id"].tolist()
+    unreadable = index.loc[index["status"].isin(UNREADABLE_STATUSES), "image_id"].tolist()
     if missing and checked["on_missing"] == "error":
         raise _policy_error("missing", missing, len(index), "data_processing.images.on_missing")
-    if corrupt and checked["on_corrupt"] == "error":
-        raise _policy_error(
-            "corrupt (cannot be decoded)", corrupt, len(index), "data_processing.images.on_corrupt"
+    if unreadable and checked["on_corrupt"] == "error":
+        counts = {s: len(r) for s, r in unreadable_rows.items() if len(r)}
+        kind = (
+            "corrupt (cannot be decoded)"
+            if list(counts) == ["corrupt"]
+            else "unreadable (" + ", ".join(f"{s}: {n}" for s, n in counts.items()) + ")"
         )
+        raise _policy_error(kind, unreadable, len(index), "data_processing.images.on_corrupt")
 
     labelled = set(image_ids)
     unlabelled = sorted(image_id for image_id in raw_images if image_id not in labelled)
@@ -145,7 +171,9 @@ def index_images(
     report = {
         "labels": label_quality,
         "images": {
-            "policy": {k: checked[k] for k in ("on_missing", "on_corrupt", "check")},
+            "policy": {
+                k: checked[k] for k in ("on_missing", "on_corrupt", "check", "max_image_pixels")
+            },
             "labelled": len(index),
             "ok": len(ok),
             "missing": {
@@ -153,13 +181,16 @@ def index_images(
                 "action": checked["on_missing"],
                 "examples": missing[:limit],
             },
-            "corrupt": {
-                "count": len(corrupt),
-                "action": checked["on_corrupt"],
-                "examples": [
-                    {"image_id": row.image_id, "path": row.path, "error": errors[row.image_id]}
-                    for row in corrupt_rows.head(limit).itertuples(index=False)
-                ],
+            **{
+                status: {
+                    "count": len(rows),
+                    "action": checked["on_corrupt"],
+                    "examples": [
+                        {"image_id": row.image_id, "path": row.path, "error": errors[row.image_id]}
+                        for row in rows.head(limit).itertuples(index=False)
+                    ],
+                }
+                for status, rows in unreadable_rows.items()
             },
             "unlabelled_on_disk": {"count": len(unlabelled), "examples": unlabelled[:limit]},
             "modes": dict(sorted(Counter(ok["mode"].tolist()).items())),
@@ -172,15 +203,17 @@ def index_images(
             ),
         },
     }
-    log = logger.warning if (missing or corrupt) else logger.info
+    log = logger.warning if (missing or unreadable) else logger.info
     log(
-        "Indexed %d labelled images: %d ok, %d missing (%s), %d corrupt (%s); %d images on disk "
-        "without labels",
+        "Indexed %d labelled images: %d ok, %d missing (%s), %d corrupt, %d too-large, "
+        "%d not-a-file (%s); %d images on disk without labels",
         len(index),
         len(ok),
         len(missing),
         checked["on_missing"],
         len(corrupt),
+        len(unreadable_rows["too-large"]),
+        len(unreadable_rows["not-a-file"]),
         checked["on_corrupt"],
         len(unlabelled),
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from rare_cxr.imaging import DEFAULT_MAX_IMAGE_PIXELS
+
 PREFIX = "data_processing"
 
 
@@ -90,7 +92,15 @@ def check_label_params(params: Any) -> dict[str, Any]:
     }
 
 
-IMAGE_KEYS = ("on_missing", "on_corrupt", "check", "workers", "progress", "report_examples")
+IMAGE_KEYS = (
+    "on_missing",
+    "on_corrupt",
+    "check",
+    "workers",
+    "progress",
+    "report_examples",
+    "max_image_pixels",
+)
 
 
 def check_image_params(params: Any) -> dict[str, Any]:
@@ -105,6 +115,11 @@ def check_image_params(params: Any) -> dict[str, Any]:
         "workers": _int(params, block, "workers", 1),
         "progress": _bool(params, block, "progress"),
         "report_examples": _int(params, block, "report_examples", 0),
+        # optional (a parameter file written before the limit existed keeps working), but
+        # checked like the others when given
+        "max_image_pixels": _int(params, block, "max_image_pixels", 1)
+        if "max_image_pixels" in params
+        else DEFAULT_MAX_IMAGE_PIXELS,
     }
 
 

@@ -2,14 +2,20 @@
 
 The node only *plans* (labels, anatomy, lesions, boxes: cheap) and returns the NIH text files;
 images are returned as zero-argument callables, rendered one at a time while
-`ImageFolderDataset` saves them, so memory stays bounded whatever `n_patients` is.
+`ImageFolderDataset` saves them, so memory stays bounded whatever `n_patients` is. The image
+mapping carries a fingerprint of the parameters and of the generator's own source code, so an
+unchanged phantom is not re-rendered (and its files keep their modification times).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +41,28 @@ NIH_GUARD_MESSAGE = (
 )
 
 
+class PhantomImages(dict):
+    """`{image_id: render callable}` plus `fingerprint`: the same fingerprint means the same
+    pixels, so `ImageFolderDataset` may keep the images already on disk."""
+
+    fingerprint: str = ""
+
+
+def phantom_fingerprint(config: Any) -> str:
+    """Hash of the validated parameters and of every source file of `rare_cxr.phantom`.
+
+    Why the source: a change to how a lesion is drawn must re-render the phantom even when
+    no parameter changed; hashing the code is cheaper and safer than a hand-kept version number.
+    """
+    from rare_cxr import phantom
+
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    for source in sorted(Path(phantom.__file__).parent.glob("*.py")):
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def generate_phantom(
     params: dict[str, Any],
 ) -> tuple[str, str, str, str, dict[str, Callable[[], np.ndarray]], dict[str, Any]]:
@@ -54,7 +82,8 @@ def generate_phantom(
     test_ids = [p.image_id for p in plans if p.patient_id in test_patients]
     train_val_ids = [p.image_id for p in plans if p.patient_id not in test_patients]
     boxes = [(p.image_id, *box) for p in plans for box in lesion_boxes(p, size)]
-    images = {p.image_id: partial(render_image, p, size) for p in plans}
+    images = PhantomImages({p.image_id: partial(render_image, p, size) for p in plans})
+    images.fingerprint = phantom_fingerprint(config)
 
     expected = prevalences(config)
     n = len(plans)
@@ -89,6 +118,7 @@ def generate_phantom(
             for name in FINDINGS
         },
         "no_finding_images": sum(not p.recorded for p in plans),
+        "fingerprint": images.fingerprint,
     }
     logger.info(
         "phantom: %d synthetic images of %d patients at %d px (%d test images, %d boxes)",

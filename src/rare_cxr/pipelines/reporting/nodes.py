@@ -107,10 +107,15 @@ def select_rare_findings(
 
 
 def summarise_data(
-    labels: pd.DataFrame, splits: pd.DataFrame, reporting: Mapping[str, Any]
+    labels: pd.DataFrame,
+    splits: pd.DataFrame,
+    raw_bbox_list: str,
+    reporting: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Source, images/patients per split and positives per finding and split (report 'Data')."""
+    """Source, images/patients per split, positives per finding and split, and whether
+    bounding boxes exist (the report 'Data' section)."""
     cfg = validate_reporting_params(reporting)
+    boxes = _bbox_table(raw_bbox_list)
     merged = (
         splits[["image_id", "split"]]
         .astype({"image_id": str})
@@ -129,16 +134,170 @@ def summarise_data(
         positives.append(
             {"split": str(name), **{f: int(part[f].fillna(0).sum()) for f in FINDINGS}}
         )
-    return {"source": cfg["data_source"], "splits": rows, "positives": positives}
+    return {
+        "source": cfg["data_source"],
+        "splits": rows,
+        "positives": positives,
+        "bounding_boxes": {
+            "present": bool(len(boxes)),
+            "boxes": int(len(boxes)),
+            "images": int(boxes["image_id"].nunique()) if len(boxes) else 0,
+            "note": (
+                ""
+                if len(boxes)
+                else "no BBox_List_2017.csv in the data root (it is optional): Grad-CAM "
+                "figures are drawn without boxes"
+            ),
+        },
+    }
+
+
+# --- lineage: what this report combines must belong together ---------------------------------
+
+
+class LineageError(ValueError):
+    """Reporting inputs that do not belong together (named, with the fix)."""
+
+
+def verify_lineage(
+    *,
+    checkpoint: Mapping[str, Any],
+    history: pd.DataFrame,
+    predictions: pd.DataFrame,
+    image_cache: Any,
+    labels: pd.DataFrame,
+    splits: pd.DataFrame,
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """Check that one model's checkpoint, history and predictions come from one training,
+    on the current image cache, labels and split; return (lineage record, predictions,
+    history). Every downstream node reads the returned (verified) tables, so nothing is
+    computed from a mix.
+
+    Why: each of these is loaded as "the latest version" independently. A training run that
+    died after saving its checkpoint but before `predict`, or a data_processing rerun with new
+    labels, would otherwise make a report that pairs one run's predictions with another run's
+    weights, or a phantom's predictions with NIH labels — silently.
+    """
+    from rare_cxr.pipelines.training.nodes import LINEAGE_COLUMNS, cache_fingerprint_text
+
+    meta = checkpoint.get("metadata", {})
+    model = str(meta.get("model_spec", {}).get("name", "model"))
+    rerun = (
+        f"re-predict from the latest checkpoint with `kedro run --pipelines all_models --nodes "
+        f"{model}.predict`, or retrain with `kedro run --pipelines all_models --namespaces "
+        f"{model}`"
+    )
+    missing = [c for c in LINEAGE_COLUMNS if c not in predictions.columns]
+    if missing:
+        raise LineageError(
+            f"{model}.predictions lack the lineage column(s) {missing} (written by an older "
+            f"rare-cxr), so they cannot be matched to a checkpoint: {rerun}"
+        )
+
+    def single(column: str) -> str:
+        values = sorted(predictions[column].astype(str).unique())
+        if len(values) != 1:
+            raise LineageError(f"{model}.predictions mix several {column}s: {values}; {rerun}")
+        return values[0]
+
+    checkpoint_version = str(meta.get("checkpoint_version"))
+    if single("checkpoint_version") != checkpoint_version:
+        raise LineageError(
+            f"{model}.predictions were computed from checkpoint version "
+            f"{single('checkpoint_version')}, but the {model}.checkpoint loaded here is version "
+            f"{checkpoint_version} (a later training whose predict step did not run?). Either "
+            f"{rerun}, or report the older pair with `--load-versions "
+            f"{model}.checkpoint:{single('checkpoint_version')}`"
+        )
+    training_id = str(meta.get("training_id"))
+    if single("training_id") != training_id:
+        raise LineageError(
+            f"{model}.predictions come from training {single('training_id')}, the checkpoint "
+            f"from training {training_id}; {rerun}"
+        )
+    history_ids = (
+        sorted(history["training_id"].astype(str).unique())
+        if "training_id" in history.columns
+        else ["(none: an older history file)"]
+    )
+    if history_ids != [training_id]:
+        raise LineageError(
+            f"{model}.history belongs to training {history_ids}, the checkpoint to training "
+            f"{training_id} (the run stopped between saving the two?); retrain with `kedro run "
+            f"--pipelines all_models --namespaces {model}` (a finished training is reused, "
+            "not repeated)"
+        )
+    current_cache = cache_fingerprint_text(image_cache)
+    if single("image_cache_fingerprint") != current_cache:
+        raise LineageError(
+            f"{model}.predictions were made from image cache {single('image_cache_fingerprint')}"
+            f", but the image cache is now {current_cache}: the images, labels or split changed "
+            f"since this model was trained. Retrain it (`kedro run --pipelines all_models "
+            f"--namespaces {model}`) or rebuild the old cache"
+        )
+    truth = labels.assign(image_id=labels["image_id"].astype(str)).set_index("image_id")
+    assigned = splits.assign(image_id=splits["image_id"].astype(str)).set_index("image_id")
+    for name in ("val", "test"):
+        if name not in image_cache.split_names:
+            continue
+        table = image_cache.split(name).table.assign(image_id=lambda t: t["image_id"].astype(str))
+        ids = table["image_id"]
+        unknown = ids[~ids.isin(truth.index)]
+        if len(unknown):
+            raise LineageError(
+                f"labels lack {len(unknown)} {name} image(s) of the image cache (e.g. "
+                f"{unknown.head(3).tolist()}): labels come from another dataset than the cache; "
+                "rerun `kedro run --pipelines data_processing,augmentation` and retrain"
+            )
+        differ = truth.loc[ids, list(FINDINGS)].to_numpy() != table[list(FINDINGS)].to_numpy()
+        changed = ids[differ.any(axis=1)]
+        if len(changed):
+            raise LineageError(
+                f"labels differ from those the image cache (and {model}) used for "
+                f"{len(changed)} {name} image(s), e.g. {changed.head(3).tolist()}: the label "
+                "file changed after the cache was built. Rerun `kedro run --pipelines "
+                "augmentation` and retrain"
+            )
+        current = assigned["split"].reindex(ids).astype(str).to_numpy()
+        moved = ids[current != name]
+        if len(moved):
+            raise LineageError(
+                f"the current splits put {len(moved)} image(s) of the cache's {name} split "
+                f"elsewhere (e.g. {moved.head(3).tolist()}): the split changed after the cache "
+                "was built. Rerun `kedro run --pipelines augmentation` and retrain"
+            )
+    record = {
+        "model": model,
+        "checkpoint_version": checkpoint_version,
+        "training_id": training_id,
+        "image_cache_fingerprint": current_cache,
+        "best_epoch": meta.get("epoch"),
+        "prediction_rows": int(len(predictions)),
+        "checked": [
+            "predictions <- checkpoint version",
+            "predictions, history <- training id",
+            "predictions <- current image cache",
+            "image cache labels == labels",
+            "image cache splits == splits",
+        ],
+    }
+    logger.info(
+        "%s: lineage verified (checkpoint %s, training %s)", model, checkpoint_version, training_id
+    )
+    return record, predictions, history
 
 
 # --- per model (inside the model's namespace) ------------------------------------------------
 
 
 def select_thresholds(
-    predictions: pd.DataFrame, labels: pd.DataFrame, reporting: Mapping[str, Any]
+    predictions: pd.DataFrame,
+    labels: pd.DataFrame,
+    lineage: Mapping[str, Any],
+    reporting: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Decision thresholds per finding from the validation rows only."""
+    """Decision thresholds per finding from the validation rows only (with the lineage of the
+    predictions they were tuned on)."""
     method = validate_reporting_params(reporting)["threshold_method"]
     thresholds = metrics.select_thresholds(predictions, labels, method)
     undefined = [f for f, t in thresholds.items() if math.isnan(t)]
@@ -148,7 +307,9 @@ def select_thresholds(
             "metrics are reported as undefined",
             ", ".join(undefined),
         )
-    return metrics.to_jsonable({"method": method, "split": "val", "thresholds": thresholds})
+    return metrics.to_jsonable(
+        {"method": method, "split": "val", "thresholds": thresholds, "lineage": dict(lineage)}
+    )
 
 
 def evaluate_model(
@@ -172,6 +333,7 @@ def evaluate_model(
     return metrics.to_jsonable(
         {
             "threshold_method": thresholds.get("method"),
+            "lineage": thresholds.get("lineage"),
             "n_test_patients": int(pd.Series(patients).nunique()),
             "test": test,
             "val": {
@@ -189,8 +351,11 @@ def _load_model(checkpoint: Mapping[str, Any]) -> torch.nn.Module:
     return load_checkpoint_model(checkpoint).eval()
 
 
-def measure_cost(checkpoint: Mapping[str, Any], reporting: Mapping[str, Any]) -> dict[str, Any]:
-    """Parameters, GFLOPs/image at the input size, measured img/s; plus the checkpoint's card."""
+def measure_cost(
+    checkpoint: Mapping[str, Any], lineage: Mapping[str, Any], reporting: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Parameters, GFLOPs/image at the input size, measured img/s; plus the checkpoint's card
+    (which names the verified checkpoint version)."""
     cfg = validate_reporting_params(reporting)["cost"]
     model = _load_model(checkpoint)
     meta = checkpoint.get("metadata", {})
@@ -199,13 +364,29 @@ def measure_cost(checkpoint: Mapping[str, Any], reporting: Mapping[str, Any]) ->
         block = cost.model_cost(model, size, **cfg)
     card = {
         k: meta.get(k)
-        for k in ("model_spec", "train_params", "epoch", "metric", "metric_name", "scales")
+        for k in (
+            "model_spec",
+            "train_params",
+            "epoch",
+            "metric",
+            "metric_name",
+            "scales",
+            "checkpoint_version",
+            "training_id",
+        )
     }
+    if card["checkpoint_version"] != lineage.get("checkpoint_version"):
+        raise LineageError(
+            f"measure_cost got checkpoint {card['checkpoint_version']} but the lineage check "
+            f"verified {lineage.get('checkpoint_version')}"
+        )
     return metrics.to_jsonable({**block, "checkpoint": card})
 
 
-def _bbox_table(raw_bbox_list: str) -> pd.DataFrame:
-    """`BBox_List_2017.csv` text -> image_id, finding (canonical), x, y, w, h (original px)."""
+def _bbox_table(raw_bbox_list: str | None) -> pd.DataFrame:
+    """`BBox_List_2017.csv` text -> image_id, finding (canonical), x, y, w, h (original px).
+
+    Empty text (the optional file is absent) gives an empty table: no boxes are drawn."""
     if not raw_bbox_list or not raw_bbox_list.strip():
         return pd.DataFrame(columns=["image_id", "finding", "x", "y", "w", "h"])
     raw = pd.read_csv(io.StringIO(raw_bbox_list), header=None, skiprows=1, usecols=range(6))
@@ -466,6 +647,7 @@ def render_report(
         else {}
     )
     undefined = {m: b["metrics"]["test"]["undefined"] for m, b in all_metrics.items()}
+    lineage = {m: b["metrics"].get("lineage") or {} for m, b in all_metrics.items()}
     params = {
         "reporting": cfg,
         "models": {m: b.get("cost", {}).get("checkpoint", {}) for m, b in all_metrics.items()},
@@ -481,4 +663,5 @@ def render_report(
         figures=figs,
         undefined=undefined,
         params=params,
+        lineage=lineage,
     )

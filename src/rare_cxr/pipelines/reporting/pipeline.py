@@ -1,8 +1,10 @@
 """Pipeline `reporting`: metrics, tables, figures and report.html for a list of models.
 
 Per model (namespace `<model>`, so kedro-viz folds them into the same box as that model's
-training nodes): `select_thresholds` (validation only) -> `evaluate_model` (test + patient
-bootstrap) ; `measure_cost` ; `gradcam_examples`. Then, once for all models:
+training nodes): `verify_lineage` (checkpoint, history and predictions from one training, on
+the current image cache, labels and split; everything downstream reads its verified tables)
+-> `select_thresholds` (validation only) -> `evaluate_model` (test + patient bootstrap) ;
+`measure_cost` ; `gradcam_examples`. Then, once for all models:
 `combine_metrics` -> `build_table1`, `build_per_finding_auroc`, `build_rare_findings_table`,
 the figures, and `render_report`, which embeds the PNGs this run saved.
 """
@@ -23,7 +25,14 @@ ALL_MODELS: tuple[str, ...] = (
     "densenet121",
     "efficientnet_b0",
 )
-SHARED_INPUTS = {"labels", "image_cache", "image_index", "raw_bbox_list", "rare_findings"}
+SHARED_INPUTS = {
+    "labels",
+    "splits",
+    "image_cache",
+    "image_index",
+    "raw_bbox_list",
+    "rare_findings",
+}
 FIGURES = (
     "figure2_validation_curves",
     "training_loss_curves",
@@ -38,22 +47,39 @@ def _model_pipeline() -> Pipeline:
     return Pipeline(
         [
             Node(
+                nodes.verify_lineage,
+                {
+                    name: name
+                    for name in (
+                        "checkpoint",
+                        "history",
+                        "predictions",
+                        "image_cache",
+                        "labels",
+                        "splits",
+                    )
+                },
+                ["lineage", "verified_predictions", "verified_history"],
+                name="verify_lineage",
+                tags=["lineage"],
+            ),
+            Node(
                 nodes.select_thresholds,
-                ["predictions", "labels", "params:reporting"],
+                ["verified_predictions", "labels", "lineage", "params:reporting"],
                 "thresholds",
                 name="select_thresholds",
                 tags=["metrics"],
             ),
             Node(
                 nodes.evaluate_model,
-                ["predictions", "labels", "thresholds", "params:reporting"],
+                ["verified_predictions", "labels", "thresholds", "params:reporting"],
                 "metrics",
                 name="evaluate_model",
                 tags=["metrics"],
             ),
             Node(
                 nodes.measure_cost,
-                ["checkpoint", "params:reporting"],
+                ["checkpoint", "lineage", "params:reporting"],
                 "cost",
                 name="measure_cost",
                 tags=["cost"],
@@ -61,7 +87,8 @@ def _model_pipeline() -> Pipeline:
             Node(
                 nodes.gradcam_examples,
                 {
-                    **{k: k for k in ("checkpoint", "predictions", "thresholds", "labels")},
+                    "predictions": "verified_predictions",
+                    **{k: k for k in ("checkpoint", "thresholds", "labels")},
                     **{k: k for k in ("image_cache", "image_index", "raw_bbox_list")},
                     "rare_findings": "rare_findings",
                     "reporting": "params:reporting",
@@ -94,8 +121,8 @@ def create_pipeline(models: list[str] | None = None, **kwargs: object) -> Pipeli
     if unknown:
         raise ValueError(f"reporting: unknown model(s) {unknown}; known: {list(ALL_MODELS)}")
     per_model = sum((create_model_pipeline(m) for m in models), Pipeline([]))
-    histories = {m: f"{m}.history" for m in models}
-    predictions = {m: f"{m}.predictions" for m in models}
+    histories = {m: f"{m}.verified_history" for m in models}
+    predictions = {m: f"{m}.verified_predictions" for m in models}
     metric_inputs = {f"{m}__{k}": f"{m}.{k}" for m in models for k in ("metrics", "cost")}
     report_inputs = {
         "all_metrics": "metrics_all",
@@ -134,7 +161,7 @@ def _combined_pipeline(
             ),
             Node(
                 nodes.summarise_data,
-                ["labels", "splits", "params:reporting"],
+                ["labels", "splits", "raw_bbox_list", "params:reporting"],
                 "data_summary",
                 name="summarise_data",
                 tags=["tables"],

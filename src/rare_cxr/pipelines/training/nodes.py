@@ -2,8 +2,11 @@
 
 `train_model` validates everything, then trains (in this process, in `devices: N` spawned DDP
 workers, or as one rank of a `torchrun` launch) and returns the best-on-validation checkpoint
-and the per-epoch history. `predict` rebuilds the model from the checkpoint alone and writes
-probabilities for the validation and test splits.
+and the per-epoch history; its training state (resume, reuse of a finished training) lives in
+the catalog entry `<model>.training_state`. `predict` rebuilds the model from the checkpoint
+alone and writes probabilities for the validation and test splits, each row stamped with the
+checkpoint version, training id and image-cache fingerprint it came from (run lineage: the
+reporting pipeline checks that what it combines belongs together).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import torch.multiprocessing as mp
 from rare_cxr.findings import FINDINGS
 from rare_cxr.models import build_model, validate_model_spec
 from rare_cxr.training import distributed
+from rare_cxr.training.checkpointing import TrainingStateStore
 from rare_cxr.training.config import validate_training_params
 from rare_cxr.training.engine import (
     FitResult,
     TrainingCallbacks,
     amp_dtype,
+    data_fingerprint,
     fit,
     predict_probabilities,
     resolve_device,
@@ -35,6 +40,8 @@ from rare_cxr.training.engine import (
 logger = logging.getLogger(__name__)
 
 PREDICTION_SPLITS = ("val", "test")
+# Lineage columns of the predictions table (see `predict`).
+LINEAGE_COLUMNS = ("checkpoint_version", "training_id", "image_cache_fingerprint")
 
 
 def make_augmenter(policy: Mapping[str, Any] | None):
@@ -49,9 +56,12 @@ def make_augmenter(policy: Mapping[str, Any] | None):
 def _ddp_worker(rank: int, job: dict[str, Any]) -> None:
     world, spec, cache = job["world"], job["spec"], job["cache"]
     policy, params, out_path = job["policy"], job["params"], job["out_path"]
+    store = TrainingStateStore(job["state_dir"]) if job["state_dir"] else None
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     try:
-        result = fit(spec, cache, make_augmenter(policy), params, rank=rank, world=world)
+        result = fit(
+            spec, cache, make_augmenter(policy), params, rank=rank, world=world, state_store=store
+        )
         if rank == 0 and result is not None:
             torch.save(
                 {
@@ -65,7 +75,9 @@ def _ddp_worker(rank: int, job: dict[str, Any]) -> None:
         distributed.destroy()
 
 
-def fit_spawned(spec, cache, policy, params, world: int) -> FitResult:
+def fit_spawned(
+    spec, cache, policy, params, world: int, *, state_store: TrainingStateStore | None = None
+) -> FitResult:
     """`devices: N`: train in N spawned processes (gloo on CPU, NCCL on GPUs); rank 0's result
     comes back through a temporary file (loaded with weights_only=True)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -82,6 +94,7 @@ def fit_spawned(spec, cache, policy, params, world: int) -> FitResult:
                     "policy": policy,
                     "params": params,
                     "out_path": out,
+                    "state_dir": str(state_store.folder) if state_store is not None else None,
                 },
             ),
             nprocs=world,
@@ -125,28 +138,52 @@ def train_model(
     augmentation_policy: Mapping[str, Any] | None,
     model: Mapping[str, Any],
     training: Mapping[str, Any],
+    training_state: TrainingStateStore | None = None,
+    *,
     callbacks: TrainingCallbacks | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Train one model; returns (checkpoint `{"state_dict", "metadata"}`, history DataFrame).
 
-    Parameters are validated before the image cache is touched. Under `torchrun`, ranks other
-    than 0 exit the process after training, so only rank 0 writes catalog entries (run
+    Parameters are validated before the image cache is touched. `training_state` is the
+    catalog's `<model>.training_state` folder: an interrupted training resumes from it, and a
+    finished one of the same configuration is returned at once (a rerun after a failure later
+    in the pipeline trains nothing twice). Under `torchrun`, ranks other than 0 exit the process
+    after training, so only rank 0 writes catalog entries (run
     `torchrun ... -m rare_cxr --pipelines training` so no other stage runs on every rank).
     """
     model, training = split_training_overrides(model, training)
     spec = validate_model_spec(model)
     cfg = validate_training_params(training)
+    if training_state is not None and cfg["resume_dir"] is not None:
+        raise ValueError(
+            "training.resume_dir is set, but in a Kedro run the training state lives in the "
+            f"catalog entry {spec['name']}.training_state ({training_state.folder}); remove "
+            "training.resume_dir from the parameters (or change that entry's path)"
+        )
     augment = make_augmenter(augmentation_policy)  # validates the policy up front
     if distributed.launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        result = fit(spec, image_cache, augment, cfg, callbacks=callbacks, rank=rank, world=world)
+        result = fit(
+            spec,
+            image_cache,
+            augment,
+            cfg,
+            callbacks=callbacks,
+            rank=rank,
+            world=world,
+            state_store=training_state,
+        )
         if rank != 0:
             distributed.destroy()
             raise SystemExit(0)
     elif cfg["devices"] > 1:
-        result = fit_spawned(spec, image_cache, augmentation_policy, cfg, cfg["devices"])
+        result = fit_spawned(
+            spec, image_cache, augmentation_policy, cfg, cfg["devices"], state_store=training_state
+        )
     else:
-        result = fit(spec, image_cache, augment, cfg, callbacks=callbacks)
+        result = fit(
+            spec, image_cache, augment, cfg, callbacks=callbacks, state_store=training_state
+        )
     assert result is not None
     checkpoint = {"state_dict": result.state_dict, "metadata": result.metadata}
     return checkpoint, result.history
@@ -165,10 +202,17 @@ def load_checkpoint_model(checkpoint: Mapping[str, Any]) -> torch.nn.Module:
     return model
 
 
+def cache_fingerprint_text(image_cache: Any) -> str:
+    """One string for the image cache's pixels + labels (what predictions record)."""
+    fp = data_fingerprint(image_cache)
+    return ":".join(str(fp[k]) for k in sorted(fp) if k != "size") + f":{fp['size']}px"
+
+
 def predict(
     checkpoint: Mapping[str, Any], image_cache: Any, training: Mapping[str, Any]
 ) -> pd.DataFrame:
-    """Probabilities for the val and test splits: image_id, patient_id, split, 14 findings."""
+    """Probabilities for the val and test splits: image_id, patient_id, split, 14 findings,
+    then the lineage columns `checkpoint_version`, `training_id`, `image_cache_fingerprint`."""
     cfg = validate_training_params(training)
     device = resolve_device(cfg["device"])
     model = load_checkpoint_model(checkpoint).to(device)
@@ -193,4 +237,9 @@ def predict(
         frame.insert(0, "patient_id", part.table["patient_id"].to_numpy())
         frame.insert(0, "image_id", part.table["image_id"].astype(str).to_numpy())
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    meta = checkpoint["metadata"]
+    out["checkpoint_version"] = str(meta.get("checkpoint_version") or "unversioned")
+    out["training_id"] = str(meta.get("training_id") or "unknown")
+    out["image_cache_fingerprint"] = cache_fingerprint_text(image_cache)
+    return out

@@ -2,7 +2,8 @@
 
 `create_model_pipeline("densenet121")` gives nodes `densenet121.train_model` and
 `densenet121.predict`, reading the shared `image_cache`, `augmentation_policy` and
-`params:training`, the model's own `params:densenet121.model`, and writing
+`params:training`, the model's own `params:densenet121.model` and `densenet121.training_state`
+(resume / reuse folder), and writing
 `densenet121.checkpoint`, `.history` and `.predictions` (dataset factories in
 `conf/base/catalog_training.yml`). The `baselines` pipeline is this function called per model.
 """
@@ -21,7 +22,13 @@ def _base() -> Pipeline:
         [
             Node(
                 train_model,
-                inputs=["image_cache", "augmentation_policy", "params:model", "params:training"],
+                inputs=[
+                    "image_cache",
+                    "augmentation_policy",
+                    "params:model",
+                    "params:training",
+                    "training_state",
+                ],
                 outputs=["checkpoint", "history"],
                 name="train_model",
                 tags=["training"],
