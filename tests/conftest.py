@@ -129,12 +129,9 @@ class KedroProject:
         return done
 
 
-@pytest.fixture
-def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KedroProject:
-    from kedro.framework.startup import bootstrap_project
-
-    project = tmp_path / "project"
-    project.mkdir()
+def make_project(project: Path) -> KedroProject:
+    """A copy of the project's conf + pyproject at `project` (empty data folders)."""
+    project.mkdir(parents=True)
     (project / "src").mkdir()  # bootstrap_project requires the source folder to exist
     shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
@@ -142,6 +139,14 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KedroProje
     for env in ("base", "nih"):  # each environment's data folder, with Kedro's layer folders
         for layer in DATA_LAYERS:
             (project / "data" / env / layer).mkdir(parents=True)
-    monkeypatch.chdir(project)
-    bootstrap_project(project)
     return KedroProject(project)
+
+
+@pytest.fixture
+def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KedroProject:
+    from kedro.framework.startup import bootstrap_project
+
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project.path)
+    bootstrap_project(project.path)
+    return project

@@ -120,7 +120,7 @@ def test_cache_contents_skips_and_labels(nih_like, tmp_path: Path, workers: int)
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["counts"] == {"train": 3, "val": 1, "test": 1}
     assert meta["skipped"] == {"corrupt": 2, "missing": 1, "not-indexed": 1}
-    assert not list(tmp_path.glob("cache.tmp-*"))
+    assert not list(tmp_path.glob(".cache.rare-cxr-*"))
 
 
 def test_interrupted_build_leaves_old_cache_intact(nih_like, tmp_path, monkeypatch) -> None:
@@ -138,7 +138,7 @@ def test_interrupted_build_leaves_old_cache_intact(nih_like, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         _plan(nih_like).build(target)
     assert not target.exists()
-    assert not list(tmp_path.glob("cache.*"))
+    assert not list(tmp_path.glob(".cache.*")) and not list(tmp_path.glob("cache.*"))
 
     monkeypatch.setattr(ic, "decode_resized", real)
     old = _plan(nih_like).build(target)
@@ -151,12 +151,12 @@ def test_interrupted_build_leaves_old_cache_intact(nih_like, tmp_path, monkeypat
     intact = ImageCache(target)
     assert intact.size == SIZE
     np.testing.assert_array_equal(intact.split("train").images, before)
-    assert not list(tmp_path.glob("cache.*"))
+    assert not list(tmp_path.glob(".cache.*")) and not list(tmp_path.glob("cache.*"))
 
 
 def test_leftover_staging_is_never_trusted(nih_like, tmp_path: Path) -> None:
     target = tmp_path / "cache"
-    stale = tmp_path / "cache.tmp-999999999"  # a pid that cannot be alive
+    stale = tmp_path / ".cache.rare-cxr-tmp-999999999-0a1b"  # a pid that cannot be alive
     stale.mkdir()
     (stale / "meta.json").write_text("{}")
     cache = _plan(nih_like).build(target)

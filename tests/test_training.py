@@ -6,6 +6,7 @@ Everything runs on tiny in-memory image caches (`FakeCache`, same attributes as
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,77 @@ def test_two_stage_transfer_trains_common_then_all(tmp_path):
     assert result.history["stage"].tolist() == ["common", "all"]
     assert result.metadata["stage"] == "all"
     assert result.metadata["metric_name"] == "val_macro_auroc"
+
+
+# ---------------------------------------------------------------- training state: reuse, resume
+
+
+def _state_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "resume" / "tiny").glob("*.pt"))
+
+
+def test_finished_training_is_reused_and_reuse_can_be_switched_off(tmp_path, caplog):
+    cache = blob_cache(n_train=32, n_val=16)
+    first = fit(TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=1))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rare_cxr"):
+        again = fit(TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=1))
+    assert "training already finished for this configuration" in caplog.text
+    assert "tiny epoch" not in caplog.text  # not one epoch trained
+    assert again.metadata["training_id"] == first.metadata["training_id"]
+    for key, value in first.state_dict.items():
+        assert torch.equal(value, again.state_dict[key])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rare_cxr"):
+        retrained = fit(
+            TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=1, reuse_finished=False)
+        )
+    assert "tiny epoch 1" in caplog.text
+    assert retrained.metadata["training_id"] != first.metadata["training_id"]
+
+
+@pytest.mark.parametrize(
+    ("content", "logged"),
+    [
+        (b"\x00garbage, e.g. a file truncated by a full disk", "unreadable training state"),
+        ([1, 2, 3], "not a rare-cxr training state"),
+        ({"format": 2, "finished": False, "fingerprint": "x"}, "malformed training state"),
+    ],
+)
+def test_corrupt_or_foreign_state_gives_a_logged_fresh_start(tmp_path, caplog, content, logged):
+    cache = blob_cache(n_train=32, n_val=16)
+    fit(TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=1))
+    (state,) = _state_files(tmp_path)
+    if isinstance(content, bytes):
+        state.write_bytes(content)
+    else:
+        torch.save(content, state)
+    with caplog.at_level(logging.INFO, logger="rare_cxr"):
+        result = fit(TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=1))
+    assert logged in caplog.text and "starting afresh" in caplog.text
+    assert len(result.history) == 1
+    assert torch.load(state, weights_only=True)["finished"] is True  # replaced by a good one
+
+
+def test_changed_settings_start_afresh_naming_what_changed_and_keep_the_old_state(tmp_path, caplog):
+    cache = blob_cache(n_train=32, n_val=16)
+    fit(TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=1))
+    with caplog.at_level(logging.WARNING, logger="rare_cxr"):
+        fit(TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=1, batch_size=8))
+    assert "training.batch_size: 16 -> 8" in caplog.text
+    assert len(_state_files(tmp_path)) == 2  # the other configuration's state is kept
+
+    caplog.clear()  # the data and the augmentation policy are part of the fingerprint too
+    from rare_cxr.pipelines.training.nodes import make_augmenter
+
+    other_labels = blob_cache(n_train=32, n_val=16, seed=1)
+    with caplog.at_level(logging.WARNING, logger="rare_cxr"):
+        fit(TINY_SPEC, other_labels, None, tiny_params(tmp_path, epochs=1))
+        fit(
+            TINY_SPEC,
+            cache,
+            make_augmenter({"rotation_degrees": 3.0}),
+            tiny_params(tmp_path, epochs=1),
+        )
+    assert "data.arrays" in caplog.text and "augmentation" in caplog.text
+    assert len(_state_files(tmp_path)) == 4

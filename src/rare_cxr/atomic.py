@@ -89,6 +89,9 @@ class AtomicWriter(io.IOBase):
         self.destination = Path(destination)
         self.exclusive = "x" in mode
         self.mode = mode.replace("x", "w")  # what pandas inspects to choose text or bytes
+        # a folder created for this write (e.g. Kedro's `<name>/<version>/`) is removed again
+        # if the write is discarded, so a failed save leaves no empty version behind
+        self._created_parent = not self.destination.parent.exists()
         self.destination.parent.mkdir(parents=True, exist_ok=True)
         self.temporary = temporary_sibling(self.destination)
         fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -160,6 +163,9 @@ class AtomicWriter(io.IOBase):
         with suppress(OSError):
             self._file.close()
         self.temporary.unlink(missing_ok=True)
+        if self._created_parent:
+            with suppress(OSError):  # not empty (another writer), or already gone
+                self.destination.parent.rmdir()
 
     def close(self) -> None:
         # A plain close() means "done writing": commit, like a normal file would persist.

@@ -15,7 +15,7 @@ On-disk layout of a cache folder (all written atomically, see `ImageCachePlan.bu
 
 Why a plan object: the Kedro node (`build_image_cache`) stays a pure function of its inputs
 (which images, which labels, which size) and returns an `ImageCachePlan`; the catalog's
-`ImageCacheDataset.save` executes it into `<path>.tmp-<pid>` next to the final folder and
+`ImageCacheDataset.save` executes it into a staging folder next to the final one and
 renames it into place, so the big array is never pickled or copied across filesystems, and
 an existing cache with the same fingerprint is reused without decoding anything.
 """
@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from rare_cxr.atomic import staging_folder, sweep_leftovers
 from rare_cxr.findings import FINDINGS
 from rare_cxr.imaging import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError
 
@@ -344,8 +345,9 @@ class ImageCachePlan:
     def build(self, path: str | os.PathLike) -> ImageCache:
         """Build the cache at `path` atomically, reusing an up-to-date one; return it.
 
-        Staging happens in `<path>.tmp-<pid>` (same filesystem, so the final rename is
-        cheap). Any leftover staging folder of a dead process is deleted, never trusted.
+        Staging happens in `.<name>.rare-cxr-tmp-<pid>-<token>` beside it (same filesystem,
+        so the final rename is cheap; `rare_cxr.atomic`). A leftover staging folder of a dead
+        process is deleted, never trusted.
         If the pixels' fingerprint matches the existing cache but labels changed, the `.npy`
         files are hard-linked into the new folder and only the tables are rewritten.
         """
@@ -365,21 +367,12 @@ class ImageCachePlan:
                 return existing
             logger.info("image cache %s: same pixels, new labels; rewriting tables only", final)
 
-        staging = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        try:
+        with staging_folder(final) as staging:  # fsynced and swapped in only on success
             reuse = existing if existing is not None and existing.fingerprint == pixel_fp else None
             meta = self._build_into(staging, reuse)
             meta["fingerprint"] = pixel_fp
             meta["table_fingerprint"] = table_fp
             (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            _fsync_dir(staging)
-            _swap_into_place(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return ImageCache(final)
 
     def _build_into(self, folder: Path, reuse: ImageCache | None) -> dict[str, Any]:
@@ -574,58 +567,10 @@ def _try_open(path: Path) -> ImageCache | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_staging(final: Path) -> None:
-    """Delete `<name>.tmp-<pid>` / `<name>.old-<pid>` left by a process that is gone."""
-    for leftover in final.parent.glob(f"{final.name}.*-*"):
-        kind, _, pid = leftover.name[len(final.name) + 1 :].partition("-")
-        if kind not in {"tmp", "old"} or not pid.isdigit():
-            continue
-        if int(pid) != os.getpid() and _pid_alive(int(pid)):
-            continue  # another live build owns it
-        logger.warning("image cache: removing leftover %s from an interrupted build", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _swap_into_place(staging: Path, final: Path) -> None:
-    """Rename staging → final. Directories cannot be exchanged atomically on every OS, so an
-    existing cache is first renamed aside; a reader never sees a half-written folder."""
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    for item in folder.iterdir():
-        if item.is_file():
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Delete staging/retired folders beside `final` left by a process that is gone (logged
+    by `sweep_leftovers`)."""
+    sweep_leftovers(final.parent, skip=(final,))
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ RUNS_FOLDER = "runs"
 # Locks this process holds, by data folder: a nested acquire (the CLI, then the session's
 # hook) must not wait on itself.
 _HELD: dict[Path, RunLock] = {}
+
+
+def _now() -> str:
+    """Local time with milliseconds and offset (run ids are millisecond timestamps too)."""
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
 def distributed_rank() -> int:
@@ -112,7 +118,7 @@ class RunLock:
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "started": _now(),
             "command": " ".join(sys.argv),
         }
         os.ftruncate(fd, 0)
@@ -178,7 +184,7 @@ class RunManifest:
             "kedro_version": run_params.get("kedro_version"),
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "started": _now(),
             "finished": None,
             "error": None,
             "loaded": {},
@@ -195,7 +201,7 @@ class RunManifest:
     def finish(self, error: BaseException | None = None) -> None:
         self.record["status"] = "failed" if error is not None else "completed"
         self.record["error"] = None if error is None else f"{type(error).__name__}: {error}"
-        self.record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.record["finished"] = _now()
         self.write()
 
 

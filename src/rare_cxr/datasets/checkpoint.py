@@ -13,6 +13,7 @@ from, which `predict` stamps on every prediction so reporting can check what bel
 
 from __future__ import annotations
 
+import io
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -60,8 +61,12 @@ class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, 
             raise DatasetError("a checkpoint must be a dict with 'state_dict' and 'metadata'")
         state = {k: v.detach().cpu() for k, v in data["state_dict"].items()}
         metadata = {k: v for k, v in data["metadata"].items() if k != "checkpoint_version"}
+        # serialised in memory first: torch's zip writer turns an OSError raised by the file
+        # (a full disk) into "unexpected pos ...", hiding the cause from the user
+        buffer = io.BytesIO()
+        torch.save({"state_dict": state, "metadata": metadata}, buffer)
         with AtomicWriter(Path(self._get_save_path()), "wb") as handle:
-            torch.save({"state_dict": state, "metadata": metadata}, handle)
+            handle.write(buffer.getbuffer())
 
     def _exists(self) -> bool:
         try:

@@ -1,0 +1,208 @@
+"""Each configuration environment keeps its own data: an `--env nih` run of the whole study (six
+models, on a download without the optional BBox_List_2017.csv) completes with every report
+output, one model can be retrained alone, and a following default run changes none of the nih
+files. All through the real `kedro` command line, as the README and the NIH guide show it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from rare_cxr.ownership import PHANTOM_MARKER
+from rare_cxr.pipelines.reporting import ALL_MODELS
+
+pytestmark = pytest.mark.slow
+
+TINY_BASE = {
+    "phantom.n_patients": 40,
+    "phantom.image_size": 64,
+    "image_cache.size": 32,
+    "image_cache.workers": 1,
+    "augmentation_preview.scales": [16, 32],
+    "multiscale_resnet.model.scales": [16, 32],
+    "training.epochs": 1,
+    "training.batch_size": 16,
+    "training.device": "cpu",
+    "training.progress_bar": False,
+    "reporting.bootstrap.n_resamples": 20,
+    "reporting.cost.batch_size": 2,
+    "reporting.cost.n_batches": 1,
+}
+
+
+# README.md, "Parameters can be changed without editing files"
+README_EXAMPLE = "training.epochs=3,multiscale_resnet.model.scales=[32,64,128]"
+
+
+def readme_run_yml() -> str:
+    """The `run.yml` block of the README."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("```yaml\nrun:") + len("```yaml\n")
+    return readme[start : readme.index("```", start)]
+
+
+def test_readme_shows_the_tested_params_example() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f'kedro run --params "{README_EXAMPLE}"' in readme
+
+
+def nih_smoke_config(data_root: Path) -> dict:
+    """`kedro run --config run.yml`: conf/nih on CPU with tiny models and no downloads."""
+    tiny_model = {"pretrained": "none"}
+    config = {
+        "run": {
+            "env": "nih",
+            "pipelines": "nih",
+            "params": {
+                "data_root": str(data_root),
+                "image_cache": {"size": 32, "workers": 1},
+                "augmentation_preview": {"scales": [16, 32], "draws": 2},
+                "multiscale_resnet": {
+                    "model": {**tiny_model, "backbone": "resnet18", "scales": [16, 32]}
+                },
+                "resnet_single_scale": {
+                    "model": {**tiny_model, "backbone": "resnet18", "scales": [32]}
+                },
+                "vgg16": {"model": {**tiny_model, "scales": [32]}},
+                "inception_v3": {"model": {**tiny_model, "scales": [75]}},
+                "densenet121": {"model": {**tiny_model, "scales": [32]}},
+                "efficientnet_b0": {"model": {**tiny_model, "scales": [32]}},
+                "training": {
+                    "epochs": 1,
+                    "batch_size": 16,
+                    "eval_batch_size": 32,
+                    "device": "cpu",
+                    "amp": False,
+                    "progress_bar": False,
+                    "transfer": {"two_stage": False},
+                },
+                "reporting": {
+                    "bootstrap": {"n_resamples": 20},
+                    "cost": {"batch_size": 2, "n_batches": 1},
+                },
+            },
+        }
+    }
+    return config
+
+
+REPORT_FILES = [
+    "table1.csv/*/table1.csv",
+    "table1.md/*/table1.md",
+    "per_finding_auroc.csv/*/per_finding_auroc.csv",
+    "rare_findings.csv/*/rare_findings.csv",
+    "rare_findings.json/*/rare_findings.json",
+    "metrics_all.json/*/metrics_all.json",
+    "data_summary.json/*/data_summary.json",
+    "report.html/*/report.html",
+    *(
+        f"figures/{name}.png/*/{name}.png"
+        for name in (
+            "figure2_validation_curves",
+            "training_loss_curves",
+            "per_finding_auroc",
+            "roc_curves",
+            "pr_curves",
+            "reliability_diagram",
+        )
+    ),
+    *(
+        f"{model}/{name}/*/{name}"
+        for model in ALL_MODELS
+        for name in ("metrics.json", "thresholds.json", "cost.json", "gradcam.png", "lineage.json")
+    ),
+]
+
+
+def one(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert found, f"missing report output {pattern}"
+    return found[-1]
+
+
+def check_full_report(reports: Path) -> str:
+    """Every table and figure of the report, versioned, listing all six models."""
+    for pattern in REPORT_FILES:
+        assert one(reports, pattern).stat().st_size > 0, pattern
+    table1 = pd.read_csv(one(reports, "table1.csv/*/table1.csv"))
+    assert list(table1["Model"]) == list(ALL_MODELS)
+    for column in ("ACC", "Recall", "Precision", "F1", "AUROC", "AUPRC", "params", "GFLOPs"):
+        assert column in table1
+    per_finding = pd.read_csv(one(reports, "per_finding_auroc.csv/*/per_finding_auroc.csv"))
+    assert len(per_finding) == len(ALL_MODELS)
+    metrics_all = json.loads(one(reports, "metrics_all.json/*/metrics_all.json").read_text())
+    assert set(metrics_all) == set(ALL_MODELS)
+    assert metrics_all["multiscale_resnet"]["cost"]["scales"] == [16, 32]
+    html = one(reports, "report.html/*/report.html").read_text()
+    assert html.count("data:image/png;base64,") == 6 + len(ALL_MODELS)
+    for model in ALL_MODELS:
+        assert model in html
+    return html
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "d"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_nih_run_without_boxes_completes_and_survives_a_default_run(kedro_project, tmp_path):
+    project = kedro_project
+    project.write_local_params(TINY_BASE)
+    # a "download": the phantom's files in the NIH layout, without BBox_List_2017.csv
+    project.cli("run", "--pipelines", "phantom")
+    download = tmp_path / "nih_download"
+    shutil.copytree(project.data("01_raw", "phantom"), download)
+    (download / "BBox_List_2017.csv").unlink()
+    (download / PHANTOM_MARKER).unlink()
+    download_before = digest_tree(download)
+
+    config = tmp_path / "run.yml"
+    config.write_text(yaml.safe_dump(nih_smoke_config(download)))
+    project.cli("run", "--config", str(config))
+
+    nih = project.path / "data" / "nih"
+    reports = nih / "08_reporting"
+    html = check_full_report(reports)
+    assert "BBox_List_2017.csv" in html and "drawn without boxes" in html
+    (summary,) = reports.glob("data_summary.json/*/data_summary.json")
+    assert json.loads(summary.read_text())["bounding_boxes"]["present"] is False
+    assert digest_tree(download) == download_before  # the download is only ever read
+
+    # One model alone, with its evaluation (docs/user-guide-nih.md): `--namespaces` selects
+    # its nodes from every model's pipeline; a new densenet121 checkpoint, vgg16 untouched.
+    checkpoints = project.data("06_models", "densenet121", "checkpoint.pt", env="nih")
+    vgg = project.data("06_models", "vgg16", "checkpoint.pt", env="nih")
+    before, vgg_before = len(list(checkpoints.iterdir())), len(list(vgg.iterdir()))
+    done = project.cli("run", "--config", str(config), "--namespaces", "densenet121")
+    # unchanged configuration: the finished training is reused (and evaluated again)
+    assert "densenet121: training already finished" in done.stdout + done.stderr
+    assert len(list(checkpoints.iterdir())) == before + 1  # a new version, the old one kept
+    assert len(list(vgg.iterdir())) == vgg_before
+
+    # The README's example with a list-valued parameter, verbatim, in the default environment
+    # (conf/local keeps the phantom tiny; the cache must hold the largest scale).
+    nih_before = digest_tree(nih)
+    project.write_local_params({**TINY_BASE, "image_cache.size": 128})
+    project.cli("run", "--params", README_EXAMPLE)
+    assert digest_tree(nih) == nih_before  # byte for byte
+    base = project.data("06_models", "multiscale_resnet", "checkpoint.pt")
+    (checkpoint,) = base.glob("*/checkpoint.pt")
+    meta = torch.load(checkpoint, weights_only=True)["metadata"]
+    assert meta["scales"] == [32, 64, 128] and meta["train_params"]["epochs"] == 3
+
+    # The README's `kedro run --config run.yml` example, verbatim.
+    readme_config = tmp_path / "readme_run.yml"
+    readme_config.write_text(readme_run_yml())
+    project.cli("run", "--config", str(readme_config))
+    newest = sorted(base.glob("*/checkpoint.pt"))[-1]
+    meta = torch.load(newest, weights_only=True)["metadata"]
+    assert meta["model_spec"]["fusion"] == "attention" and meta["scales"] == [32, 64, 128]
