@@ -54,42 +54,13 @@ def test_readme_shows_the_tested_params_example() -> None:
 
 
 def nih_smoke_config(data_root: Path) -> dict:
-    """`kedro run --config run.yml`: conf/nih on CPU with tiny models and no downloads."""
-    tiny_model = {"pretrained": "none"}
-    config = {
-        "run": {
-            "env": "nih",
-            "pipelines": "nih",
-            "params": {
-                "data_root": str(data_root),
-                "image_cache": {"size": 32, "workers": 1},
-                "augmentation_preview": {"scales": [16, 32], "draws": 2},
-                "multiscale_resnet": {
-                    "model": {**tiny_model, "backbone": "resnet18", "scales": [16, 32]}
-                },
-                "resnet_single_scale": {
-                    "model": {**tiny_model, "backbone": "resnet18", "scales": [32]}
-                },
-                "vgg16": {"model": {**tiny_model, "scales": [32]}},
-                "inception_v3": {"model": {**tiny_model, "scales": [75]}},
-                "densenet121": {"model": {**tiny_model, "scales": [32]}},
-                "efficientnet_b0": {"model": {**tiny_model, "scales": [32]}},
-                "training": {
-                    "epochs": 1,
-                    "batch_size": 16,
-                    "eval_batch_size": 32,
-                    "device": "cpu",
-                    "amp": False,
-                    "progress_bar": False,
-                    "transfer": {"two_stage": False},
-                },
-                "reporting": {
-                    "bootstrap": {"n_resamples": 20},
-                    "cost": {"batch_size": 2, "n_batches": 1},
-                },
-            },
-        }
-    }
+    """The user guide's `run.yml` (conf/nih on CPU, tiny models, no downloads), verbatim but for
+    `data_root`."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "user-guide-nih.md").read_text()
+    start = guide.index("```yaml\nrun:\n  env: nih") + len("```yaml\n")
+    config = yaml.safe_load(guide[start : guide.index("```", start)])
+    assert config["run"]["params"]["data_root"] == "/data/nih"
+    config["run"]["params"]["data_root"] = str(data_root)
     return config
 
 
