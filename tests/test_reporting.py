@@ -253,3 +253,88 @@ def test_registry_compositions_survive_kedro_lazy_loading(kedro_project, request
     from rare_cxr.pipelines.phantom import create_pipeline as create_phantom
 
     assert set(create_phantom().nodes) <= set(pipes["__default__"].nodes)
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def _lineage_inputs():
+    """A consistent set: checkpoint, history, predictions, cache, labels, splits of one run."""
+    from test_training import blob_cache
+
+    from rare_cxr.pipelines.training.nodes import cache_fingerprint_text
+
+    cache = blob_cache(n_train=8, n_val=6, n_test=4)
+    tables = {n: cache.split(n).table for n in ("train", "val", "test")}
+    labels = pd.concat(tables.values(), ignore_index=True)
+    splits = pd.concat(
+        [t[["image_id", "patient_id"]].assign(split=n) for n, t in tables.items()],
+        ignore_index=True,
+    )
+    meta = {
+        "model_spec": {"name": "m"},
+        "checkpoint_version": "2026-11-26T10.00.00.000Z",
+        "training_id": "abc123",
+        "epoch": 2,
+    }
+    predictions = pd.concat(
+        [t[["image_id", "patient_id"]].assign(split=n) for n, t in tables.items() if n != "train"],
+        ignore_index=True,
+    )
+    for f in FINDINGS:
+        predictions[f] = 0.5
+    predictions["checkpoint_version"] = meta["checkpoint_version"]
+    predictions["training_id"] = meta["training_id"]
+    predictions["image_cache_fingerprint"] = cache_fingerprint_text(cache)
+    history = pd.DataFrame({"epoch": [1, 2], "training_id": ["abc123"] * 2})
+    return {
+        "checkpoint": {"metadata": meta, "state_dict": {}},
+        "history": history,
+        "predictions": predictions,
+        "image_cache": cache,
+        "labels": labels,
+        "splits": splits,
+    }
+
+
+def test_verify_lineage_passes_a_consistent_set_through():
+    inputs = _lineage_inputs()
+    record, predictions, history = nodes.verify_lineage(**inputs)
+    assert record["checkpoint_version"] == "2026-11-26T10.00.00.000Z"
+    assert record["training_id"] == "abc123" and record["best_epoch"] == 2
+    assert predictions is inputs["predictions"] and history is inputs["history"]
+
+
+def _break(inputs, what: str):
+    if what == "checkpoint":  # a later training saved its checkpoint, then died before predict
+        inputs["checkpoint"]["metadata"]["checkpoint_version"] = "2026-11-27T09.00.00.000Z"
+    elif what == "history":
+        inputs["history"]["training_id"] = "zzz999"
+    elif what == "cache":
+        inputs["predictions"]["image_cache_fingerprint"] = "0123:4567:32px"
+    elif what == "labels":
+        first_val = inputs["image_cache"].split("val").table["image_id"].iloc[0]
+        row = inputs["labels"]["image_id"] == first_val
+        inputs["labels"].loc[row, "Hernia"] = 1 - inputs["labels"].loc[row, "Hernia"]
+    elif what == "splits":
+        first_test = inputs["image_cache"].split("test").table["image_id"].iloc[0]
+        inputs["splits"].loc[inputs["splits"]["image_id"] == first_test, "split"] = "train"
+    elif what == "old predictions":
+        inputs["predictions"] = inputs["predictions"].drop(columns=["training_id"])
+    return inputs
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("checkpoint", r"checkpoint version 2026-11-26T10.00.00.000Z.*is version 2026-11-27"),
+        ("history", r"m\.history belongs to training \['zzz999'\]"),
+        ("cache", r"image cache 0123:4567:32px, but the image cache is now"),
+        ("labels", r"labels differ from those the image cache.*1 val image"),
+        ("splits", r"put 1 image\(s\) of the cache's test split elsewhere"),
+        ("old predictions", r"lack the lineage column.*--nodes m\.predict"),
+    ],
+)
+def test_verify_lineage_names_every_mismatch(what, message):
+    with pytest.raises(nodes.LineageError, match=message):
+        nodes.verify_lineage(**_break(_lineage_inputs(), what))
