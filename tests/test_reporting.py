@@ -338,3 +338,28 @@ def _break(inputs, what: str):
 def test_verify_lineage_names_every_mismatch(what, message):
     with pytest.raises(nodes.LineageError, match=message):
         nodes.verify_lineage(**_break(_lineage_inputs(), what))
+
+
+def test_reporting_models_are_the_trained_ones_or_a_parameter(tmp_path):
+    from rare_cxr.pipelines.reporting.pipeline import select_models
+
+    assert select_models("trained", None) == list(ALL_MODELS)  # kedro-viz: no data folder
+    assert select_models("trained", tmp_path) == list(ALL_MODELS)  # nothing trained yet
+    for model in ("vgg16", "multiscale_resnet"):
+        (tmp_path / "06_models" / model / "checkpoint.pt" / "2026-01-01T00.00.00.000Z").mkdir(
+            parents=True
+        )
+    (
+        tmp_path
+        / "06_models"
+        / "vgg16"
+        / "checkpoint.pt"
+        / "2026-01-01T00.00.00.000Z"
+        / "checkpoint.pt"
+    ).write_bytes(b"x")
+    assert select_models("trained", tmp_path) == ["vgg16"]  # an empty version does not count
+    assert select_models(["vgg16", "multiscale_resnet"], tmp_path) == ["multiscale_resnet", "vgg16"]
+    with pytest.raises(ValueError, match=r"reporting\.models: unknown model\(s\) \['resnet9'\]"):
+        select_models(["resnet9"], tmp_path)
+    with pytest.raises(ValueError, match=r"reporting\.models: expected 'trained'"):
+        select_models("all", tmp_path)

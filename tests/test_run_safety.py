@@ -247,16 +247,18 @@ def test_kill_during_report_write_and_during_cache_build_leave_earlier_outputs(k
     first_bytes = first_report.read_bytes()
 
     # -- kill -9 while report.html is half written --------------------------------------------
-    # (a rerun of the default pipeline reuses the phantom, the cache and the finished training)
-    process = start(project, "run", patch=PAUSED_REPORT_WRITE)
+    # the README's `kedro run --pipelines reporting`: it reports the models trained so far
+    process = start(project, "run", "--pipelines", "reporting", patch=PAUSED_REPORT_WRITE)
     wait_for_line(process, "WRITING report.html")
     kill_when(process, lambda: True)
     partial = [p for p in report.rglob("*") if leftover_owner(p) is not None]
     assert partial, "the kill should leave the half-written temporary behind"
     assert latest(report) == first_report and first_report.read_bytes() == first_bytes
-    project.cli("run")  # the rerun sweeps the dead temporary
+    project.cli("run", "--pipelines", "reporting")  # the rerun sweeps the dead temporary
     assert not [p for p in report.rglob("*") if leftover_owner(p) is not None]
     assert latest(report) != first_report and "<html" in latest(report).read_text()
+    metrics_all = json.loads(latest(project.data("08_reporting", "metrics_all.json")).read_text())
+    assert list(metrics_all) == ["multiscale_resnet"]  # the one model trained here
 
     # -- kill -9 in the middle of rebuilding the image cache at a new size ---------------------
     cache_path = project.data("05_model_input", "image_cache")

@@ -58,7 +58,10 @@ class RunSafetyHooks:
 
     @hook_impl
     def after_context_created(self, context) -> None:
+        from rare_cxr.pipeline_registry import use_context
+
         self._context = context
+        use_context(context)
 
     def _data_dir(self, project_path: Path) -> Path:
         configured = Path(str(self._context.config_loader["globals"].get("data_dir", "data")))

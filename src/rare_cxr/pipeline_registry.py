@@ -11,18 +11,53 @@ Two compositions are added:
   `kedro run --env nih --pipelines nih`.
 * `all_models` — the same composition under a data-neutral name; `kedro run --namespaces X`
   without `--pipelines` selects model X's nodes from it (see `rare_cxr.cli`).
+
+`reporting` alone reports the models named by the parameter `reporting.models`: `trained`
+(default) = those with a checkpoint in the environment's data folder. Kedro's documented way to
+build pipelines from configuration is to read it in `register_pipelines`; the environment and
+its parameters come from the context of the current run (`use_context`, called by the project
+hook when Kedro creates the context, before it asks for the pipelines).
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
+from pathlib import Path
+from typing import Any
 
 from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
 ALL_MODELS_PIPELINE = "all_models"
 STAGES = ("data_processing", "augmentation", "training")
+
+
+# The run's data folder and reporting parameters, set by `use_context` (empty: unknown).
+_ACTIVE: dict[str, Any] = {}
+
+
+def use_context(context: Any) -> None:
+    """Let the registry see the environment of the run being set up (see the module doc).
+
+    Kedro caches the registered pipelines per process; they are re-registered for every new
+    context, so two sessions in one process (tests, notebooks) each get their own selection.
+    """
+    from kedro.framework.project import PACKAGE_NAME, pipelines
+
+    data_dir = Path(str(context.config_loader["globals"].get("data_dir", "data")))
+    _ACTIVE.clear()
+    _ACTIVE["data_dir"] = data_dir if data_dir.is_absolute() else context.project_path / data_dir
+    _ACTIVE["reporting_models"] = (context.params.get("reporting") or {}).get("models", "trained")
+    if PACKAGE_NAME:
+        pipelines.configure(f"{PACKAGE_NAME}.pipeline_registry")
+
+
+def reporting_models() -> list[str]:
+    """The models of the stand-alone `reporting` pipeline for the current environment."""
+    from rare_cxr.pipelines.reporting.pipeline import select_models
+
+    return select_models(_ACTIVE.get("reporting_models", "trained"), _ACTIVE.get("data_dir"))
 
 
 def _stage(name: str, **kwargs: object) -> Pipeline:
@@ -44,6 +79,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         _stage("phantom") + study + _stage("reporting", models=["multiscale_resnet"])
     )
     full = study + _stage("baselines") + _stage("reporting")
+    pipelines["reporting"] = _stage("reporting", models=reporting_models())
     pipelines["nih"] = full
     pipelines[ALL_MODELS_PIPELINE] = full
     return pipelines

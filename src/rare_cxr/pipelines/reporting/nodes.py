@@ -23,6 +23,7 @@ from rare_cxr.findings import FINDINGS, finding_index
 logger = logging.getLogger(__name__)
 
 REPORTING_KEYS = {
+    "models",
     "threshold_method",
     "bootstrap",
     "rare_findings",

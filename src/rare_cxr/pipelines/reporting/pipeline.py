@@ -12,6 +12,8 @@ the figures, and `render_report`, which embeds the PNGs this run saved.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from typing import Any
 
 from kedro.pipeline import Node, Pipeline
 
@@ -99,6 +101,33 @@ def _model_pipeline() -> Pipeline:
             ),
         ]
     )
+
+
+def trained_models(data_dir: str | Path) -> list[str]:
+    """Known models with at least one complete checkpoint version under `data_dir`."""
+    models_dir = Path(data_dir) / "06_models"
+    return [m for m in ALL_MODELS if any(models_dir.glob(f"{m}/checkpoint.pt/*/checkpoint.pt"))]
+
+
+def select_models(setting: Any, data_dir: str | Path | None) -> list[str]:
+    """The models `kedro run --pipelines reporting` reports (parameter `reporting.models`).
+
+    `trained` (the default): every model that has a checkpoint in this environment's data
+    folder — after the first GPU run trained only the multi-scale model, its report covers that
+    model instead of dying on the five missing ones. A list names the models explicitly. When
+    nothing is trained yet (or the data folder is unknown, as for kedro-viz), all six.
+    """
+    if setting is None or setting == "trained":
+        found = trained_models(data_dir) if data_dir is not None else []
+        return found or list(ALL_MODELS)
+    if not isinstance(setting, list | tuple) or not setting:
+        raise ValueError(
+            f"reporting.models: expected 'trained' or a non-empty list of models, got {setting!r}"
+        )
+    unknown = sorted(set(setting) - set(ALL_MODELS))
+    if unknown:
+        raise ValueError(f"reporting.models: unknown model(s) {unknown}; known: {list(ALL_MODELS)}")
+    return [m for m in ALL_MODELS if m in setting]
 
 
 def create_model_pipeline(model: str) -> Pipeline:
