@@ -157,3 +157,28 @@ def test_predictions_without_labels_fail_clearly():
     preds, labels = make_frames()
     with pytest.raises(ValueError, match="not in labels"):
         metrics.select_thresholds(preds, labels.iloc[5:])
+
+
+def test_balanced_accuracy_matches_sklearn_and_macro_precision_counts_silent_findings_as_zero():
+    from sklearn.metrics import balanced_accuracy_score
+
+    from rare_cxr.evaluation import bootstrap
+
+    y, s = make_split(80, seed=3, empty=None)
+    thresholds = {f: 0.5 for f in FINDINGS}
+    silent = FINDINGS.index("Edema")
+    s[:, silent] = 0.1  # Edema occurs but is never predicted: precision 0/0
+    out = metrics.evaluate_split(y, s, thresholds)
+    for i, f in enumerate(FINDINGS):
+        want = balanced_accuracy_score(y[:, i], (s[:, i] >= 0.5).astype(int))
+        assert out["per_finding"][f]["balanced_accuracy"] == pytest.approx(want)
+    assert math.isnan(out["per_finding"]["Edema"]["precision"])  # per finding: undefined
+    others = [out["per_finding"][f]["precision"] for f in FINDINGS if f != "Edema"]
+    assert out["macro"]["precision"] == pytest.approx(sum(others) / len(FINDINGS))  # 0 counted
+    assert out["macro"]["precision_zero_filled"] == 1
+    # the interval is computed the same way: it brackets the zero-filled point estimate
+    ci = bootstrap.bootstrap_intervals(
+        y, s, np.full(len(FINDINGS), 0.5), np.arange(len(y)) // 2, n_resamples=200, seed=1
+    )
+    low, high = ci["macro"]["precision"]
+    assert low <= out["macro"]["precision"] <= high

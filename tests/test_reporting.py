@@ -91,7 +91,8 @@ def test_reporting_nodes_on_hand_made_predictions():
         table.columns
     )
     assert "[" in table.loc[0, "F1"] and table.loc[1, "params"] == "n/a"
-    assert markdown.startswith("| Model | ACC |")
+    assert markdown.startswith("| Model | Seeds | ACC |")
+    assert {"Specificity", "Balanced ACC", "Precision 0-filled"} <= set(table.columns)
     per = nodes.build_per_finding_auroc(all_metrics)
     assert per.shape == (2, len(FINDINGS) + 2) and per["Hernia"].isna().all()
     rare_table = nodes.build_rare_findings_table(all_metrics, rare)
@@ -210,13 +211,14 @@ def test_every_reporting_output_is_persisted(kedro_project):
         assert type(ds).__module__.startswith("rare_cxr."), f"{name}: not an atomic dataset"
 
 
-def test_registry_default_reports_the_multiscale_model_and_nih_all_six(kedro_project):
+def test_registry_default_reports_the_ablation_pair_and_nih_all_six(kedro_project):
     from rare_cxr.pipeline_registry import register_pipelines
 
     pipes = register_pipelines()
     default_nodes = {n.name for n in pipes["__default__"].nodes}
-    assert "multiscale_resnet.evaluate_model" in default_nodes
-    assert "vgg16.evaluate_model" not in default_nodes
+    for model in ("multiscale_resnet", "resnet_single_scale"):  # same trunk, one vs two scales
+        assert {f"{model}.train_model", f"{model}.evaluate_model"} <= default_nodes
+    assert "vgg16.evaluate_model" not in default_nodes and "vgg16.train_model" not in default_nodes
     nih_nodes = {n.name for n in pipes["nih"].nodes}
     assert {f"{m}.evaluate_model" for m in ALL_MODELS} <= nih_nodes
     assert {f"{m}.train_model" for m in ALL_MODELS} <= nih_nodes
@@ -328,7 +330,7 @@ def _break(inputs, what: str):
     ("what", "message"),
     [
         ("checkpoint", r"checkpoint version 2026-11-26T10.00.00.000Z.*is version 2026-11-27"),
-        ("history", r"m\.history belongs to training \['zzz999'\]"),
+        ("history", r"m\.history belongs to training \{'0': 'zzz999'\}"),
         ("cache", r"image cache 0123:4567:32px, but the image cache is now"),
         ("labels", r"labels differ from those the image cache.*1 val image"),
         ("splits", r"put 1 image\(s\) of the cache's test split elsewhere"),

@@ -258,7 +258,8 @@ def test_kill_during_report_write_and_during_cache_build_leave_earlier_outputs(k
     assert not [p for p in report.rglob("*") if leftover_owner(p) is not None]
     assert latest(report) != first_report and "<html" in latest(report).read_text()
     metrics_all = json.loads(latest(project.data("08_reporting", "metrics_all.json")).read_text())
-    assert list(metrics_all) == ["multiscale_resnet"]  # the one model trained here
+    # the models trained so far: the default run's ablation pair
+    assert list(metrics_all) == ["multiscale_resnet", "resnet_single_scale"]
 
     # -- kill -9 in the middle of rebuilding the image cache at a new size ---------------------
     cache_path = project.data("05_model_input", "image_cache")

@@ -93,12 +93,13 @@ def test_training_pipeline_writes_contract_outputs_and_a_reloadable_checkpoint(
 
     catalog = kedro_project.catalog(params=RUN_PARAMS)
     history = catalog.load("multiscale_resnet.history")
-    assert list(history.columns) == HISTORY_COLUMNS and len(history) == 1
+    assert list(history.columns) == [*HISTORY_COLUMNS, "seed"] and len(history) == 1
     predictions = catalog.load("multiscale_resnet.predictions")
     assert list(predictions.columns) == [
         "image_id",
         "patient_id",
         "split",
+        "seed",
         *FINDINGS,
         "checkpoint_version",
         "training_id",
@@ -192,3 +193,49 @@ def test_python_m_entry_point_is_kedro_run_for_torchrun():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--pipelines" in done.stdout and "--namespaces" in done.stdout
+
+
+@pytest.mark.slow
+def test_several_seeds_train_predict_and_reuse_per_seed(kedro_project, monkeypatch, caplog):
+    """`training.n_seeds=2`: one checkpoint holding both seeds, predictions per seed, and a
+    rerun with three seeds reuses the two finished ones and trains only the third."""
+    import logging
+
+    from rare_cxr.pipelines.training.nodes import checkpoint_seeds
+
+    monkeypatch.syspath_prepend(str(kedro_project.path))
+    (kedro_project.path / "fake_image_cache.py").write_text(FAKE_DATASET)
+    (kedro_project.path / "conf" / "local" / "catalog.yml").write_text(
+        "image_cache:\n  type: fake_image_cache.FakeImageCacheDataset\n  size: 32\n"
+    )
+    kedro_project.data("05_model_input", "augmentation_policy.json").write_text("{}")
+    params = {**RUN_PARAMS, "training": {**RUN_PARAMS["training"], "n_seeds": 2}}
+    kedro_project.run(pipeline="training", params=params)
+
+    catalog = kedro_project.catalog(params=params)
+    checkpoint = catalog.load("multiscale_resnet.checkpoint")
+    assert checkpoint_seeds(checkpoint) == [42, 43]
+    assert set(checkpoint["seed_state_dicts"]) == {"43"}
+    ids = {s: v["training_id"] for s, v in checkpoint["metadata"]["per_seed"].items()}
+    assert len(set(ids.values())) == 2
+    predictions = catalog.load("multiscale_resnet.predictions")
+    assert predictions.groupby("seed").size().to_dict() == {42: 24, 43: 24}
+    assert predictions.groupby("seed")["training_id"].first().to_dict() == {
+        42: ids["42"],
+        43: ids["43"],
+    }
+    # each seed's rows come from that seed's own weights
+    first, second = (predictions[predictions["seed"] == s][list(FINDINGS)] for s in (42, 43))
+    assert not np.allclose(first.to_numpy(), second.to_numpy())
+    history = catalog.load("multiscale_resnet.history")
+    assert sorted(history["seed"].unique()) == [42, 43]
+
+    caplog.clear()
+    more = {**params, "training": {**params["training"], "n_seeds": 3}}
+    with caplog.at_level(logging.INFO, logger="rare_cxr"):
+        kedro_project.run(pipeline="training", params=more)
+    assert caplog.text.count("training already finished for this configuration") == 2
+    assert "multiscale_resnet epoch 1" in caplog.text  # the third seed trains
+    checkpoint = kedro_project.catalog(params=more).load("multiscale_resnet.checkpoint")
+    assert checkpoint_seeds(checkpoint) == [42, 43, 44]
+    assert checkpoint["metadata"]["per_seed"]["42"]["training_id"] == ids["42"]

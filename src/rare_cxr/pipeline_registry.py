@@ -4,8 +4,9 @@ Every folder under `pipelines/` is found by `find_pipelines()` and registered un
 name (`phantom`, `data_processing`, `augmentation`, `training`, `baselines`, `reporting`).
 Two compositions are added:
 
-* `__default__` — the demo: generate the phantom, then every stage for the multi-scale model,
-  including its report. This is what a plain `kedro run` does on a fresh clone.
+* `__default__` — the demo: generate the phantom, then every stage for the multi-scale model
+  and its ablation, the single-scale ResNet (same trunk, same protocol), reported side by side.
+  This is what a plain `kedro run` does on a fresh clone.
 * `nih` — the study on real data: every stage *except* the phantom generator (which would
   otherwise write into your download), for all six models:
   `kedro run --env nih --pipelines nih`.
@@ -30,6 +31,9 @@ from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
 ALL_MODELS_PIPELINE = "all_models"
+# What a plain `kedro run` trains and reports: the paper's model and its ablation.
+ABLATION_REFERENCE = "resnet_single_scale"
+DEFAULT_MODELS = ("multiscale_resnet", ABLATION_REFERENCE)
 STAGES = ("data_processing", "augmentation", "training")
 
 
@@ -75,8 +79,14 @@ def register_pipelines() -> dict[str, Pipeline]:
             warnings.filterwarnings("ignore", message=rf".*'rare_cxr\.pipelines\.{name}' module")
         pipelines = find_pipelines()
     study = sum((_stage(name) for name in STAGES), Pipeline([]))
+    # the ablation pair: the same trunk and protocol with one scale and with the pyramid
+    from rare_cxr.pipelines.training.pipeline import create_model_pipeline
+
     pipelines["__default__"] = (
-        _stage("phantom") + study + _stage("reporting", models=["multiscale_resnet"])
+        _stage("phantom")
+        + study
+        + create_model_pipeline(ABLATION_REFERENCE)
+        + _stage("reporting", models=list(DEFAULT_MODELS))
     )
     full = study + _stage("baselines") + _stage("reporting")
     pipelines["reporting"] = _stage("reporting", models=reporting_models())

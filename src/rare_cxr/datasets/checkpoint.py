@@ -4,7 +4,8 @@ Why not `kedro_datasets_experimental.pytorch.PyTorchDataset`: it stores only the
 checkpoint here must carry its own model spec, finding order, input normalisation and scales so
 that prediction and reporting can rebuild the model without the training parameters.
 
-Saved object: `{"state_dict": {name: tensor}, "metadata": {plain python}}`, written with
+Saved object: `{"state_dict": {name: tensor}, "metadata": {plain python}}` (plus
+`"seed_state_dicts": {seed: state_dict}` for the extra seeds of a multi-seed model), written with
 `torch.save` to a temporary file, fsynced and renamed (`rare_cxr.atomic`); loaded with
 `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
 Loading adds `metadata["checkpoint_version"]`: the catalog version (run id) the file was read
@@ -61,10 +62,16 @@ class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, 
             raise DatasetError("a checkpoint must be a dict with 'state_dict' and 'metadata'")
         state = {k: v.detach().cpu() for k, v in data["state_dict"].items()}
         metadata = {k: v for k, v in data["metadata"].items() if k != "checkpoint_version"}
+        payload: dict[str, Any] = {"state_dict": state, "metadata": metadata}
+        if data.get("seed_state_dicts"):  # the other seeds of a multi-seed model
+            payload["seed_state_dicts"] = {
+                str(seed): {k: v.detach().cpu() for k, v in weights.items()}
+                for seed, weights in data["seed_state_dicts"].items()
+            }
         # serialised in memory first: torch's zip writer turns an OSError raised by the file
         # (a full disk) into "unexpected pos ...", hiding the cause from the user
         buffer = io.BytesIO()
-        torch.save({"state_dict": state, "metadata": metadata}, buffer)
+        torch.save(payload, buffer)
         with AtomicWriter(Path(self._get_save_path()), "wb") as handle:
             handle.write(buffer.getbuffer())
 

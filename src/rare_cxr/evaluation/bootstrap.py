@@ -22,7 +22,16 @@ import pandas as pd
 
 from rare_cxr.findings import FINDINGS
 
-METRICS = ("auroc", "auprc", "precision", "recall", "f1", "specificity", "accuracy")
+METRICS = (
+    "auroc",
+    "auprc",
+    "precision",
+    "recall",
+    "f1",
+    "specificity",
+    "accuracy",
+    "balanced_accuracy",
+)
 
 
 def patient_weights(
@@ -83,12 +92,20 @@ def weighted_threshold_metrics(
     fn = w @ (y & ~pred).astype(float)
     tn = w @ (~y & ~pred).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
+        specificity = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
         return {
             "precision": np.where(tp + fp > 0, tp / (tp + fp), np.nan),
-            "recall": np.where(tp + fn > 0, tp / (tp + fn), np.nan),
+            # for the macro mean only: no predicted positive although the finding occurs in the
+            # resample counts 0, as in metrics.evaluate_split's macro precision
+            "precision_zero_filled": np.where(
+                tp + fp > 0, tp / (tp + fp), np.where(tp + fn > 0, 0.0, np.nan)
+            ),
+            "recall": recall,
             "f1": np.where(tp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan),
-            "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan),
+            "specificity": specificity,
             "accuracy": (tp + tn) / (tp + fp + fn + tn),
+            "balanced_accuracy": (recall + specificity) / 2.0,
         }
 
 
@@ -113,7 +130,9 @@ def bootstrap_samples(
     defined = ~np.isnan(t)
     pred = s >= np.where(defined, t, np.inf)[None, :]
     exact = (pred == y).all(axis=1).astype(float)
-    blocks: dict[str, list[np.ndarray]] = {m: [] for m in (*METRICS, "subset_accuracy")}
+    blocks: dict[str, list[np.ndarray]] = {
+        m: [] for m in (*METRICS, "precision_zero_filled", "subset_accuracy")
+    }
     for w in patient_weights(patient_ids, n_resamples, seed, chunk_size):
         blocks["auroc"].append(
             np.stack([weighted_auroc(y[:, i], s[:, i], w) for i in range(y.shape[1])], axis=1)
@@ -169,9 +188,10 @@ def bootstrap_intervals(
         low, high = percentile_interval(samples[m], confidence)
         for i, f in enumerate(FINDINGS):
             per[f][m] = [float(low[i]), float(high[i])]
+        macro_source = samples["precision_zero_filled" if m == "precision" else m]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            macro_samples = np.nanmean(samples[m], axis=1)
+            macro_samples = np.nanmean(macro_source, axis=1)
         lo, hi = percentile_interval(macro_samples, confidence)
         macro[m] = [float(lo), float(hi)]
     lo, hi = percentile_interval(samples["subset_accuracy"], confidence)

@@ -9,8 +9,14 @@ unchanged to *test*, (b) returns NaN -- "undefined" -- instead of 0 when a split
 Definitions (test split, threshold t_f chosen on validation for finding f):
 * precision_f = TP/(TP+FP), recall_f = TP/(TP+FN), specificity_f = TN/(TN+FP),
   accuracy_f = (TP+TN)/N, F1_f = 2TP/(2TP+FP+FN) (undefined when the split has no positives).
+* balanced_accuracy_f = (recall_f + specificity_f) / 2: unlike accuracy, 0.5 for a model that
+  says "absent" everywhere, however rare the finding (NIH-CXR-LT reports it).
 * The paper's four numbers: ACC, Recall, Precision, F1 = the *macro* (unweighted mean over the
-  findings where the metric is defined) of accuracy_f, recall_f, precision_f, F1_f.
+  findings where the metric is defined) of accuracy_f, recall_f, precision_f, F1_f. One
+  exception: a finding with positives in the split but no predicted positive has an undefined
+  precision (0/0); macro precision counts it as 0, not as missing, because dropping it would
+  reward a model for never predicting a rare finding. `macro["precision_zero_filled"]` says how
+  many findings that was.
 * micro: the same ratios from TP/FP/FN/TN pooled over all findings.
 * all-negative accuracy: macro accuracy of a classifier that predicts every finding absent,
   i.e. mean_f(1 - prevalence_f); subset accuracy: share of images whose 14 predictions are all
@@ -36,7 +42,14 @@ from sklearn.metrics import (
 from rare_cxr.findings import FINDINGS
 
 THRESHOLD_METHODS = ("f1", "youden")
-THRESHOLD_METRICS = ("precision", "recall", "f1", "specificity", "accuracy")
+THRESHOLD_METRICS = (
+    "precision",
+    "recall",
+    "f1",
+    "specificity",
+    "accuracy",
+    "balanced_accuracy",
+)
 NAN = float("nan")
 
 
@@ -106,12 +119,14 @@ def rates_from_counts(tp: float, fp: float, fn: float, tn: float) -> dict[str, f
     F1 is undefined when there are no positives (its recall is), never silently zero.
     """
     n = tp + fp + fn + tn
+    recall, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     return {
         "precision": _ratio(tp, tp + fp),
-        "recall": _ratio(tp, tp + fn),
+        "recall": recall,
         "f1": _ratio(2 * tp, 2 * tp + fp + fn) if tp + fn > 0 else NAN,
-        "specificity": _ratio(tn, tn + fp),
+        "specificity": specificity,
         "accuracy": _ratio(tp + tn, n),
+        "balanced_accuracy": (recall + specificity) / 2.0,  # NaN if either is undefined
     }
 
 
@@ -130,14 +145,32 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else NAN
 
 
+def prediction_seeds(predictions: pd.DataFrame) -> list[int | None]:
+    """The training seeds in a predictions table, primary first ([None] without a seed column)."""
+    if "seed" not in predictions.columns:
+        return [None]
+    return [int(s) for s in pd.unique(predictions["seed"])]
+
+
+def seed_rows(predictions: pd.DataFrame, seed: int | None = None) -> pd.DataFrame:
+    """The rows of one seed (default: the primary, first one); a table without seeds as is."""
+    if "seed" not in predictions.columns:
+        return predictions
+    chosen = prediction_seeds(predictions)[0] if seed is None else int(seed)
+    return predictions[predictions["seed"].astype(int) == chosen]
+
+
 def split_arrays(
-    predictions: pd.DataFrame, labels: pd.DataFrame, split: str
+    predictions: pd.DataFrame, labels: pd.DataFrame, split: str, seed: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(image_ids, patient_ids, y_true [N,14], y_score [N,14]) of one split.
+    """(image_ids, patient_ids, y_true [N,14], y_score [N,14]) of one split and one seed
+    (default: the primary seed; a model trained with several seeds has one row per image and
+    seed).
 
     Labels come from `labels` (the contract's ground truth), joined on image_id; predictions
     without a label row are an error naming the first few, not a silent drop.
     """
+    predictions = seed_rows(predictions, seed)
     missing_cols = [
         c for c in ("image_id", "patient_id", "split", *FINDINGS) if c not in predictions
     ]
@@ -158,10 +191,10 @@ def split_arrays(
 
 
 def select_thresholds(
-    predictions: pd.DataFrame, labels: pd.DataFrame, method: str = "f1"
+    predictions: pd.DataFrame, labels: pd.DataFrame, method: str = "f1", seed: int | None = None
 ) -> dict[str, float]:
     """One threshold per finding from the validation rows only (test rows are never read)."""
-    _, _, y, s = split_arrays(predictions, labels, "val")
+    _, _, y, s = split_arrays(predictions, labels, "val", seed)
     return {f: select_threshold(y[:, i], s[:, i], method) for i, f in enumerate(FINDINGS)}
 
 
@@ -194,6 +227,19 @@ def evaluate_split(
     keys = ("auroc", "auprc", *THRESHOLD_METRICS)
     macro = {k: _nanmean([per[f][k] for f in FINDINGS]) for k in keys}
     macro["n_defined"] = {k: int(sum(not math.isnan(per[f][k]) for f in FINDINGS)) for k in keys}
+    # no predicted positive although the finding occurs: precision 0, not "missing"
+    zero_filled = [
+        f
+        for f in FINDINGS
+        if math.isnan(per[f]["precision"])
+        and not math.isnan(per[f]["threshold"])
+        and per[f]["positives"] > 0
+    ]
+    macro["precision"] = _nanmean(
+        [0.0 if f in zero_filled else per[f]["precision"] for f in FINDINGS]
+    )
+    macro["precision_zero_filled"] = len(zero_filled)
+    macro["n_defined"]["precision"] += len(zero_filled)
     # Undefined thresholds predict "absent": the prior, and what the all-negative baseline does.
     pred = s >= np.where(np.isnan(t), np.inf, t)[None, :]
     tp = float(np.sum(pred & (y == 1)))

@@ -70,3 +70,50 @@ def bbox_csv(boxes: Iterable[tuple[str, str, float, float, float, float]]) -> st
         label = BBOX_SPELLING.get(finding, finding)
         rows.append(",".join([image, label, _number(x), _number(y), _number(w), _number(h)]))
     return "\n".join(rows) + "\n"
+
+
+def expert_labels_csv(plans: Iterable[ImagePlan], size: int, test_ids: set[str]) -> str:
+    """The Google 2019 expert-relabel file (`google2019_nih-chest-xray-labels.csv`) for the
+    phantom: `Set Id` `test` for the images in `test_ids`, `val` for the others (train_val).
+
+    Why from the *planted* findings: the experts stand in for a better reference than NIH's
+    report mining, and the phantom knows the truth; with `phantom.label_noise > 0` Data_Entry
+    (and this file's `Finding Labels`, a copy of it, as in the real file) is noisy while the
+    four YES/NO columns are not -- exactly the situation the expert comparison measures.
+    The mapping of the 14 findings is `rare_cxr.evaluation.expert.NIH_SOURCES` (one rule for
+    the writer and the evaluation); Fracture has no NIH finding and is always NO.
+
+    Layout as the real file: its header, Data_Entry's 11 fields written as `data_entry_csv`
+    writes them, then the 4 findings and the set; test rows then val rows, each sorted by
+    image id; `\\r\\n` line ends and no final newline.
+    """
+    from rare_cxr.evaluation.expert import EXPERT_HEADER, FILE_FINDINGS, NIH_SOURCES
+
+    spacing = repr(FIELD_OF_VIEW_MM / size)
+    ordered = sorted(plans, key=lambda p: (p.image_id not in test_ids, p.image_id))
+    rows = [EXPERT_HEADER]
+    for plan in ordered:
+        planted = set(plan.findings)
+        expert = [
+            "YES" if planted.intersection(NIH_SOURCES[name]) else "NO" for name in FILE_FINDINGS
+        ]
+        rows.append(
+            ",".join(
+                [
+                    plan.image_id,
+                    finding_labels(plan.recorded),
+                    str(plan.follow_up),
+                    str(plan.patient_id),
+                    str(plan.age),
+                    plan.sex,
+                    plan.view,
+                    str(size),
+                    str(size),
+                    spacing,
+                    spacing,
+                    *expert,
+                    "test" if plan.image_id in test_ids else "val",
+                ]
+            )
+        )
+    return "\r\n".join(rows)

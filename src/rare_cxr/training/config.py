@@ -10,6 +10,8 @@ from rare_cxr.findings import FINDINGS
 
 DEFAULTS: dict[str, Any] = {
     "seed": 42,
+    # Train every model n_seeds times, with seeds seed, seed+1, ... (see docs/training.md).
+    "n_seeds": 1,
     "device": "auto",
     "devices": 1,
     "epochs": 8,
@@ -96,6 +98,7 @@ def validate_training_params(params: Mapping[str, Any] | None) -> dict[str, Any]
     where = "training"
     cfg = _merge(DEFAULTS, params or {}, where)
     _int(cfg, "seed", where, 0)
+    _int(cfg, "n_seeds", where, 1)
     _int(cfg, "devices", where, 1)
     _int(cfg, "epochs", where, 1)
     _int(cfg, "patience", where, 1)

@@ -231,7 +231,15 @@ def plan_stages(cfg: Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]
 # so that e.g. moving a resumed run from the CPU to a GPU, or turning the progress bar off,
 # continues it instead of starting afresh.
 NON_RESULT_KEYS = frozenset(
-    {"progress_bar", "resume", "reuse_finished", "device", "loader_threads", "resume_dir"}
+    {
+        "progress_bar",
+        "resume",
+        "reuse_finished",
+        "device",
+        "loader_threads",
+        "resume_dir",
+        "n_seeds",  # each seed is its own training; `seed` itself is fingerprinted
+    }
 )
 
 

@@ -210,21 +210,25 @@ def verify_lineage(
             f"{rerun}, or report the older pair with `--load-versions "
             f"{model}.checkpoint:{single('checkpoint_version')}`"
         )
-    training_id = str(meta.get("training_id"))
-    if single("training_id") != training_id:
+    from rare_cxr.pipelines.training.nodes import checkpoint_seeds, seed_training_id
+
+    expected = {str(s): seed_training_id(checkpoint, s) for s in checkpoint_seeds(checkpoint)}
+    training_id = expected[str(checkpoint_seeds(checkpoint)[0])]
+    found = _training_ids(predictions, expected)
+    if found != expected:
         raise LineageError(
-            f"{model}.predictions come from training {single('training_id')}, the checkpoint "
-            f"from training {training_id}; {rerun}"
+            f"{model}.predictions come from training(s) {found}, the checkpoint from "
+            f"{expected} (seed: training id); {rerun}"
         )
     history_ids = (
-        sorted(history["training_id"].astype(str).unique())
+        _training_ids(history, expected)
         if "training_id" in history.columns
-        else ["(none: an older history file)"]
+        else "(none: an older history file)"
     )
-    if history_ids != [training_id]:
+    if history_ids != expected:
         raise LineageError(
             f"{model}.history belongs to training {history_ids}, the checkpoint to training "
-            f"{training_id} (the run stopped between saving the two?); retrain with `kedro run "
+            f"{expected} (the run stopped between saving the two?); retrain with `kedro run "
             f"--pipelines all_models --namespaces {model}` (a finished training is reused, "
             "not repeated)"
         )
@@ -271,6 +275,7 @@ def verify_lineage(
         "model": model,
         "checkpoint_version": checkpoint_version,
         "training_id": training_id,
+        "seeds": {seed: tid for seed, tid in expected.items()},
         "image_cache_fingerprint": current_cache,
         "best_epoch": meta.get("epoch"),
         "prediction_rows": int(len(predictions)),
@@ -291,6 +296,21 @@ def verify_lineage(
 # --- per model (inside the model's namespace) ------------------------------------------------
 
 
+def _training_ids(table: pd.DataFrame, expected: Mapping[str, str]) -> dict[str, Any]:
+    """{seed: training id} found in a predictions/history table (one seed if no seed column);
+    a seed with several ids maps to their sorted list, so it can never equal `expected`."""
+    if "seed" not in table.columns:
+        seeds = [next(iter(expected))] if expected else ["?"]
+        groups = {seeds[0]: table["training_id"]}
+    else:
+        groups = {str(int(s)): part["training_id"] for s, part in table.groupby("seed", sort=False)}
+    out: dict[str, Any] = {}
+    for seed, ids in groups.items():
+        values = sorted(ids.astype(str).unique())
+        out[seed] = values[0] if len(values) == 1 else values
+    return out
+
+
 def select_thresholds(
     predictions: pd.DataFrame,
     labels: pd.DataFrame,
@@ -300,7 +320,11 @@ def select_thresholds(
     """Decision thresholds per finding from the validation rows only (with the lineage of the
     predictions they were tuned on)."""
     method = validate_reporting_params(reporting)["threshold_method"]
-    thresholds = metrics.select_thresholds(predictions, labels, method)
+    seeds = metrics.prediction_seeds(predictions)
+    per_seed = {
+        str(seed): metrics.select_thresholds(predictions, labels, method, seed) for seed in seeds
+    }
+    thresholds = per_seed[str(seeds[0])]  # the primary seed's: what Grad-CAM and inference use
     undefined = [f for f, t in thresholds.items() if math.isnan(t)]
     if undefined:
         logger.warning(
@@ -309,7 +333,13 @@ def select_thresholds(
             ", ".join(undefined),
         )
     return metrics.to_jsonable(
-        {"method": method, "split": "val", "thresholds": thresholds, "lineage": dict(lineage)}
+        {
+            "method": method,
+            "split": "val",
+            "thresholds": thresholds,
+            "per_seed": per_seed,
+            "lineage": dict(lineage),
+        }
     )
 
 
@@ -319,9 +349,21 @@ def evaluate_model(
     thresholds: Mapping[str, Any],
     reporting: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Test metrics at the validation thresholds, with patient-bootstrap intervals."""
+    """Test metrics at the validation thresholds, with patient-bootstrap intervals.
+
+    The top level describes the primary seed (intervals included). With several seeds,
+    `per_seed` holds each seed's test macro/paper metrics (at that seed's own validation
+    thresholds) and `seed_summary` their mean, sd and count: what Table 1 shows then.
+    """
     cfg = validate_reporting_params(reporting)
-    t = {f: metrics.from_json_number(thresholds["thresholds"].get(f)) for f in FINDINGS}
+    seeds = metrics.prediction_seeds(predictions)
+    per_seed: dict[str, Any] = {}
+    for seed in seeds:
+        ts = _seed_thresholds(thresholds, seed)
+        _, _, ys, ss = metrics.split_arrays(predictions, labels, "test", seed)
+        result = metrics.evaluate_split(ys, ss, ts)
+        per_seed[str(seed)] = {k: result[k] for k in ("macro", "paper", "subset_accuracy")}
+    t = _seed_thresholds(thresholds, seeds[0])
     _, patients, y, s = metrics.split_arrays(predictions, labels, "test")
     if len(y) == 0:
         raise ValueError("predictions: no 'test' rows; the report is computed on test")
@@ -342,8 +384,31 @@ def evaluate_model(
                 **{k: val[k] for k in ("n_images", "macro", "paper")},
             },
             "intervals": intervals,
+            "seeds": seeds,
+            "per_seed": per_seed,
+            "seed_summary": _seed_summary(per_seed),
         }
     )
+
+
+def _seed_thresholds(thresholds: Mapping[str, Any], seed: int | None) -> dict[str, float]:
+    chosen = (thresholds.get("per_seed") or {}).get(str(seed)) or thresholds["thresholds"]
+    return {f: metrics.from_json_number(chosen.get(f)) for f in FINDINGS}
+
+
+def _seed_summary(per_seed: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Mean, sample sd and count over seeds of each macro metric (NaN seeds left out)."""
+    keys = ("auroc", "auprc", "precision", "recall", "f1", "specificity", "accuracy")
+    out = {}
+    for key in keys:
+        values = np.array([float(p["macro"][key]) for p in per_seed.values()], dtype=float)
+        values = values[np.isfinite(values)]
+        out[key] = {
+            "mean": float(values.mean()) if len(values) else math.nan,
+            "sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+            "n": int(len(values)),
+        }
+    return out
 
 
 def _load_model(checkpoint: Mapping[str, Any]) -> torch.nn.Module:
@@ -418,7 +483,8 @@ def gradcam_examples(
     test = image_cache.split("test")
     position = {str(i): k for k, i in enumerate(test.table["image_id"].astype(str))}
     truth = labels.set_index(labels["image_id"].astype(str))
-    preds = predictions[predictions["split"].astype(str) == "test"].copy()
+    preds = metrics.seed_rows(predictions)  # the primary seed's model is the one loaded
+    preds = preds[preds["split"].astype(str) == "test"].copy()
     preds["image_id"] = preds["image_id"].astype(str)
     boxes = _bbox_table(raw_bbox_list)
     sizes = image_index.set_index(image_index["image_id"].astype(str))
@@ -482,20 +548,41 @@ TABLE1_COLUMNS = {
     "Recall": "recall",
     "Precision": "precision",
     "F1": "f1",
+    "Specificity": "specificity",
+    "Balanced ACC": "balanced_accuracy",
     "AUROC": "auroc",
     "AUPRC": "auprc",
 }
 
 
+def _mean_sd(summary: Mapping[str, Any] | None) -> str:
+    if not summary or summary.get("mean") is None or math.isnan(float(summary["mean"])):
+        return "n/a"
+    sd = summary.get("sd")
+    sd_text = "n/a" if sd is None or math.isnan(float(sd)) else f"{float(sd):.3f}"
+    return f"{float(summary['mean']):.3f} ± {sd_text}"
+
+
 def build_table1(all_metrics: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
-    """The paper's Table 1, extended: macro metrics with intervals, params, GFLOPs, img/s."""
+    """The paper's Table 1, extended: macro metrics, params, GFLOPs, img/s.
+
+    One seed: each cell is the test value with its 95% patient-bootstrap interval. Several
+    seeds: mean ± sd over the seeds (each at its own validation thresholds); the intervals of
+    the primary seed stay in metrics.json. `Precision 0-filled` counts the findings that occur
+    in test but were never predicted: their precision is counted as 0 in the macro mean.
+    """
     rows = []
     for model, both in all_metrics.items():
         m, c = both["metrics"], both.get("cost", {})
         macro, ci = m["test"]["macro"], m["intervals"]["macro"]
-        row: dict[str, Any] = {"Model": model}
+        seeds = list(m.get("seeds") or [None])
+        row: dict[str, Any] = {"Model": model, "Seeds": len(seeds)}
         for col, key in TABLE1_COLUMNS.items():
-            row[col] = _fmt(macro.get(key), ci.get(key))
+            if len(seeds) > 1:
+                row[col] = _mean_sd((m.get("seed_summary") or {}).get(key))
+            else:
+                row[col] = _fmt(macro.get(key), ci.get(key))
+        row["Precision 0-filled"] = int(macro.get("precision_zero_filled") or 0)
         row["Subset ACC"] = _fmt(m["test"]["subset_accuracy"], m["intervals"]["subset_accuracy"])
         row["All-negative ACC"] = _fmt(m["test"]["all_negative"]["accuracy"])
         row["params"] = f"{c.get('params', 0) / 1e6:.2f}M" if c.get("params") else "n/a"

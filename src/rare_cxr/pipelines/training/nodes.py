@@ -161,44 +161,124 @@ def train_model(
             "training.resume_dir from the parameters (or change that entry's path)"
         )
     augment = make_augmenter(augmentation_policy)  # validates the policy up front
-    if distributed.launched_by_torchrun():
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        result = fit(
-            spec,
-            image_cache,
-            augment,
-            cfg,
-            callbacks=callbacks,
-            rank=rank,
-            world=world,
-            state_store=training_state,
-        )
-        if rank != 0:
-            distributed.destroy()
-            raise SystemExit(0)
-    elif cfg["devices"] > 1:
-        result = fit_spawned(
-            spec, image_cache, augmentation_policy, cfg, cfg["devices"], state_store=training_state
-        )
-    else:
-        result = fit(
-            spec, image_cache, augment, cfg, callbacks=callbacks, state_store=training_state
-        )
-    assert result is not None
-    checkpoint = {"state_dict": result.state_dict, "metadata": result.metadata}
-    return checkpoint, result.history
+    seeds = seed_list(cfg)
+    torchrun = distributed.launched_by_torchrun()
+    results: list[FitResult | None] = []
+    for i, seed in enumerate(seeds):
+        if len(seeds) > 1:
+            logger.info("%s: seed %d (%d of %d)", spec["name"], seed, i + 1, len(seeds))
+        one = {**cfg, "seed": seed}
+        if torchrun:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            results.append(
+                fit(
+                    spec,
+                    image_cache,
+                    augment,
+                    one,
+                    callbacks=callbacks,
+                    rank=rank,
+                    world=world,
+                    state_store=training_state,
+                )
+            )
+        elif cfg["devices"] > 1:
+            results.append(
+                fit_spawned(
+                    spec,
+                    image_cache,
+                    augmentation_policy,
+                    one,
+                    cfg["devices"],
+                    state_store=training_state,
+                )
+            )
+        else:
+            results.append(
+                fit(
+                    spec, image_cache, augment, one, callbacks=callbacks, state_store=training_state
+                )
+            )
+    if torchrun and int(os.environ["RANK"]) != 0:
+        distributed.destroy()
+        raise SystemExit(0)
+    return combine_seeds(seeds, [r for r in results if r is not None])
 
 
-def load_checkpoint_model(checkpoint: Mapping[str, Any]) -> torch.nn.Module:
-    """Rebuild a model from a checkpoint alone (spec from metadata, no pretrained download)."""
+def seed_list(cfg: Mapping[str, Any]) -> list[int]:
+    """The seeds a model is trained with: `seed, seed + 1, ..., seed + n_seeds - 1`."""
+    return [int(cfg["seed"]) + i for i in range(int(cfg.get("n_seeds", 1)))]
+
+
+def combine_seeds(
+    seeds: list[int], results: list[FitResult]
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """One checkpoint and one history for all seeds of a model.
+
+    The first seed is the *primary* model: its weights are the checkpoint's `state_dict`, so
+    everything that needs one model (cost, Grad-CAM, inference) keeps working unchanged. The
+    other seeds' weights ride along in `seed_state_dicts`, and `metadata["per_seed"]` names each
+    seed's training id, best epoch and metric. The history gains a `seed` column.
+    """
+    if len(results) != len(seeds):
+        raise RuntimeError(f"expected {len(seeds)} training results, got {len(results)}")
+    primary = results[0]
+    metadata = {
+        **primary.metadata,
+        "seeds": list(seeds),
+        "per_seed": {
+            str(seed): {
+                k: r.metadata.get(k) for k in ("training_id", "epoch", "metric", "fingerprint")
+            }
+            for seed, r in zip(seeds, results, strict=True)
+        },
+    }
+    checkpoint: dict[str, Any] = {"state_dict": primary.state_dict, "metadata": metadata}
+    if len(seeds) > 1:
+        checkpoint["seed_state_dicts"] = {
+            str(seed): r.state_dict for seed, r in zip(seeds[1:], results[1:], strict=True)
+        }
+    history = pd.concat(
+        [r.history.assign(seed=seed) for seed, r in zip(seeds, results, strict=True)],
+        ignore_index=True,
+    )
+    return checkpoint, history
+
+
+def checkpoint_seeds(checkpoint: Mapping[str, Any]) -> list[int]:
+    """The seeds a checkpoint holds, primary first (one for checkpoints without seeds)."""
+    meta = checkpoint["metadata"]
+    if meta.get("seeds"):
+        return [int(s) for s in meta["seeds"]]
+    return [int(meta.get("train_params", {}).get("seed", 0))]
+
+
+def seed_training_id(checkpoint: Mapping[str, Any], seed: int) -> str:
+    meta = checkpoint["metadata"]
+    per_seed = meta.get("per_seed") or {}
+    return str((per_seed.get(str(seed)) or {}).get("training_id") or meta.get("training_id"))
+
+
+def load_checkpoint_model(
+    checkpoint: Mapping[str, Any], seed: int | None = None
+) -> torch.nn.Module:
+    """Rebuild a model from a checkpoint alone (spec from metadata, no pretrained download);
+    `seed` picks one of several seeds (default: the primary one)."""
     meta = checkpoint["metadata"]
     if list(meta.get("findings", [])) != list(FINDINGS):
         raise ValueError(
             "checkpoint findings differ from rare_cxr.findings.FINDINGS; "
             "it was trained with another finding order"
         )
+    seeds = checkpoint_seeds(checkpoint)
+    if seed is None or seed == seeds[0]:
+        weights = checkpoint["state_dict"]
+    elif str(seed) in (checkpoint.get("seed_state_dicts") or {}):
+        weights = checkpoint["seed_state_dicts"][str(seed)]
+    else:
+        raise ValueError(f"checkpoint has no seed {seed}; it holds seeds {seeds}")
     model = build_model(meta["model_spec"], load_weights=False)
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(weights)
     return model
 
 
@@ -211,35 +291,39 @@ def cache_fingerprint_text(image_cache: Any) -> str:
 def predict(
     checkpoint: Mapping[str, Any], image_cache: Any, training: Mapping[str, Any]
 ) -> pd.DataFrame:
-    """Probabilities for the val and test splits: image_id, patient_id, split, 14 findings,
-    then the lineage columns `checkpoint_version`, `training_id`, `image_cache_fingerprint`."""
+    """Probabilities for the val and test splits, for every seed of the checkpoint: image_id,
+    patient_id, split, seed, 14 findings, then the lineage columns `checkpoint_version`,
+    `training_id` (of that seed's training), `image_cache_fingerprint`."""
     cfg = validate_training_params(training)
     device = resolve_device(cfg["device"])
-    model = load_checkpoint_model(checkpoint).to(device)
     dtype = amp_dtype(cfg, device)
     frames = []
-    for split in PREDICTION_SPLITS:
-        if split not in image_cache.split_names:
-            logger.warning("image cache has no %r split; no predictions for it", split)
-            continue
-        part = image_cache.split(split)
-        probs, _ = predict_probabilities(
-            model,
-            part.images,
-            device,
-            batch_size=cfg["eval_batch_size"],
-            dtype=dtype,
-            channels_last=False,
-            tta_hflip=cfg["tta_hflip"],
-        )
-        frame = pd.DataFrame(probs.astype("float64"), columns=list(FINDINGS))
-        frame.insert(0, "split", split)
-        frame.insert(0, "patient_id", part.table["patient_id"].to_numpy())
-        frame.insert(0, "image_id", part.table["image_id"].astype(str).to_numpy())
-        frames.append(frame)
+    for seed in checkpoint_seeds(checkpoint):
+        model = load_checkpoint_model(checkpoint, seed).to(device)
+        for split in PREDICTION_SPLITS:
+            if split not in image_cache.split_names:
+                logger.warning("image cache has no %r split; no predictions for it", split)
+                continue
+            part = image_cache.split(split)
+            probs, _ = predict_probabilities(
+                model,
+                part.images,
+                device,
+                batch_size=cfg["eval_batch_size"],
+                dtype=dtype,
+                channels_last=False,
+                tta_hflip=cfg["tta_hflip"],
+            )
+            frame = pd.DataFrame(probs.astype("float64"), columns=list(FINDINGS))
+            frame.insert(0, "seed", seed)
+            frame.insert(0, "split", split)
+            frame.insert(0, "patient_id", part.table["patient_id"].to_numpy())
+            frame.insert(0, "image_id", part.table["image_id"].astype(str).to_numpy())
+            frame["training_id"] = seed_training_id(checkpoint, seed)
+            frames.append(frame)
     out = pd.concat(frames, ignore_index=True)
     meta = checkpoint["metadata"]
+    out.insert(out.columns.get_loc("training_id"), "checkpoint_version", "")
     out["checkpoint_version"] = str(meta.get("checkpoint_version") or "unversioned")
-    out["training_id"] = str(meta.get("training_id") or "unknown")
     out["image_cache_fingerprint"] = cache_fingerprint_text(image_cache)
     return out

@@ -1,0 +1,367 @@
+"""Long-tail metrics: each checked against scikit-learn or a reference written here."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    precision_score,
+    roc_auc_score,
+)
+
+from rare_cxr.evaluation import longtail
+from rare_cxr.evaluation.bootstrap import patient_weights
+from rare_cxr.findings import FINDINGS
+
+F = len(FINDINGS)
+HERNIA = FINDINGS.index("Hernia")
+FIBROSIS = FINDINGS.index("Fibrosis")
+
+
+def data(n_patients: int = 45, seed: int = 5):
+    """Patients with 1-5 images each, ties in the scores, Hernia absent, Fibrosis rare."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 6, size=n_patients)
+    patients = np.repeat(np.arange(100, 100 + n_patients), sizes)
+    n = len(patients)
+    prevalence = np.linspace(0.4, 0.05, F)
+    y = rng.random((n, F)) < prevalence[None, :]
+    y[:, HERNIA] = False
+    y[:, FIBROSIS] = False
+    y[rng.choice(n, 3, replace=False), FIBROSIS] = True
+    s = np.round(np.clip(0.35 * y + 0.65 * rng.random((n, F)), 0, 1), 2)
+    thresholds = np.full(F, 0.5)
+    thresholds[FINDINGS.index("Mass")] = np.nan  # undefined on validation
+    return y.astype(int), s, thresholds, patients
+
+
+TRAIN = dict(
+    zip(
+        FINDINGS,
+        [5000, 3000, 2000, 1500, 900, 800, 120, 40, 700, 600, 99, 100, 1001, 1000],
+        strict=True,
+    )
+)
+
+
+# --- balanced accuracy, sensitivity at specificity --------------------------------------------
+
+
+def test_balanced_accuracy_matches_sklearn():
+    y, s, _, _ = data()
+    for i in range(4):
+        for t in (0.2, 0.5, 0.77):
+            expected = balanced_accuracy_score(y[:, i], (s[:, i] >= t).astype(int))
+            assert longtail.balanced_accuracy(y[:, i], s[:, i], t) == pytest.approx(expected)
+
+
+def test_balanced_accuracy_nan_cases():
+    y = np.array([0, 1, 0, 1])
+    s = np.array([0.1, 0.9, 0.4, 0.3])
+    assert math.isnan(longtail.balanced_accuracy(y, s, float("nan")))
+    assert math.isnan(longtail.balanced_accuracy(np.zeros(4), s, 0.5))  # no positives
+    assert math.isnan(longtail.balanced_accuracy(np.ones(4), s, 0.5))  # no negatives
+
+
+def brute_force_sens_at_spec(y, s, target):
+    """Every threshold (each distinct score, and +inf); best sensitivity, then specificity."""
+    y = np.asarray(y).astype(bool)
+    best = None
+    for t in [math.inf, *sorted(set(s.tolist()))]:
+        pred = s >= t
+        sens = np.sum(pred & y) / np.sum(y)
+        spec = np.sum(~pred & ~y) / np.sum(~y)
+        if spec >= target and (best is None or (sens, spec) > (best[0], best[1])):
+            best = (sens, spec, t)
+    return best
+
+
+def test_sensitivity_at_specificity_matches_brute_force():
+    y, s, _, _ = data()
+    for i in (0, 3, 6, FIBROSIS):
+        for target in (0.0, 0.5, 0.8, 0.9, 0.95, 1.0):
+            got = longtail.sensitivity_at_specificity(y[:, i], s[:, i], target)
+            sens, spec, t = brute_force_sens_at_spec(y[:, i], s[:, i], target)
+            assert got["sensitivity"] == pytest.approx(sens)
+            assert got["specificity"] == pytest.approx(spec)
+            assert got["threshold"] == t
+
+
+def test_sensitivity_at_specificity_nan_without_both_classes():
+    s = np.array([0.1, 0.5, 0.9])
+    for y in (np.zeros(3), np.ones(3)):
+        got = longtail.sensitivity_at_specificity(y, s, 0.9)
+        assert all(math.isnan(v) for v in got.values())
+    with pytest.raises(ValueError, match="specificity target"):
+        longtail.sensitivity_at_specificity(np.array([0, 1, 0]), s, 1.5)
+
+
+# --- groups ------------------------------------------------------------------------------------
+
+
+def test_frequency_groups_boundaries():
+    counts = {"a": 100, "b": 99, "c": 10, "d": 9, "e": 0, "f": 5000}
+    assert longtail.frequency_groups(counts, head_min=100, tail_max=10) == {
+        "a": "head",
+        "b": "medium",
+        "c": "medium",
+        "d": "tail",
+        "e": "tail",
+        "f": "head",
+    }
+    # The NIH-CXR-LT convention: > 1,000 many-shot, 100-1,000 medium, < 100 few-shot.
+    nih = {"x": 1001, "y": 1000, "z": 100, "w": 99}
+    assert longtail.frequency_groups(
+        nih, head_min=longtail.NIH_CXR_LT_HEAD_MIN, tail_max=longtail.NIH_CXR_LT_TAIL_MAX
+    ) == {"x": "head", "y": "medium", "z": "medium", "w": "tail"}
+
+
+def test_frequency_groups_validation_names_the_key():
+    with pytest.raises(ValueError, match=r"reporting\.long_tail\.head_min"):
+        longtail.frequency_groups({"a": 1}, head_min=10, tail_max=10)
+    with pytest.raises(ValueError, match=r"reporting\.long_tail\.head_min"):
+        longtail.frequency_groups({"a": 1}, head_min=5, tail_max=10)
+    with pytest.raises(ValueError, match=r"reporting\.long_tail\.tail_max"):
+        longtail.frequency_groups({"a": 1}, head_min=10, tail_max=-1)
+
+
+def test_small_sample_flags():
+    assert longtail.small_sample_flags({"A": 9, "B": 10, "C": 0}, min_positives=10) == {
+        "A": True,
+        "B": False,
+        "C": True,
+    }
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def tables(n_resamples: int = 40, seed: int = 11, confidence: float = 0.9):
+    y, s, t, patients = data()
+    per, groups = longtail.long_tail_tables(
+        y,
+        s,
+        t,
+        TRAIN,
+        patients,
+        head_min=1001,
+        tail_max=100,
+        n_resamples=n_resamples,
+        seed=seed,
+        confidence=confidence,
+    )
+    return y, s, t, patients, per, groups
+
+
+def test_per_finding_table_against_sklearn():
+    y, s, t, _, per, _ = tables()
+    assert list(per.columns) == [
+        "finding",
+        "group",
+        "train_positives",
+        "test_positives",
+        "auroc",
+        "auprc",
+        "balanced_accuracy",
+        "specificity",
+        "sensitivity_at_spec_90",
+        "sensitivity_at_spec_95",
+        "reliable",
+    ]
+    assert per["finding"].tolist() == list(FINDINGS)
+    row = per.set_index("finding")
+    assert row.loc["Atelectasis", "group"] == "head"
+    assert row.loc["Pneumonia", "group"] == "head"  # 1001
+    assert row.loc["Pneumothorax", "group"] == "medium"  # 1000
+    assert row.loc["Pleural_Thickening", "group"] == "medium"  # 100
+    assert row.loc["Nodule", "group"] == "tail"  # 99
+    for i, f in enumerate(FINDINGS):
+        r = row.loc[f]
+        assert r["test_positives"] == y[:, i].sum()
+        assert r["reliable"] == (y[:, i].sum() >= 10)
+        if f == "Hernia":  # no positives: undefined, not dropped
+            assert math.isnan(r["auroc"]) and math.isnan(r["auprc"])
+            assert math.isnan(r["balanced_accuracy"]) and math.isnan(r["sensitivity_at_spec_90"])
+            continue
+        assert r["auroc"] == pytest.approx(roc_auc_score(y[:, i], s[:, i]))
+        assert r["auprc"] == pytest.approx(average_precision_score(y[:, i], s[:, i]))
+        if f == "Mass":  # undefined validation threshold
+            assert math.isnan(r["balanced_accuracy"]) and math.isnan(r["specificity"])
+        else:
+            pred = (s[:, i] >= t[i]).astype(int)
+            assert r["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y[:, i], pred))
+            assert r["specificity"] == pytest.approx(
+                np.sum((pred == 0) & (y[:, i] == 0)) / np.sum(y[:, i] == 0)
+            )
+        for target, col in ((0.9, "sensitivity_at_spec_90"), (0.95, "sensitivity_at_spec_95")):
+            assert r[col] == pytest.approx(brute_force_sens_at_spec(y[:, i], s[:, i], target)[0])
+    assert not row.loc["Fibrosis", "reliable"]  # 3 positives
+
+
+def test_group_means_by_hand():
+    _, _, _, _, per, groups = tables()
+    assert groups["group"].tolist() == ["head", "medium", "tail"]
+    members = {
+        "head": ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pneumonia"],
+        "medium": [
+            "Effusion",
+            "Emphysema",
+            "Fibrosis",
+            "Infiltration",
+            "Mass",
+            "Pleural_Thickening",
+            "Pneumothorax",
+        ],
+        "tail": ["Hernia", "Nodule"],
+    }
+    row = per.set_index("finding")
+    for _, g in groups.iterrows():
+        assert g["findings"] == "|".join(members[g["group"]])
+        assert g["n_findings"] == len(members[g["group"]])
+        for m in ("auroc", "auprc", "balanced_accuracy"):
+            vals = [row.loc[f, m] for f in members[g["group"]] if not math.isnan(row.loc[f, m])]
+            assert g[m] == pytest.approx(sum(vals) / len(vals))
+    # tail: Hernia undefined, so the mean is Nodule's alone
+    tail = groups.set_index("group").loc["tail"]
+    assert tail["auroc"] == pytest.approx(row.loc["Nodule", "auroc"])
+
+
+def test_only_groups_with_findings_appear():
+    y, s, t, patients = data()
+    _, groups = longtail.long_tail_tables(
+        y, s, t, dict.fromkeys(FINDINGS, 50), patients, head_min=1001, tail_max=10, n_resamples=5
+    )
+    assert groups["group"].tolist() == ["medium"]
+    assert groups["n_findings"].tolist() == [F]
+
+
+def expanded_group_samples(y, s, t, patients, groups_of, *, n_resamples, seed):
+    """Reference: repeat each image by its patient's resample count and score with sklearn."""
+    out = {
+        m: {g: [] for g in ("head", "medium", "tail")}
+        for m in ("auroc", "auprc", "balanced_accuracy")
+    }
+    w_all = np.concatenate(list(patient_weights(patients, n_resamples, seed)), axis=0)
+    for w in w_all:
+        rows = np.repeat(np.arange(len(y)), w.astype(int))
+        yr, sr = y[rows], s[rows]
+        per = {m: {} for m in out}
+        for i, f in enumerate(FINDINGS):
+            both = 0 < yr[:, i].sum() < len(yr)
+            per["auroc"][f] = roc_auc_score(yr[:, i], sr[:, i]) if both else np.nan
+            per["auprc"][f] = (
+                average_precision_score(yr[:, i], sr[:, i]) if yr[:, i].sum() else np.nan
+            )
+            if both and not np.isnan(t[i]):
+                per["balanced_accuracy"][f] = balanced_accuracy_score(
+                    yr[:, i], (sr[:, i] >= t[i]).astype(int)
+                )
+            else:
+                per["balanced_accuracy"][f] = np.nan
+        for m, by_group in out.items():
+            for g, values in by_group.items():
+                vals = [per[m][f] for f in FINDINGS if groups_of[f] == g]
+                vals = [v for v in vals if not np.isnan(v)]
+                values.append(np.mean(vals) if vals else np.nan)
+    return {m: {g: np.array(v) for g, v in d.items()} for m, d in out.items()}
+
+
+def test_group_bootstrap_matches_expanded_rows_and_nanquantile():
+    n_resamples, seed, confidence = 40, 11, 0.9
+    y, s, t, patients, _, groups = tables(n_resamples, seed, confidence)
+    groups_of = longtail.frequency_groups(TRAIN, 1001, 100)
+    got = longtail.group_bootstrap_samples(
+        y, s, t, patients, groups_of, n_resamples=n_resamples, seed=seed
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = expanded_group_samples(
+            y, s, t, patients, groups_of, n_resamples=n_resamples, seed=seed
+        )
+    for m in ref:
+        for g in ref[m]:
+            # the first few resamples, one by one
+            np.testing.assert_allclose(got[m][g][:5], ref[m][g][:5], rtol=1e-10, equal_nan=True)
+            np.testing.assert_allclose(got[m][g], ref[m][g], rtol=1e-10, equal_nan=True)
+    by_group = groups.set_index("group")
+    alpha = (1 - confidence) / 2
+    for m in ref:
+        for g in ref[m]:
+            lo, hi = np.nanquantile(ref[m][g], [alpha, 1 - alpha])
+            assert by_group.loc[g, f"{m}_ci_low"] == pytest.approx(lo)
+            assert by_group.loc[g, f"{m}_ci_high"] == pytest.approx(hi)
+            assert by_group.loc[g, f"{m}_ci_low"] <= by_group.loc[g, f"{m}_ci_high"]
+
+
+def test_group_table_columns_and_seed():
+    *_, g1 = tables(n_resamples=20, seed=3)
+    *_, g2 = tables(n_resamples=20, seed=3)
+    assert list(g1.columns) == [
+        "group",
+        "findings",
+        "n_findings",
+        "auroc",
+        "auroc_ci_low",
+        "auroc_ci_high",
+        "auprc",
+        "auprc_ci_low",
+        "auprc_ci_high",
+        "balanced_accuracy",
+        "balanced_accuracy_ci_low",
+        "balanced_accuracy_ci_high",
+    ]
+    assert g1.equals(g2)
+
+
+def test_long_tail_tables_input_errors():
+    y, s, t, patients = data()
+    with pytest.raises(ValueError, match="train_positives"):
+        longtail.long_tail_tables(y, s, t, {"Atelectasis": 1}, patients, head_min=10, tail_max=1)
+    with pytest.raises(ValueError, match="patient_ids"):
+        longtail.long_tail_tables(y, s, t, TRAIN, patients[:-1], head_min=10, tail_max=1)
+
+
+# --- zero-filled macro precision ---------------------------------------------------------------
+
+
+def test_macro_precision_zero_filled_by_hand():
+    y, s, t, _ = data()
+    t = t.copy()
+    t[[0, 4, HERNIA]] = 5.0  # nothing predicted positive: contributes 0 and is counted
+    t[1] = np.nan  # undefined: excluded, not counted (Mass is NaN too)
+    value, n_filled = longtail.macro_precision_zero_filled(y, s, t)
+    hand, counted = [], 0
+    for i in range(F):
+        if np.isnan(t[i]):
+            continue
+        predicted = [k for k in range(len(y)) if s[k, i] >= t[i]]
+        if not predicted:
+            hand.append(0.0)
+            counted += 1
+        else:
+            hand.append(sum(y[k, i] for k in predicted) / len(predicted))
+            assert hand[-1] == pytest.approx(
+                precision_score(y[:, i], (s[:, i] >= t[i]).astype(int), zero_division=0)
+            )
+    assert len(hand) == F - 2
+    assert n_filled == counted == 3
+    assert value == pytest.approx(sum(hand) / len(hand))
+
+
+def test_macro_precision_zero_filled_tiny_example_and_all_undefined():
+    y = np.zeros((4, F), dtype=int)
+    s = np.zeros((4, F))
+    y[:, 0] = [1, 0, 1, 0]
+    s[:, 0] = [0.9, 0.8, 0.2, 0.1]  # t=0.5: TP=1, FP=1 -> 0.5
+    y[:, 1] = [1, 1, 0, 0]
+    s[:, 1] = [0.9, 0.1, 0.1, 0.1]  # t=0.5: TP=1 -> 1.0
+    t = np.full(F, np.nan)
+    t[[0, 1, 2]] = 0.5  # finding 2: scores all 0 -> nothing predicted -> 0, counted
+    assert longtail.macro_precision_zero_filled(y, s, t) == (pytest.approx(0.5), 1)
+    value, n = longtail.macro_precision_zero_filled(y, s, np.full(F, np.nan))
+    assert math.isnan(value) and n == 0

@@ -1,0 +1,315 @@
+"""Paired tests: fast DeLong against a slow definition and the bootstrap, Holm, paired bootstrap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from rare_cxr.evaluation import bootstrap, paired
+from rare_cxr.evaluation.metrics import threshold_metrics
+from rare_cxr.findings import FINDINGS
+
+F = len(FINDINGS)
+HERNIA = FINDINGS.index("Hernia")
+PNEUMONIA = FINDINGS.index("Pneumonia")
+
+
+def slow_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong et al. 1988 from the O(m n) kernel psi(x, y) = [x > y] + [x == y] / 2."""
+    y = y.astype(bool)
+    k = scores.shape[0]
+    m, n = int(y.sum()), int((~y).sum())
+    v10 = np.empty((k, m))
+    v01 = np.empty((k, n))
+    for r in range(k):
+        x, z = scores[r, y], scores[r, ~y]
+        psi = (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])
+        v10[r] = psi.mean(axis=1)  # one per positive
+        v01[r] = psi.mean(axis=0)  # one per negative
+    auc = v10.mean(axis=1)
+    cov = np.empty((k, k))
+    for a in range(k):
+        for b in range(k):
+            s10 = np.sum((v10[a] - auc[a]) * (v10[b] - auc[b])) / (m - 1)
+            s01 = np.sum((v01[a] - auc[a]) * (v01[b] - auc[b])) / (n - 1)
+            cov[a, b] = s10 / m + s01 / n
+    return auc, cov
+
+
+def correlated_scores(n: int, seed: int, gap: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels `[n]` and two correlated score vectors `[2, n]` sharing an image effect."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    shared = rng.normal(size=n)  # how hard the image is, the same for both models
+    ref = 0.8 * y + shared + 0.7 * rng.normal(size=n)
+    model = (0.8 + gap) * y + shared + 0.7 * rng.normal(size=n)
+    return y, np.stack([model, ref])
+
+
+def cohort(n_patients: int = 50, per_patient: int = 3, seed: int = 0, gap: float = 0.0):
+    """14-finding test set: Hernia never present, Pneumonia in 3 images, ties on purpose."""
+    rng = np.random.default_rng(seed)
+    n = n_patients * per_patient
+    patients = np.repeat(np.arange(n_patients) + 1000, per_patient)
+    y = rng.random((n, F)) < np.linspace(0.1, 0.4, F)[None, :]
+    y[:, HERNIA] = False
+    y[:, PNEUMONIA] = False
+    y[[0, 40, 90], PNEUMONIA] = True
+    y = y.astype(np.int8)
+    shared = rng.normal(size=(n, F)) + rng.normal(size=(n_patients, 1)).repeat(per_patient, 0)
+    ref = np.round(0.8 * y + shared + 0.6 * rng.normal(size=(n, F)), 1)
+    model = np.round((0.8 + gap) * y + shared + 0.6 * rng.normal(size=(n, F)), 1)
+    thresholds = np.full(F, 0.5)
+    thresholds[PNEUMONIA] = np.nan  # as if validation had no positives
+    return y, model, ref, thresholds, patients
+
+
+# --- DeLong ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decimals", [None, 1])  # 1 decimal: many tied scores
+def test_fast_delong_equals_sklearn_auc_and_slow_structural_components(decimals):
+    y, s = correlated_scores(300, seed=1)
+    rng = np.random.default_rng(2)
+    s = np.vstack([s, s[0] + rng.normal(size=s.shape[1])])  # k = 3
+    if decimals is not None:
+        s = np.round(s, decimals)
+        assert len(np.unique(s[0])) < s.shape[1] / 2
+    auc, cov = paired.delong_covariance(y, s)
+    for r in range(3):
+        assert auc[r] == pytest.approx(roc_auc_score(y, s[r]), abs=1e-12)
+    slow_auc, slow_cov = slow_delong(y, s)
+    np.testing.assert_allclose(auc, slow_auc, atol=1e-12)
+    np.testing.assert_allclose(cov, slow_cov, rtol=1e-9, atol=1e-15)
+    assert np.all(np.linalg.eigvalsh(cov) > 0) and np.allclose(cov, cov.T)
+
+
+def test_delong_undefined_and_shape_errors():
+    s = np.arange(6.0)
+    auc, cov = paired.delong_covariance(np.zeros(6), s)
+    assert np.isnan(auc).all() and np.isnan(cov).all()
+    res = paired.delong_paired(np.ones(6), s, s[::-1])
+    assert all(np.isnan(v) for v in res.values())
+    one = paired.delong_paired(np.array([0, 0, 0, 1, 0, 0]), s, s[::-1])
+    assert one["delta"] == pytest.approx(0.6 - 0.4) and np.isnan(one["se"])
+    with pytest.raises(ValueError, match="scores"):
+        paired.delong_covariance(np.zeros(6), np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="same shape"):
+        paired.delong_paired(np.r_[0, 1, 0, 1, 0, 1], np.zeros((2, 6)), np.zeros(6))
+    with pytest.raises(ValueError, match="contrast"):
+        paired.delong_contrast(np.r_[0, 1, 0, 1, 0, 1], np.zeros((2, 6)), [1, -1, 0])
+
+
+def test_delong_paired_variance_matches_image_bootstrap_with_sklearn():
+    y, (model, ref) = correlated_scores(500, seed=7, gap=0.2)
+    res = paired.delong_paired(y, model, ref)
+    rng = np.random.default_rng(11)
+    both_y, both_s = np.stack([y, y], axis=1), np.stack([model, ref], axis=1)
+    deltas = []
+    for _ in range(2000):  # images drawn with replacement; both models scored on the same draw
+        idx = rng.integers(0, len(y), len(y))
+        auc_model, auc_ref = roc_auc_score(both_y[idx], both_s[idx], average=None)
+        deltas.append(auc_model - auc_ref)
+    boot_var = np.var(deltas, ddof=1)
+    assert res["se"] ** 2 == pytest.approx(boot_var, rel=0.15)
+    # ... and much smaller than if the two AUCs were independent: the pairing matters.
+    _, cov = paired.delong_covariance(y, np.stack([model, ref]))
+    assert res["se"] ** 2 < 0.7 * (cov[0, 0] + cov[1, 1])
+    assert res["delta"] == pytest.approx(res["auc_model"] - res["auc_ref"])
+
+
+def test_delong_identical_better_swapped_and_perfect():
+    y, (model, ref) = correlated_scores(400, seed=3, gap=1.2)
+    same = paired.delong_paired(y, ref, ref.copy())
+    assert same["delta"] == 0.0 and same["se"] == 0.0 and same["p_value"] == 1.0
+    assert same["ci_low"] == same["ci_high"] == 0.0
+    better = paired.delong_paired(y, model, ref)
+    assert better["p_value"] < 1e-3 and better["ci_low"] > 0
+    swapped = paired.delong_paired(y, ref, model)
+    assert swapped["delta"] == pytest.approx(-better["delta"])
+    assert swapped["ci_low"] == pytest.approx(-better["ci_high"])
+    assert swapped["ci_high"] == pytest.approx(-better["ci_low"])
+    assert swapped["p_value"] == pytest.approx(better["p_value"])
+    perfect = paired.delong_paired(y, y.astype(float), -y.astype(float))  # AUC 1 vs AUC 0
+    assert perfect["delta"] == 1.0 and perfect["se"] == 0.0 and perfect["p_value"] == 0.0
+
+
+def test_delong_seeds_are_the_mean_contrast():
+    y, (model, ref) = correlated_scores(300, seed=5, gap=0.3)
+    one = paired.delong_paired(y, model, ref)
+    assert paired.delong_paired(y, model[None], ref[None]) == one
+    twice = paired.delong_paired(y, np.stack([model, model]), np.stack([ref, ref]))
+    assert twice["delta"] == pytest.approx(one["delta"], abs=1e-12)
+    assert twice["se"] == pytest.approx(one["se"], rel=1e-9)
+    rng = np.random.default_rng(0)
+    seeds_m = model + 0.3 * rng.normal(size=(3, len(y)))
+    seeds_r = ref + 0.3 * rng.normal(size=(3, len(y)))
+    res = paired.delong_paired(y, seeds_m, seeds_r)
+    by_sklearn = np.mean(
+        [roc_auc_score(y, seeds_m[s]) - roc_auc_score(y, seeds_r[s]) for s in range(3)]
+    )
+    assert res["delta"] == pytest.approx(by_sklearn, abs=1e-12)
+    _, cov = paired.delong_covariance(y, np.vstack([seeds_m, seeds_r]))
+    c = np.r_[np.full(3, 1 / 3), np.full(3, -1 / 3)]
+    assert res["se"] == pytest.approx(np.sqrt(c @ cov @ c), rel=1e-9)
+    same = paired.delong_paired(y, seeds_m, seeds_m.copy())
+    assert same["delta"] == 0.0 and same["p_value"] == 1.0
+
+
+# --- Holm and the bootstrap p ----------------------------------------------------------------
+
+
+def test_holm_hand_worked_with_nans():
+    p = [0.01, np.nan, 0.04, 0.03, 0.005]
+    # m = 4 defined: 0.005*4 = 0.02; 0.01*3 = 0.03; 0.03*2 = 0.06; 0.04*1 = 0.04 -> max 0.06
+    np.testing.assert_allclose(paired.holm(p), [0.03, np.nan, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(paired.holm([0.5, 0.6, np.nan]), [1.0, 1.0, np.nan])
+    assert np.isnan(paired.holm([np.nan, np.nan])).all()
+    assert paired.holm([]).shape == (0,)
+
+
+def test_bootstrap_p_value_counts_both_tails():
+    # R = 4: P(<= 0) = (1 + 1) / 5, P(>= 0) = (3 + 1) / 5 -> p = 2 * 0.4
+    assert paired.bootstrap_p_value(np.array([-1.0, 1.0, 2.0, 3.0, np.nan])) == pytest.approx(0.8)
+    assert paired.bootstrap_p_value(np.zeros(10)) == 1.0
+    assert paired.bootstrap_p_value(np.ones(999)) == pytest.approx(2 / 1000)
+    assert np.isnan(paired.bootstrap_p_value(np.full(3, np.nan)))
+
+
+# --- paired patient bootstrap ----------------------------------------------------------------
+
+
+def expanded_macro(y, s, t, idx, metric):
+    """Macro of one model on the rows of a resample repeated `count` times, by scikit-learn."""
+    ye, se = y[idx], s[idx]
+    out = np.full(F, np.nan)
+    for i in range(F):
+        if metric == "auroc" and 0 < ye[:, i].sum() < len(ye):
+            out[i] = roc_auc_score(ye[:, i], se[:, i])
+        elif metric == "auprc" and ye[:, i].sum() > 0:
+            out[i] = average_precision_score(ye[:, i], se[:, i])
+        elif metric == "f1":
+            out[i] = threshold_metrics(ye[:, i], se[:, i], t[i])["f1"]
+    return out
+
+
+def test_paired_bootstrap_equals_expanded_resamples_scored_with_sklearn():
+    y, model, ref, t, patients = cohort(seed=2, gap=0.3)
+    rng = np.random.default_rng(9)
+    sm = np.stack([model, model + np.round(0.5 * rng.normal(size=model.shape), 1)])  # S = 2
+    sr = np.stack([ref, ref + np.round(0.5 * rng.normal(size=ref.shape), 1)])
+    tm = np.stack([t, t + 0.1])
+    tr = np.stack([t, t - 0.1])
+    tr[0, 2] = np.nan  # undefined for the reference only: that F1 leaves both macros
+    samples = paired.paired_bootstrap_samples(
+        y, sm, sr, tm, tr, patients, n_resamples=40, seed=123
+    )
+    w = next(bootstrap.patient_weights(patients, 40, 123))[:6]
+    n_undefined_pneumonia = 0
+    for r in range(len(w)):
+        idx = np.repeat(np.arange(len(y)), w[r].astype(int))
+        n_undefined_pneumonia += int(y[idx, PNEUMONIA].sum() == 0)
+        for metric in ("auroc", "auprc", "f1"):
+            per_seed = []
+            for s in range(2):
+                a = expanded_macro(y, sm[s], tm[s], idx, metric)
+                b = expanded_macro(y, sr[s], tr[s], idx, metric)
+                both = ~np.isnan(a) & ~np.isnan(b)
+                per_seed.append(a[both].mean() - b[both].mean())
+            assert samples[metric][r] == pytest.approx(np.mean(per_seed), abs=1e-10), (metric, r)
+    assert n_undefined_pneumonia >= 1  # the "defined for both" rule was exercised
+    assert all(v.shape == (40,) for v in samples.values())
+
+
+def test_paired_bootstrap_identical_better_and_swapped():
+    y, model, ref, t, patients = cohort(seed=4, gap=1.0)
+    same = paired.paired_bootstrap_macro(y, ref, ref.copy(), t, t, patients, n_resamples=50)
+    for m in ("auroc", "auprc", "f1"):
+        assert same[m]["delta"] == 0.0 and same[m]["p_value"] == 1.0
+        assert same[m]["ci_low"] == same[m]["ci_high"] == 0.0
+    kw = {"n_resamples": 2000, "seed": 1}
+    better = paired.paired_bootstrap_macro(y, model, ref, t, t, patients, **kw)
+    swapped = paired.paired_bootstrap_macro(y, ref, model, t, t, patients, **kw)
+    for m in ("auroc", "auprc"):
+        b, s = better[m], swapped[m]
+        assert b["p_value"] < 1e-3 and b["ci_low"] > 0 and b["n_resamples"] == 2000, m
+        assert s["delta"] == pytest.approx(-b["delta"])
+        assert s["ci_low"] == pytest.approx(-b["ci_high"])
+        assert s["ci_high"] == pytest.approx(-b["ci_low"])
+        assert s["p_value"] == pytest.approx(b["p_value"])
+    # The point estimate is the same statistic on the test set as is.
+    auc_m = [roc_auc_score(y[:, i], model[:, i]) for i in range(F) if i != HERNIA]
+    auc_r = [roc_auc_score(y[:, i], ref[:, i]) for i in range(F) if i != HERNIA]
+    assert better["auroc"]["delta"] == pytest.approx(np.mean(auc_m) - np.mean(auc_r))
+
+
+def test_paired_bootstrap_seed_axis():
+    y, model, ref, t, patients = cohort(seed=6, gap=0.2)
+    kw = {"n_resamples": 30, "seed": 3}
+    flat = paired.paired_bootstrap_macro(y, model, ref, t, t, patients, **kw)
+    one = paired.paired_bootstrap_macro(y, model[None], ref[None], t[None], t[None], patients, **kw)
+    assert one == flat
+    twice = paired.paired_bootstrap_macro(
+        y, np.stack([model, model]), np.stack([ref, ref]), np.stack([t, t]), np.stack([t, t]),
+        patients, **kw,
+    )  # fmt: skip
+    for m in ("auroc", "auprc", "f1"):
+        assert twice[m]["delta"] == flat[m]["delta"]
+        assert twice[m]["ci_low"] == pytest.approx(flat[m]["ci_low"])
+    with pytest.raises(ValueError, match="seeds"):
+        paired.paired_bootstrap_macro(y, np.stack([model, model]), ref, t, t, patients, **kw)
+    with pytest.raises(ValueError, match="patient_ids"):
+        paired.paired_bootstrap_macro(y, model, ref, t, t, patients[1:], **kw)
+
+
+# --- report rows -----------------------------------------------------------------------------
+
+
+def test_paired_comparison_rows():
+    y, model, ref, t, patients = cohort(seed=8, gap=0.5)
+    rows = paired.paired_comparison_rows(
+        "multiscale",
+        "singlescale",
+        y,
+        np.stack([model, model + 0.1]),
+        np.stack([ref, ref]),
+        np.stack([t, t]),
+        np.stack([t, t]),
+        patients,
+        n_resamples=50,
+        seed=0,
+        confidence=0.95,
+    )
+    assert list(rows.columns) == [
+        "model",
+        "reference",
+        "finding",
+        "metric",
+        "delta",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "p_holm",
+        "method",
+    ]
+    assert len(rows) == 3 + F
+    assert set(rows["finding"]) <= {*FINDINGS, "macro"}
+    assert (rows["model"] == "multiscale").all() and (rows["reference"] == "singlescale").all()
+    macro = rows[rows["finding"] == "macro"]
+    assert list(macro["metric"]) == ["auroc", "auprc", "f1"]
+    assert (macro["method"] == "paired patient bootstrap").all() and macro["p_holm"].isna().all()
+    per = rows[rows["finding"] != "macro"].set_index("finding")
+    assert list(per.index) == list(FINDINGS)
+    assert (per["metric"] == "auroc").all() and (per["method"] == "paired DeLong").all()
+    assert np.isnan(per.loc["Hernia", ["delta", "p_value", "p_holm"]].astype(float)).all()
+    np.testing.assert_allclose(per["p_holm"], paired.holm(per["p_value"].to_numpy()))
+    defined = per["p_value"].notna()
+    assert (per.loc[defined, "p_holm"] >= per.loc[defined, "p_value"]).all()
+    i = FINDINGS.index("Effusion")
+    expected = np.mean(
+        [roc_auc_score(y[:, i], model[:, i] + d) - roc_auc_score(y[:, i], ref[:, i]) for d in (0, 0.1)]
+    )
+    assert per.loc["Effusion", "delta"] == pytest.approx(expected)
+    assert isinstance(rows, pd.DataFrame)
