@@ -112,7 +112,10 @@ def check_full_report(reports: Path) -> str:
     assert set(metrics_all) == set(ALL_MODELS)
     assert metrics_all["multiscale_resnet"]["cost"]["scales"] == [16, 32]
     html = one(reports, "report.html/*/report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6 + len(ALL_MODELS)
+    assert html.count("data:image/png;base64,") == 8 + len(ALL_MODELS)  # figures + Grad-CAMs
+    for section in ("Paired comparison", "Long tail", "Subgroups", "Expert labels", "Sources"):
+        assert section in html, section
+    assert "Localisation on every boxed test image" not in html  # no boxes in this download
     for model in ALL_MODELS:
         assert model in html
     return html

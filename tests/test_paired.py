@@ -39,12 +39,17 @@ def slow_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def correlated_scores(n: int, seed: int, gap: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Labels `[n]` and two correlated score vectors `[2, n]` sharing an image effect."""
+    """Labels `[n]` and two correlated score vectors `[2, n]` sharing an image effect.
+
+    Positives are rare (15%) and their shared effect more spread out than the negatives', so
+    the positives' and negatives' structural components have different variances (a mix-up of
+    m and n in S10 / m + S01 / n would show).
+    """
     rng = np.random.default_rng(seed)
-    y = (rng.random(n) < 0.3).astype(int)
-    shared = rng.normal(size=n)  # how hard the image is, the same for both models
-    ref = 0.8 * y + shared + 0.7 * rng.normal(size=n)
-    model = (0.8 + gap) * y + shared + 0.7 * rng.normal(size=n)
+    y = (rng.random(n) < 0.15).astype(int)
+    shared = rng.normal(size=n) * (1.0 + 1.5 * y)  # how hard the image is, for both models
+    ref = 1.0 * y + shared + 0.7 * rng.normal(size=n)
+    model = (1.0 + gap) * y + shared + 0.7 * rng.normal(size=n)
     return y, np.stack([model, ref])
 
 
@@ -103,7 +108,7 @@ def test_delong_undefined_and_shape_errors():
 
 
 def test_delong_paired_variance_matches_image_bootstrap_with_sklearn():
-    y, (model, ref) = correlated_scores(500, seed=7, gap=0.2)
+    y, (model, ref) = correlated_scores(600, seed=2, gap=0.3)
     res = paired.delong_paired(y, model, ref)
     rng = np.random.default_rng(11)
     both_y, both_s = np.stack([y, y], axis=1), np.stack([model, ref], axis=1)
@@ -203,9 +208,7 @@ def test_paired_bootstrap_equals_expanded_resamples_scored_with_sklearn():
     tm = np.stack([t, t + 0.1])
     tr = np.stack([t, t - 0.1])
     tr[0, 2] = np.nan  # undefined for the reference only: that F1 leaves both macros
-    samples = paired.paired_bootstrap_samples(
-        y, sm, sr, tm, tr, patients, n_resamples=40, seed=123
-    )
+    samples = paired.paired_bootstrap_samples(y, sm, sr, tm, tr, patients, n_resamples=40, seed=123)
     w = next(bootstrap.patient_weights(patients, 40, 123))[:6]
     n_undefined_pneumonia = 0
     for r in range(len(w)):
@@ -252,9 +255,14 @@ def test_paired_bootstrap_seed_axis():
     one = paired.paired_bootstrap_macro(y, model[None], ref[None], t[None], t[None], patients, **kw)
     assert one == flat
     twice = paired.paired_bootstrap_macro(
-        y, np.stack([model, model]), np.stack([ref, ref]), np.stack([t, t]), np.stack([t, t]),
-        patients, **kw,
-    )  # fmt: skip
+        y,
+        np.stack([model, model]),
+        np.stack([ref, ref]),
+        np.stack([t, t]),
+        np.stack([t, t]),
+        patients,
+        **kw,
+    )
     for m in ("auroc", "auprc", "f1"):
         assert twice[m]["delta"] == flat[m]["delta"]
         assert twice[m]["ci_low"] == pytest.approx(flat[m]["ci_low"])
@@ -309,7 +317,10 @@ def test_paired_comparison_rows():
     assert (per.loc[defined, "p_holm"] >= per.loc[defined, "p_value"]).all()
     i = FINDINGS.index("Effusion")
     expected = np.mean(
-        [roc_auc_score(y[:, i], model[:, i] + d) - roc_auc_score(y[:, i], ref[:, i]) for d in (0, 0.1)]
+        [
+            roc_auc_score(y[:, i], model[:, i] + d) - roc_auc_score(y[:, i], ref[:, i])
+            for d in (0, 0.1)
+        ]
     )
     assert per.loc["Effusion", "delta"] == pytest.approx(expected)
     assert isinstance(rows, pd.DataFrame)

@@ -33,12 +33,13 @@ NIH_NAME = re.compile(r"^(\d{8})_(\d{3})\.png$")
 
 def write_phantom(root: Path, params: dict) -> dict:
     """Run the node and save its outputs the way the catalog does (NIH file names)."""
-    data_entry, train_val, test, bbox, images, summary = generate_phantom(params)
+    data_entry, train_val, test, bbox, expert, images, summary = generate_phantom(params)
     for name, text in (
         ("Data_Entry_2017_v2020.csv", data_entry),
         ("train_val_list.txt", train_val),
         ("test_list.txt", test),
         ("BBox_List_2017.csv", bbox),
+        ("google2019_nih-chest-xray-labels.csv", expert),
     ):
         RawTextDataset(filepath=str(root / name)).save(text)
     ImageFolderDataset(str(root)).save(images)
@@ -111,8 +112,8 @@ def test_another_seed_gives_another_dataset() -> None:
     a = generate_phantom(TINY)
     b = generate_phantom({**TINY, "seed": 8})
     assert a[0] != b[0]
-    first = sorted(a[4])[0]
-    assert a[4][first]().tobytes() != b[4][first]().tobytes()
+    first = sorted(a[5])[0]
+    assert a[5][first]().tobytes() != b[5][first]().tobytes()
 
 
 # --- NIH layout -------------------------------------------------------------------------

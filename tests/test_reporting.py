@@ -167,6 +167,15 @@ def test_params_are_validated_with_the_key_named():
         nodes.validate_reporting_params({"bootstrap": {"n_resamples": 0}})
     with pytest.raises(ValueError, match="unknown key"):
         nodes.validate_reporting_params({"bootsrap": {}})
+    # sub-blocks too: a typo must not be silently ignored
+    with pytest.raises(ValueError, match=r"reporting\.gradcam: unknown key\(s\) \['devcie'\]"):
+        nodes.validate_reporting_params({"gradcam": {"devcie": "cuda"}})
+    with pytest.raises(ValueError, match=r"reporting\.cost: unknown key"):
+        nodes.validate_reporting_params({"cost": {"batchsize": 2}})
+    with pytest.raises(ValueError, match=r"reporting\.long_tail\.head_min must be greater"):
+        nodes.validate_reporting_params({"long_tail": {"head_min": 0.01, "tail_max": 0.02}})
+    with pytest.raises(ValueError, match=r"reporting\.min_positives"):
+        nodes.validate_reporting_params({"min_positives": 0})
 
 
 def test_pipeline_per_model_namespaces_and_inputs():
@@ -182,6 +191,7 @@ def test_pipeline_per_model_namespaces_and_inputs():
         "image_cache",
         "image_index",
         "raw_bbox_list",
+        "raw_expert_labels",
         "params:reporting",
         *(
             f"{m}.{k}"
@@ -190,7 +200,7 @@ def test_pipeline_per_model_namespaces_and_inputs():
         ),
     }
     assert pipe.inputs() == expected
-    assert len(create_pipeline().nodes) == 5 * len(ALL_MODELS) + 13
+    assert len(create_pipeline().nodes) == 9 * len(ALL_MODELS) + 20
     with pytest.raises(ValueError, match="unknown model"):
         create_pipeline(models=["resnet9000"])
 

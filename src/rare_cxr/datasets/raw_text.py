@@ -51,8 +51,9 @@ class RawTextDataset(TextDataset):
         claim_phantom_folder(path.parent)
         if path.is_file():
             try:
-                unchanged = path.read_text(encoding="utf-8") == data
-            except (OSError, UnicodeDecodeError):
+                # bytes, not text: the expert file's \r\n would be normalised away by read_text
+                unchanged = path.read_bytes() == data.encode("utf-8")
+            except OSError:
                 unchanged = False
             if unchanged:
                 logger.debug("%s already holds this content; not rewritten", path)

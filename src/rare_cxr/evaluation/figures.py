@@ -242,3 +242,69 @@ def gradcam_panel(model_name: str, rows: Sequence[Mapping[str, Any]]) -> Figure:
             ax.set_yticks([])
     fig.suptitle(f"{model_name}: Grad-CAM on true positives of rare findings (test)")
     return fig
+
+
+def seed_spread(all_metrics: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """Each model's macro test AUROC and balanced accuracy, one dot per training seed.
+
+    Why: a difference between two models is only worth reading if it is larger than what a
+    different seed does to the same model; this figure shows that spread next to the means.
+    """
+    panels = (("auroc", "macro AUROC (test)"), ("balanced_accuracy", "macro balanced ACC (test)"))
+    models = list(all_metrics)
+    fig = Figure(figsize=(max(6.0, 1.6 * len(models) + 3), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for x, model in enumerate(models):
+            per_seed = all_metrics[model].get("per_seed") or {}
+            values = [
+                float(v["macro"][key])
+                for v in per_seed.values()
+                if v["macro"].get(key) is not None and math.isfinite(float(v["macro"][key]))
+            ]
+            if values:
+                jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else [0.0]
+                ax.scatter(x + np.asarray(jitter), values, s=22, zorder=3)
+                ax.hlines(np.mean(values), x - 0.25, x + 0.25, color="k", lw=1.5, zorder=4)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+        ax.set(title=title)
+        ax.grid(alpha=0.3, axis="y")
+    n = max((len(all_metrics[m].get("per_seed") or {}) for m in models), default=0)
+    fig.suptitle(
+        f"spread over training seeds (dots: seeds, bar: mean; up to {n} seeds)", fontsize=9
+    )
+    return fig
+
+
+def paired_forest(table: pd.DataFrame) -> Figure:
+    """Forest plot of `paired_comparison.csv`: each comparison's Δ (model − reference) with its
+    95% interval, macro rows on top; filled markers where the (Holm-corrected, for findings)
+    p-value is below 0.05. The dotted line is "no difference"."""
+    pairs = list(dict.fromkeys(zip(table["model"], table["reference"], strict=True)))
+    if not pairs:
+        fig = Figure(figsize=(6, 2), layout="constrained")
+        _note(fig.subplots(), "no comparison: the multi-scale model and a reference are needed")
+        return fig
+    rows_per = max(len(table[(table["model"] == m) & (table["reference"] == r)]) for m, r in pairs)
+    fig = Figure(figsize=(5.2 * len(pairs), 0.28 * rows_per + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(pairs), squeeze=False)[0]
+    for ax, (model, reference) in zip(axes, pairs, strict=True):
+        part = table[(table["model"] == model) & (table["reference"] == reference)]
+        labels = [
+            f"{'macro ' + r.metric.upper() if r.finding == 'macro' else r.finding + ' AUROC'}"
+            for r in part.itertuples()
+        ]
+        ypos = np.arange(len(part))[::-1]
+        for y, r in zip(ypos, part.itertuples(), strict=True):
+            if not math.isfinite(r.delta):
+                continue
+            p = r.p_value if r.finding == "macro" else r.p_holm
+            significant = p is not None and math.isfinite(p) and p < 0.05
+            if math.isfinite(r.ci_low) and math.isfinite(r.ci_high):
+                ax.plot([r.ci_low, r.ci_high], [y, y], color="0.3", lw=1)
+            ax.plot(r.delta, y, "o", ms=5, mfc="C3" if significant else "white", mec="C3")
+        ax.axvline(0, color="0.5", ls=":", lw=1)
+        ax.set_yticks(ypos, labels, fontsize=7)
+        ax.set(title=f"{model} − {reference}", xlabel="Δ (model − reference)")
+        ax.grid(alpha=0.3, axis="x")
+    return fig

@@ -543,7 +543,7 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
             "ci_low": r["ci_low"],
             "ci_high": r["ci_high"],
             "p_value": r["p_value"],
-            "p_holm": float(per[i]["p_value"]),
+            "p_holm": float(adjusted[i]),
             "method": "paired DeLong",
         }
         for i, (f, r) in enumerate(zip(FINDINGS, per, strict=True))

@@ -108,6 +108,7 @@ def render_report(
     undefined: Mapping[str, Mapping[str, list[str]]],
     params: Mapping[str, Any],
     lineage: Mapping[str, Mapping[str, Any]] | None = None,
+    sections: list[tuple[str, str, pd.DataFrame]] | None = None,
 ) -> str:
     """The HTML text of the report. `figures`: key -> (caption, PNG bytes or base64)."""
     e = html.escape
@@ -134,6 +135,9 @@ def render_report(
         "<h2>Per-finding test AUROC</h2>",
         _table(per_finding_auroc),
     ]
+    for title_text, explanation, table in sections or []:
+        parts.append(f"<h2>{e(title_text)}</h2><p>{e(explanation)}</p>")
+        parts.append(_table(table))
     for key, (caption, png) in figures.items():
         parts.append(
             f"<h3 id='{e(key)}'>{e(caption)}</h3><img alt='{e(key)}' src='{png_data_uri(png)}'>"

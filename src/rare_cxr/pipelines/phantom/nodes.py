@@ -29,7 +29,7 @@ from rare_cxr.phantom import (
     split_patients,
     validate_params,
 )
-from rare_cxr.phantom.writer import bbox_csv, data_entry_csv, image_list
+from rare_cxr.phantom.writer import bbox_csv, data_entry_csv, expert_labels_csv, image_list
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +65,14 @@ def phantom_fingerprint(config: Any) -> str:
 
 def generate_phantom(
     params: dict[str, Any],
-) -> tuple[str, str, str, str, dict[str, Callable[[], np.ndarray]], dict[str, Any]]:
+) -> tuple[str, str, str, str, str, dict[str, Callable[[], np.ndarray]], dict[str, Any]]:
     """Synthetic chest radiographs in the NIH layout.
 
     Returns the texts of `Data_Entry_2017_v2020.csv`, `train_val_list.txt`, `test_list.txt`,
-    `BBox_List_2017.csv`, the `{image_id: render callable}` mapping for `raw_images`, and a
-    small summary (counts, prevalences) that says, in so many words, that the data is synthetic.
+    `BBox_List_2017.csv`, the Google 2019 expert-label file (the planted truth, while
+    `label_noise` perturbs Data_Entry), the `{image_id: render callable}` mapping for
+    `raw_images`, and a small summary (counts, prevalences) that says, in so many words, that
+    the data is synthetic.
     """
     config = validate_params(params)
     if not config.enabled:
@@ -133,6 +135,7 @@ def generate_phantom(
         image_list(train_val_ids),
         image_list(test_ids),
         bbox_csv(boxes),
+        expert_labels_csv(plans, size, set(test_ids)),
         images,
         summary,
     )

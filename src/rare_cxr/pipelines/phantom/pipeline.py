@@ -18,6 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "raw_train_val_list",
                     "raw_test_list",
                     "raw_bbox_list",
+                    "raw_expert_labels",
                     "raw_images",
                     "phantom_summary",
                 ],

@@ -17,13 +17,28 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rare_cxr.evaluation import bootstrap, cam, cost, figures, metrics, report_html
+from rare_cxr.evaluation import (
+    bootstrap,
+    cam,
+    cost,
+    expert,
+    figures,
+    localisation,
+    longtail,
+    metrics,
+    paired,
+    report_html,
+    subgroups,
+)
 from rare_cxr.findings import FINDINGS, finding_index
 
 logger = logging.getLogger(__name__)
 
 REPORTING_KEYS = {
     "models",
+    "min_positives",
+    "long_tail",
+    "subgroups",
     "threshold_method",
     "bootstrap",
     "rare_findings",
@@ -67,26 +82,70 @@ def validate_reporting_params(params: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"reporting.rare_findings.n_rarest: expected 1..{len(FINDINGS)}, got {nr!r}"
         )
+    min_positives = params.get("min_positives", 10)
+    if not isinstance(min_positives, int) or isinstance(min_positives, bool) or min_positives < 1:
+        raise ValueError(
+            f"reporting.min_positives: expected an integer >= 1, got {min_positives!r}"
+        )
+    long_tail = {"head_min": 0.10, "tail_max": 0.036, "specificities": [0.90, 0.95]}
+    long_tail.update(_known_block(params, "long_tail", long_tail))
+    for key in ("head_min", "tail_max"):
+        value = long_tail[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(
+                f"reporting.long_tail.{key}: expected a training prevalence in [0, 1], "
+                f"got {value!r}"
+            )
+    if not long_tail["head_min"] > long_tail["tail_max"]:
+        raise ValueError(
+            "reporting.long_tail.head_min must be greater than reporting.long_tail.tail_max, "
+            f"got {long_tail['head_min']} and {long_tail['tail_max']}"
+        )
+    specs = long_tail["specificities"]
+    if (
+        not isinstance(specs, list)
+        or not specs
+        or not all(isinstance(v, int | float) and 0 < v < 1 for v in specs)
+    ):
+        raise ValueError(
+            "reporting.long_tail.specificities: expected a list of numbers in (0, 1), "
+            f"got {specs!r}"
+        )
+    subgroup_cfg = {"age_edges": [0, 18, 40, 60, 80, 200]}
+    subgroup_cfg.update(_known_block(params, "subgroups", subgroup_cfg))
     return {
         "threshold_method": method,
+        "min_positives": int(min_positives),
+        "long_tail": long_tail,
+        "subgroups": subgroup_cfg,
         "bootstrap": {
             "n_resamples": n,
             "seed": int(boot.get("seed", 0)),
             "confidence": float(conf),
         },
         "rare_findings": {"max_prevalence": mp, "n_rarest": nr},
-        "cost": {
-            "batch_size": 8,
-            "n_batches": 3,
-            "warmup_batches": 1,
-            "device": "cpu",
-            **dict(params.get("cost", {})),
-        },
-        "gradcam": {"examples_per_finding": 1, "device": "cpu", **dict(params.get("gradcam", {}))},
+        # unknown sub-keys are rejected: a typo such as `gradcam.devcie` must not be ignored
+        "cost": {**COST_DEFAULTS, **_known_block(params, "cost", COST_DEFAULTS)},
+        "gradcam": {**GRADCAM_DEFAULTS, **_known_block(params, "gradcam", GRADCAM_DEFAULTS)},
         "reliability_bins": int(params.get("reliability_bins", 10)),
         "data_source": str(params.get("data_source", "")),
         "title": str(params.get("title", "rare-cxr report")),
     }
+
+
+COST_DEFAULTS = {"batch_size": 8, "n_batches": 3, "warmup_batches": 1, "device": "cpu"}
+GRADCAM_DEFAULTS = {"examples_per_finding": 1, "device": "cpu"}
+
+
+def _known_block(params: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict:
+    """`params[name]` as a dict whose keys must all be in `defaults` (errors name the key)."""
+    block = params.get(name) or {}
+    if not isinstance(block, Mapping):
+        raise ValueError(f"reporting.{name}: expected a mapping, got {block!r}")
+    unknown = sorted(set(block) - set(defaults))
+    if unknown:
+        raise ValueError(f"reporting.{name}: unknown key(s) {unknown}; known: {sorted(defaults)}")
+    return dict(block)
 
 
 # --- shared, once per run -------------------------------------------------------------------
@@ -411,6 +470,169 @@ def _seed_summary(per_seed: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _test_table(
+    predictions: pd.DataFrame, labels: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids, patient ids, y, scores) of the primary seed's test rows."""
+    ids, patients, y, s = metrics.split_arrays(predictions, labels, "test")
+    if len(y) == 0:
+        raise ValueError("predictions: no 'test' rows; the report is computed on test")
+    return ids, patients, y, s
+
+
+def long_tail_metrics(
+    predictions: pd.DataFrame,
+    labels: pd.DataFrame,
+    splits: pd.DataFrame,
+    thresholds: Mapping[str, Any],
+    reporting: Mapping[str, Any],
+) -> dict[str, Any]:
+    """NIH-CXR-LT's view of one model: head/medium/tail groups by training prevalence (with
+    patient-bootstrap intervals of the group means), balanced accuracy, specificity and
+    sensitivity at fixed specificities per finding, and a reliability flag per finding."""
+    cfg = validate_reporting_params(reporting)
+    lt = cfg["long_tail"]
+    train_ids = set(splits.loc[splits["split"].astype(str) == "train", "image_id"].astype(str))
+    train = labels[labels["image_id"].astype(str).isin(train_ids)]
+    n_train = max(len(train), 1)
+    train_positives = {f: int(train[f].sum()) for f in FINDINGS}
+    # prevalence cut-offs as counts: count >= ceil(p * n)  <=>  count / n >= p for integers
+    head_min = math.ceil(lt["head_min"] * n_train)
+    tail_max = min(math.ceil(lt["tail_max"] * n_train), head_min - 1)
+    _, patients, y, s = _test_table(predictions, labels)
+    t = _seed_thresholds(thresholds, None)
+    per_finding, groups = longtail.long_tail_tables(
+        y,
+        s,
+        t,
+        train_positives,
+        patients,
+        head_min=head_min,
+        tail_max=max(tail_max, 0),
+        min_positives=cfg["min_positives"],
+        specificities=lt["specificities"],
+        **cfg["bootstrap"],
+    )
+    return metrics.to_jsonable(
+        {
+            "cutoffs": {
+                "head_min_prevalence": lt["head_min"],
+                "tail_max_prevalence": lt["tail_max"],
+                "train_images": n_train,
+            },
+            "per_finding": per_finding.to_dict(orient="records"),
+            "groups": groups.to_dict(orient="records"),
+        }
+    )
+
+
+def subgroup_metrics(
+    predictions: pd.DataFrame, labels: pd.DataFrame, reporting: Mapping[str, Any]
+) -> dict[str, Any]:
+    """AUROC per finding and macro by sex, view and age band, with patient-bootstrap intervals
+    computed within each subgroup (test split, primary seed)."""
+    cfg = validate_reporting_params(reporting)
+    ids, _, y, s = _test_table(predictions, labels)
+    meta = labels.assign(image_id=labels["image_id"].astype(str)).set_index("image_id")
+    meta = meta.loc[ids, ["sex", "age", "view", "patient_id"]].reset_index(drop=True)
+    table = subgroups.subgroup_aurocs(
+        y, s, meta, age_edges=cfg["subgroups"]["age_edges"], **cfg["bootstrap"]
+    )
+    return metrics.to_jsonable({"rows": table.to_dict(orient="records")})
+
+
+def expert_label_metrics(
+    predictions: pd.DataFrame,
+    labels: pd.DataFrame,
+    raw_expert_labels: str,
+    reporting: Mapping[str, Any],
+) -> dict[str, Any]:
+    """AUROC against NIH's text-mined labels and against the Google 2019 expert labels, on the
+    same test images, with patient-bootstrap intervals (primary seed). The mapping of the 14
+    findings to the experts' 4 is `rare_cxr.evaluation.expert.NIH_SOURCES`. Without the
+    (optional) expert file: no rows, and the reason."""
+    cfg = validate_reporting_params(reporting)
+    if not raw_expert_labels or not raw_expert_labels.strip():
+        return {"rows": [], "note": "no expert-label file in the data root (it is optional)"}
+    table = expert.expert_comparison(
+        metrics.seed_rows(predictions[predictions["split"].astype(str) == "test"]),
+        labels,
+        expert.parse_expert_labels(raw_expert_labels),
+        **cfg["bootstrap"],
+    )
+    return metrics.to_jsonable({"rows": table.to_dict(orient="records"), "note": ""})
+
+
+def localisation_metrics(
+    *,
+    checkpoint: Mapping[str, Any],
+    predictions: pd.DataFrame,
+    labels: pd.DataFrame,
+    image_cache: Any,
+    image_index: pd.DataFrame,
+    raw_bbox_list: str,
+    reporting: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Grad-CAM on EVERY boxed test image (NIH's BBox_List, or the phantom's boxes), per box
+    finding and per CAM layer (one per scale for the multi-scale model): is the map's maximum
+    inside the box (pointing game), and which share of its energy lies inside. Records, one
+    per (image, box, layer); `build_localisation_table` adds patient-bootstrap intervals."""
+    cfg = validate_reporting_params(reporting)
+    boxes = _bbox_table(raw_bbox_list)
+    name = str(checkpoint.get("metadata", {}).get("model_spec", {}).get("name", "model"))
+    if boxes.empty:
+        return {"records": [], "note": "no bounding boxes (BBox_List_2017.csv absent)"}
+    test = image_cache.split("test")
+    position = {i: k for k, i in enumerate(test.table["image_id"].astype(str))}
+    sizes = image_index.set_index(image_index["image_id"].astype(str))
+    boxes = boxes[boxes["image_id"].astype(str).isin(position)]
+    device = _device(cfg["gradcam"]["device"])
+    model = _load_model(checkpoint).to(device)
+    patient_of = dict(
+        zip(test.table["image_id"].astype(str), test.table["patient_id"], strict=True)
+    )
+    records = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(boxes), desc=f"{name} localisation", unit="box", disable=len(boxes) < 50)
+    for finding, part in boxes.groupby("finding", sort=True):
+        rows = list(part.itertuples(index=False))
+        for start in range(0, len(rows), 16):  # batched Grad-CAM, one finding at a time
+            chunk = rows[start : start + 16]
+            images = np.stack([np.asarray(test.images[position[str(r.image_id)]]) for r in chunk])
+            x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None].to(device)
+            maps = cam.grad_cam(model, x, FINDINGS.index(str(finding)))
+            for k, r in enumerate(chunk):
+                width = float(sizes.loc[str(r.image_id), "width"])
+                height = float(sizes.loc[str(r.image_id), "height"])
+                box = localisation.rescale_box(
+                    (r.x, r.y, r.w, r.h), (width, height), images.shape[1:]
+                )
+                for layer, m in maps.items():
+                    heat = m[k].detach().cpu().numpy()
+                    records.append(
+                        {
+                            "model": name,
+                            "layer": layer,
+                            "finding": str(finding),
+                            "image_id": str(r.image_id),
+                            "patient_id": patient_of[str(r.image_id)],
+                            "hit": localisation.pointing_hit(heat, box),
+                            "energy": localisation.energy_in_box(heat, box),
+                        }
+                    )
+            bar.update(len(chunk))
+    bar.close()
+    return metrics.to_jsonable({"records": records, "note": ""})
+
+
+def _device(name: str) -> str:
+    """`auto` = cuda when available, else cpu (Grad-CAM over every boxed image wants a GPU)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def _load_model(checkpoint: Mapping[str, Any]) -> torch.nn.Module:
     from rare_cxr.pipelines.training.nodes import load_checkpoint_model
 
@@ -479,7 +701,8 @@ def gradcam_examples(
     cached radiograph; the BBox_List box (rescaled from the original image size) when one exists.
     """
     cfg = validate_reporting_params(reporting)["gradcam"]
-    model = _load_model(checkpoint).to(cfg["device"])
+    model_device = _device(cfg["device"])
+    model = _load_model(checkpoint).to(model_device)
     test = image_cache.split("test")
     position = {str(i): k for k, i in enumerate(test.table["image_id"].astype(str))}
     truth = labels.set_index(labels["image_id"].astype(str))
@@ -501,7 +724,7 @@ def gradcam_examples(
         for _, hit in hits.iterrows():
             k = position[hit["image_id"]]
             img = np.asarray(test.images[k])
-            x = torch.from_numpy(img.astype(np.float32) / 255.0)[None, None].to(cfg["device"])
+            x = torch.from_numpy(img.astype(np.float32) / 255.0)[None, None].to(model_device)
             maps = cam.grad_cam(model, x, FINDINGS.index(finding))
             box = None
             b = boxes[(boxes["image_id"] == hit["image_id"]) & (boxes["finding"] == finding)]
@@ -601,6 +824,136 @@ def dataframe_to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def build_long_tail_tables(**inputs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(`long_tail.csv`: model x group means with intervals, `long_tail_findings.csv`: model x
+    finding: group, balanced accuracy, specificity, sensitivity at fixed specificities,
+    reliable) from the per-model inputs named `<model>__long_tail`."""
+    groups, findings = [], []
+    for key, value in inputs.items():
+        model = key.rsplit("__", 1)[0]
+        groups += [{"model": model, **row} for row in value["groups"]]
+        findings += [{"model": model, **row} for row in value["per_finding"]]
+    return pd.DataFrame(groups), pd.DataFrame(findings)
+
+
+def build_localisation_table(
+    reporting: Mapping[str, Any], **inputs: Mapping[str, Any]
+) -> pd.DataFrame:
+    """`localisation.csv`: model x layer x finding pointing-game hit rate and in-box energy
+    share, with patient-bootstrap intervals (inputs named `<model>__localisation`)."""
+    cfg = validate_reporting_params(reporting)
+    records = [r for value in inputs.values() for r in value["records"]]
+    if not records:
+        return pd.DataFrame(columns=list(localisation.SUMMARY_COLUMNS))
+    return localisation.localisation_summary(pd.DataFrame(records), **cfg["bootstrap"])
+
+
+def build_expert_table(**inputs: Mapping[str, Any]) -> pd.DataFrame:
+    """`expert_labels.csv`: model x expert finding, AUROC against NIH's labels and against the
+    experts' on the same images (inputs named `<model>__expert_labels`)."""
+    rows = []
+    for key, value in inputs.items():
+        rows += [{"model": key.rsplit("__", 1)[0], **row} for row in value["rows"]]
+    return pd.DataFrame(rows)
+
+
+def build_subgroup_table(**inputs: Mapping[str, Any]) -> pd.DataFrame:
+    """`subgroups.csv`: model x attribute x subgroup x finding AUROC with intervals."""
+    rows = []
+    for key, value in inputs.items():
+        rows += [{"model": key.rsplit("__", 1)[0], **row} for row in value["rows"]]
+    return pd.DataFrame(rows)
+
+
+# The comparisons the study exists for: the multi-scale model against its single-scale ablation,
+# and every other baseline against the multi-scale model (delta = model - reference).
+MULTISCALE, SINGLE_SCALE = "multiscale_resnet", "resnet_single_scale"
+
+
+def comparison_pairs(models: list[str]) -> list[tuple[str, str]]:
+    """(model, reference) pairs among the models present."""
+    pairs = []
+    if MULTISCALE in models and SINGLE_SCALE in models:
+        pairs.append((MULTISCALE, SINGLE_SCALE))
+    if MULTISCALE in models:
+        pairs += [(m, MULTISCALE) for m in models if m not in (MULTISCALE, SINGLE_SCALE)]
+    return pairs
+
+
+def _seed_arrays(
+    predictions: pd.DataFrame,
+    thresholds: Mapping[str, Any],
+    labels: pd.DataFrame,
+    seeds: list[int | None],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids, patient ids, y [N,F], scores [S,N,F], thresholds [S,F]) on sorted test ids."""
+    scores, cutoffs, ids, patients, y = [], [], None, None, None
+    for seed in seeds:
+        seed_ids, seed_patients, seed_y, seed_s = metrics.split_arrays(
+            predictions, labels, "test", seed
+        )
+        order = np.argsort(seed_ids, kind="mergesort")
+        if ids is None:
+            ids, patients, y = seed_ids[order], seed_patients[order], seed_y[order]
+        elif not np.array_equal(seed_ids[order], ids):
+            raise ValueError("test images differ between seeds of one model")
+        scores.append(seed_s[order])
+        t = _seed_thresholds(thresholds, seed)
+        cutoffs.append([t[f] for f in FINDINGS])
+    return ids, patients, y, np.stack(scores), np.asarray(cutoffs, dtype=float)
+
+
+def paired_comparison(
+    labels: pd.DataFrame, reporting: Mapping[str, Any], **inputs: Any
+) -> pd.DataFrame:
+    """`paired_comparison.csv`: each model against its reference on the same test patients
+    and the same bootstrap resamples, seed by seed (seed s of one with seed s of the other),
+    combined over seeds: macro ΔAUROC/ΔAUPRC/ΔF1 by paired patient bootstrap, per-finding
+    ΔAUROC by paired DeLong with a Holm correction across findings.
+
+    Inputs are named `<model>__predictions` and `<model>__thresholds`. Why paired: two marginal
+    intervals can overlap while the paired difference excludes 0 (and the reverse), because the
+    models err on the same hard images; only the paired test answers "is A better than B".
+    """
+    cfg = validate_reporting_params(reporting)
+    preds = {k.rsplit("__", 1)[0]: v for k, v in inputs.items() if k.endswith("__predictions")}
+    cuts = {k.rsplit("__", 1)[0]: v for k, v in inputs.items() if k.endswith("__thresholds")}
+    frames = []
+    for model, reference in comparison_pairs(list(preds)):
+        seeds_m = metrics.prediction_seeds(preds[model])
+        seeds_r = metrics.prediction_seeds(preds[reference])
+        common = [s for s in seeds_m if s in seeds_r] if None not in seeds_m + seeds_r else [None]
+        if not common:
+            logger.warning(
+                "paired comparison %s vs %s skipped: no common training seed (%s vs %s)",
+                model,
+                reference,
+                seeds_m,
+                seeds_r,
+            )
+            continue
+        ids_m, patients, y, scores_m, t_m = _seed_arrays(preds[model], cuts[model], labels, common)
+        ids_r, _, _, scores_r, t_r = _seed_arrays(preds[reference], cuts[reference], labels, common)
+        if not np.array_equal(ids_m, ids_r):
+            raise ValueError(
+                f"{model} and {reference} were tested on different images; a paired "
+                "comparison needs the same test patients (same image cache)"
+            )
+        rows = paired.paired_comparison_rows(
+            model, reference, y, scores_m, scores_r, t_m, t_r, patients, **cfg["bootstrap"]
+        )
+        rows.insert(2, "seeds", len(common))
+        frames.append(rows)
+    if not frames:
+        return pd.DataFrame(columns=["model", "reference", "seeds", *paired.ROW_COLUMNS[2:]])
+    return pd.concat(frames, ignore_index=True)
+
+
+def plot_paired_forest(paired_comparison: pd.DataFrame) -> Any:
+    """Forest plot of the paired differences (one panel per comparison)."""
+    return figures.paired_forest(paired_comparison)
+
+
 def build_per_finding_auroc(all_metrics: Mapping[str, Any]) -> pd.DataFrame:
     """Models x findings test AUROC (CheXNet layout); empty cell = undefined."""
     rows = []
@@ -658,14 +1011,26 @@ def _test_arrays(labels: pd.DataFrame, predictions: Mapping[str, pd.DataFrame]):
     return (y if y is not None else np.zeros((0, len(FINDINGS)))), scores
 
 
+def _primary_seed(history: pd.DataFrame) -> pd.DataFrame:
+    """The history of the primary (first) seed: the curves are one training's epochs."""
+    if "seed" not in history.columns or history.empty:
+        return history
+    return history[history["seed"] == history["seed"].iloc[0]]
+
+
 def plot_validation_curves(**histories: pd.DataFrame) -> Any:
-    """Figure 2: validation ACC and AUROC per epoch, all models."""
-    return figures.validation_curves(histories)
+    """Figure 2: validation ACC and AUROC per epoch, all models (primary seed)."""
+    return figures.validation_curves({m: _primary_seed(h) for m, h in histories.items()})
 
 
 def plot_training_loss(**histories: pd.DataFrame) -> Any:
-    """Training/validation loss per epoch, all models."""
-    return figures.training_loss_curves(histories)
+    """Training/validation loss per epoch, all models (primary seed)."""
+    return figures.training_loss_curves({m: _primary_seed(h) for m, h in histories.items()})
+
+
+def plot_seed_spread(all_metrics: Mapping[str, Any]) -> Any:
+    """Each model's test macro AUROC / balanced ACC per training seed."""
+    return figures.seed_spread({m: b["metrics"] for m, b in all_metrics.items()})
 
 
 def plot_roc_curves(labels: pd.DataFrame, **predictions: pd.DataFrame) -> Any:
@@ -699,6 +1064,9 @@ FIGURE_CAPTIONS = {
     "roc_curves": "ROC curves per finding (test)",
     "pr_curves": "Precision-recall curves per finding (test)",
     "reliability_diagram": "Reliability diagram (test)",
+    "seed_spread": "Spread over training seeds (dots) and their mean (bar)",
+    "paired_forest": "Paired comparison: Δ (model − reference) with 95% intervals "
+    "(filled: p < 0.05, Holm-corrected for findings)",
 }
 
 
@@ -711,6 +1079,12 @@ def render_report(
     rare_findings: Mapping[str, Any],
     data_summary: Mapping[str, Any],
     reporting: Mapping[str, Any],
+    paired_comparison: pd.DataFrame | None = None,
+    expert_labels: pd.DataFrame | None = None,
+    localisation: pd.DataFrame | None = None,
+    long_tail: pd.DataFrame | None = None,
+    long_tail_findings: pd.DataFrame | None = None,
+    subgroups: pd.DataFrame | None = None,
     **pngs: bytes,
 ) -> str:
     """report.html: tables, every saved figure (PNG bytes of this run), definitions, data, params.
@@ -752,4 +1126,102 @@ def render_report(
         undefined=undefined,
         params=params,
         lineage=lineage,
+        sections=_paired_section(paired_comparison)
+        + _analysis_sections(long_tail, long_tail_findings, subgroups, cfg["min_positives"])
+        + _label_and_box_sections(expert_labels, localisation),
     )
+
+
+def _paired_section(table: pd.DataFrame | None) -> list[tuple[str, str, pd.DataFrame]]:
+    if table is None or not len(table):
+        return []
+    return [
+        (
+            "Paired comparison",
+            "Each model minus its reference on the same test patients and the same bootstrap "
+            "resamples (paired patient bootstrap for the macro rows; paired DeLong per finding, "
+            "Holm-corrected across findings in p_holm). With several seeds, seed s of one model "
+            "is paired with seed s of the other and the differences are averaged over seeds. "
+            "Read a difference as real only if its interval excludes 0 (p_holm < 0.05 for a "
+            "finding) — and, with several seeds, if the per-seed dots of the seed figure agree. "
+            "Overlapping marginal intervals in Table 1 do not mean 'no difference', and "
+            "separate ones do not prove one.",
+            _round(table),
+        )
+    ]
+
+
+def _label_and_box_sections(
+    expert_table: pd.DataFrame | None, localisation_table: pd.DataFrame | None
+) -> list[tuple[str, str, pd.DataFrame]]:
+    out: list[tuple[str, str, pd.DataFrame]] = []
+    if expert_table is not None and len(expert_table):
+        out.append(
+            (
+                "Expert labels (Google 2019) against NIH's labels",
+                "The same test images scored against NIH's text-mined labels and against "
+                "radiologists' labels for 4 findings: Pneumothorax; Nodule or mass = max(Nodule, "
+                "Mass); Airspace opacity = max(Consolidation, Infiltration, Pneumonia, Edema); "
+                "Fracture has no NIH finding. A gap between the two AUROCs is what label noise "
+                "does to the measured numbers. On the phantom the expert file holds the planted "
+                "truth and phantom.label_noise perturbs only NIH-style labels.",
+                _round(expert_table),
+            )
+        )
+    if localisation_table is not None and len(localisation_table):
+        out.append(
+            (
+                "Localisation on every boxed test image",
+                "Per model, CAM layer (one per scale for the multi-scale model) and finding: "
+                "hit rate = share of boxes containing the Grad-CAM maximum (pointing game); "
+                "energy = mean share of the map inside the box; 95% patient-bootstrap "
+                "intervals. undecided = all-zero maps.",
+                _round(localisation_table),
+            )
+        )
+    return out
+
+
+def _round(df: pd.DataFrame) -> pd.DataFrame:
+    return df.round(3) if df is not None else df
+
+
+def _analysis_sections(
+    long_tail: pd.DataFrame | None,
+    long_tail_findings: pd.DataFrame | None,
+    subgroup_table: pd.DataFrame | None,
+    min_positives: int,
+) -> list[tuple[str, str, pd.DataFrame]]:
+    """(title, explanation, table) blocks of the report's analysis part, in reading order."""
+    out: list[tuple[str, str, pd.DataFrame]] = []
+    if long_tail is not None and len(long_tail):
+        out.append(
+            (
+                "Long tail: head / medium / tail findings",
+                "Findings grouped by training prevalence (reporting.long_tail); group means of "
+                "AUROC, AUPRC and balanced accuracy (0.5 = a model that says 'absent' "
+                "everywhere), with 95% patient-bootstrap intervals of the group mean.",
+                _round(long_tail),
+            )
+        )
+    if long_tail_findings is not None and len(long_tail_findings):
+        out.append(
+            (
+                "Per finding: balanced accuracy, specificity, sensitivity at fixed specificity",
+                f"reliable = at least {min_positives} test positives; cells of findings with "
+                "fewer are estimates from a handful of cases and their intervals are not to be "
+                "trusted (reporting.min_positives).",
+                _round(long_tail_findings),
+            )
+        )
+    if subgroup_table is not None and len(subgroup_table):
+        macro = subgroup_table[subgroup_table["finding"] == "macro"]
+        out.append(
+            (
+                "Subgroups: macro AUROC by sex, view and age band",
+                "Per-finding rows are in subgroups.csv. View (AP/PA) is confounded with "
+                "illness in NIH: AP films come from sicker, often bedridden patients.",
+                _round(macro),
+            )
+        )
+    return out

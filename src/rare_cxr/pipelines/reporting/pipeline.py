@@ -28,6 +28,7 @@ ALL_MODELS: tuple[str, ...] = (
     "efficientnet_b0",
 )
 SHARED_INPUTS = {
+    "raw_expert_labels",
     "labels",
     "splits",
     "image_cache",
@@ -42,6 +43,8 @@ FIGURES = (
     "roc_curves",
     "pr_curves",
     "reliability_diagram",
+    "seed_spread",
+    "paired_forest",
 )
 
 
@@ -78,6 +81,45 @@ def _model_pipeline() -> Pipeline:
                 "metrics",
                 name="evaluate_model",
                 tags=["metrics"],
+            ),
+            Node(
+                nodes.long_tail_metrics,
+                [
+                    "verified_predictions",
+                    "labels",
+                    "splits",
+                    "thresholds",
+                    "params:reporting",
+                ],
+                "long_tail",
+                name="long_tail_metrics",
+                tags=["metrics", "long_tail"],
+            ),
+            Node(
+                nodes.expert_label_metrics,
+                ["verified_predictions", "labels", "raw_expert_labels", "params:reporting"],
+                "expert_labels",
+                name="expert_label_metrics",
+                tags=["metrics", "expert_labels"],
+            ),
+            Node(
+                nodes.localisation_metrics,
+                {
+                    "checkpoint": "checkpoint",
+                    "predictions": "verified_predictions",
+                    **{k: k for k in ("labels", "image_cache", "image_index", "raw_bbox_list")},
+                    "reporting": "params:reporting",
+                },
+                "localisation",
+                name="localisation_metrics",
+                tags=["figures", "localisation"],
+            ),
+            Node(
+                nodes.subgroup_metrics,
+                ["verified_predictions", "labels", "params:reporting"],
+                "subgroups",
+                name="subgroup_metrics",
+                tags=["metrics", "subgroups"],
             ),
             Node(
                 nodes.measure_cost,
@@ -153,8 +195,27 @@ def create_pipeline(models: list[str] | None = None, **kwargs: object) -> Pipeli
     histories = {m: f"{m}.verified_history" for m in models}
     predictions = {m: f"{m}.verified_predictions" for m in models}
     metric_inputs = {f"{m}__{k}": f"{m}.{k}" for m in models for k in ("metrics", "cost")}
+    long_tail_inputs = {f"{m}__long_tail": f"{m}.long_tail" for m in models}
+    subgroup_inputs = {f"{m}__subgroups": f"{m}.subgroups" for m in models}
+    paired_inputs = {
+        "labels": "labels",
+        "reporting": "params:reporting",
+        **{f"{m}__predictions": f"{m}.verified_predictions" for m in models},
+        **{f"{m}__thresholds": f"{m}.thresholds" for m in models},
+    }
+    localisation_inputs = {
+        "reporting": "params:reporting",
+        **{f"{m}__localisation": f"{m}.localisation" for m in models},
+    }
+    expert_inputs = {f"{m}__expert_labels": f"{m}.expert_labels" for m in models}
     report_inputs = {
         "all_metrics": "metrics_all",
+        "localisation": "localisation_table",
+        "expert_labels": "expert_label_table",
+        "paired_comparison": "paired_comparison",
+        "long_tail": "long_tail_table",
+        "long_tail_findings": "long_tail_findings",
+        "subgroups": "subgroup_table",
         "table1": "table1",
         "per_finding_auroc": "per_finding_auroc",
         "rare_findings_table": "rare_findings_table",
@@ -169,6 +230,52 @@ def create_pipeline(models: list[str] | None = None, **kwargs: object) -> Pipeli
         # purpose; Kedro warns about any dotted name outside a namespace.
         warnings.filterwarnings("ignore", message="One or more dataset names contain")
         combined = _combined_pipeline(histories, predictions, metric_inputs, report_inputs)
+        combined += Pipeline(
+            [
+                Node(
+                    nodes.build_long_tail_tables,
+                    long_tail_inputs,
+                    ["long_tail_table", "long_tail_findings"],
+                    name="build_long_tail_tables",
+                    tags=["tables", "long_tail"],
+                ),
+                Node(
+                    nodes.build_localisation_table,
+                    localisation_inputs,
+                    "localisation_table",
+                    name="build_localisation_table",
+                    tags=["tables", "localisation"],
+                ),
+                Node(
+                    nodes.build_expert_table,
+                    expert_inputs,
+                    "expert_label_table",
+                    name="build_expert_table",
+                    tags=["tables", "expert_labels"],
+                ),
+                Node(
+                    nodes.paired_comparison,
+                    paired_inputs,
+                    "paired_comparison",
+                    name="paired_comparison",
+                    tags=["metrics", "paired"],
+                ),
+                Node(
+                    nodes.plot_paired_forest,
+                    "paired_comparison",
+                    "paired_forest",
+                    name="plot_paired_forest",
+                    tags=["figures", "paired"],
+                ),
+                Node(
+                    nodes.build_subgroup_table,
+                    subgroup_inputs,
+                    "subgroup_table",
+                    name="build_subgroup_table",
+                    tags=["tables", "subgroups"],
+                ),
+            ]
+        )
     return Pipeline(per_model + combined, tags=["reporting"])
 
 
@@ -263,6 +370,13 @@ def _combined_pipeline(
                 {"labels": "labels", "reporting": "params:reporting", **predictions},
                 "reliability_diagram",
                 name="plot_reliability",
+                tags=["figures"],
+            ),
+            Node(
+                nodes.plot_seed_spread,
+                "metrics_all",
+                "seed_spread",
+                name="plot_seed_spread",
                 tags=["figures"],
             ),
             Node(
