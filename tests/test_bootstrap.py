@@ -75,3 +75,45 @@ def test_bad_parameters_are_named():
         bootstrap.bootstrap_intervals(y, s, np.zeros(14), patients, n_resamples=0)
     with pytest.raises(ValueError, match="confidence"):
         bootstrap.bootstrap_intervals(y, s, np.zeros(14), patients, confidence=1.5)
+
+
+def test_bootstrap_samples_equal_expanded_rows_scored_by_sklearn_and_intervals_nanquantile():
+    """Independent reference: turn each resample's patient counts into repeated rows (a
+    patient drawn twice appears twice) and score them with scikit-learn."""
+    from sklearn.metrics import f1_score
+
+    y, s, patients = data()
+    thresholds = np.full(len(FINDINGS), 0.5)
+    thresholds[FINDINGS.index("Edema")] = np.nan
+    samples = bootstrap.bootstrap_samples(y, s, thresholds, patients, n_resamples=30, seed=5)
+    weights = np.concatenate(list(bootstrap.patient_weights(patients, 30, 5)))
+    reference = {"auroc": [], "auprc": [], "f1": []}
+    for w in weights:
+        rows = np.repeat(np.arange(len(y)), w.astype(int))
+        yy, ss = y[rows], s[rows]
+        for name, score in (("auroc", roc_auc_score), ("auprc", average_precision_score)):
+            reference[name].append(
+                [
+                    score(yy[:, i], ss[:, i]) if 0 < yy[:, i].sum() < len(yy) else np.nan
+                    for i in range(len(FINDINGS))
+                ]
+            )
+        reference["f1"].append(
+            [
+                f1_score(yy[:, i], ss[:, i] >= thresholds[i])
+                if yy[:, i].any() and not np.isnan(thresholds[i])
+                else np.nan
+                for i in range(len(FINDINGS))
+            ]
+        )
+    for name, values in reference.items():
+        np.testing.assert_allclose(samples[name], np.array(values), rtol=1e-9, atol=1e-12)
+    # the reported interval is the percentile interval of exactly these samples
+    ci = bootstrap.bootstrap_intervals(y, s, thresholds, patients, n_resamples=30, seed=5)
+    auroc = np.array(reference["auroc"])
+    for i, f in enumerate(FINDINGS):
+        if np.isfinite(auroc[:, i]).any():
+            want = np.nanquantile(auroc[:, i], [0.025, 0.975])
+            np.testing.assert_allclose(ci["per_finding"][f]["auroc"], want)
+    macro = np.nanmean(auroc, axis=1)
+    np.testing.assert_allclose(ci["macro"]["auroc"], np.nanquantile(macro, [0.025, 0.975]))

@@ -95,8 +95,11 @@ def test_reporting_nodes_on_hand_made_predictions():
     assert {"Specificity", "Balanced ACC", "Precision 0-filled"} <= set(table.columns)
     per = nodes.build_per_finding_auroc(all_metrics)
     assert per.shape == (2, len(FINDINGS) + 2) and per["Hernia"].isna().all()
-    rare_table = nodes.build_rare_findings_table(all_metrics, rare)
+    rare_table = nodes.build_rare_findings_table(all_metrics, rare, PARAMS)
     assert len(rare_table) == 10
+    few = rare_table["test positives"] < 10  # marked unreliable, not hidden
+    assert few.any() and rare_table.loc[few, "AUROC"].str.endswith("†").all()
+    assert not rare_table.loc[~few, "AUROC"].str.endswith("†").any()
     summary = nodes.summarise_data(labels, splits, "", PARAMS)
     assert summary["bounding_boxes"]["present"] is False  # the optional file is absent
     fig = figures.auroc_intervals({"a": m})

@@ -53,7 +53,21 @@ METRIC_EXPLANATIONS: list[tuple[str, str]] = [
     (
         "95% intervals",
         "Percentile bootstrap over patients (all images of a patient are "
-        "resampled together), thresholds fixed; the number of resamples and seed are below.",
+        "resampled together); the number of resamples and seed are below. The validation "
+        "thresholds stay fixed in every resample, so the F1, precision and recall intervals "
+        "EXCLUDE the thresholds' own uncertainty and are narrower than a re-tuned interval "
+        "would be.",
+    ),
+    (
+        "† (unreliable)",
+        "Fewer test positives than reporting.min_positives (10): a percentile interval from a "
+        "handful of positives prints as a narrow range that means little; read such cells as "
+        "anecdotes.",
+    ),
+    (
+        "Precision 0-filled",
+        "Findings that occur in test but that the model never predicts: their precision is "
+        "0/0; the macro precision counts them as 0, not as missing.",
     ),
     (
         "Undefined",

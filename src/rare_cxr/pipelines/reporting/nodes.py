@@ -970,14 +970,19 @@ def build_per_finding_auroc(all_metrics: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def build_rare_findings_table(
-    all_metrics: Mapping[str, Any], rare_findings: Mapping[str, Any]
+    all_metrics: Mapping[str, Any],
+    rare_findings: Mapping[str, Any],
+    reporting: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Rare block: AUROC/AUPRC/F1 with intervals per rare finding and model."""
+    """Rare block: AUROC/AUPRC/F1 with intervals per rare finding and model; a cell of a
+    finding with fewer than `reporting.min_positives` test positives ends in † (unreliable)."""
+    min_positives = validate_reporting_params(reporting or {})["min_positives"]
     rows = []
     for finding in rare_findings["findings"]:
         for model, both in all_metrics.items():
             per = both["metrics"]["test"]["per_finding"][finding]
             ci = both["metrics"]["intervals"]["per_finding"][finding]
+            mark = " †" if int(per["positives"]) < min_positives else ""
             rows.append(
                 {
                     "Finding": finding,
@@ -986,9 +991,9 @@ def build_rare_findings_table(
                         rare_findings["train_prevalence"].get(finding), digits=4
                     ),
                     "test positives": per["positives"],
-                    "AUROC": _fmt(per["auroc"], ci["auroc"]),
-                    "AUPRC": _fmt(per["auprc"], ci["auprc"]),
-                    "F1": _fmt(per["f1"], ci["f1"]),
+                    "AUROC": _fmt(per["auroc"], ci["auroc"]) + mark,
+                    "AUPRC": _fmt(per["auprc"], ci["auprc"]) + mark,
+                    "F1": _fmt(per["f1"], ci["f1"]) + mark,
                 }
             )
     return pd.DataFrame(rows)

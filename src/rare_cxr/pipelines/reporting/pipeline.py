@@ -325,7 +325,7 @@ def _combined_pipeline(
             ),
             Node(
                 nodes.build_rare_findings_table,
-                ["metrics_all", "rare_findings"],
+                ["metrics_all", "rare_findings", "params:reporting"],
                 "rare_findings_table",
                 name="build_rare_findings_table",
                 tags=["tables"],
