@@ -60,9 +60,9 @@ def split_top_level(text: str) -> list[str]:
         elif char in "'\"":
             quote = char
         elif char in _OPENING:
-            stack.append(_OPENING[char])
+            stack.append(char)
         elif char in "]}":
-            if not stack or stack.pop() != char:
+            if not stack or _OPENING[stack.pop()] != char:
                 raise click.BadParameter(f"unbalanced {char!r} in {text!r}")
         elif char == "," and not stack:
             items.append("".join(current))
