@@ -378,3 +378,47 @@ def test_reporting_models_are_the_trained_ones_or_a_parameter(tmp_path):
         select_models(["resnet9"], tmp_path)
     with pytest.raises(ValueError, match=r"reporting\.models: expected 'trained'"):
         select_models("all", tmp_path)
+
+
+def test_several_seeds_give_per_seed_metrics_mean_sd_in_table1_and_paired_rows():
+    import numpy as np
+
+    preds, labels = make_frames()
+    rng = np.random.default_rng(0)
+    other = preds.copy()
+    other[list(FINDINGS)] = np.clip(
+        other[list(FINDINGS)] + rng.normal(0, 0.1, (len(other), 14)), 0, 1
+    )
+    two = pd.concat([preds.assign(seed=42), other.assign(seed=43)], ignore_index=True)
+    lineage = {"model": "m"}
+    thresholds = nodes.select_thresholds(two, labels, lineage, PARAMS)
+    assert set(thresholds["per_seed"]) == {"42", "43"}
+    m = nodes.evaluate_model(two, labels, thresholds, PARAMS)
+    assert m["seeds"] == [42, 43] and set(m["per_seed"]) == {"42", "43"}
+    one_seed = nodes.evaluate_model(
+        preds, labels, nodes.select_thresholds(preds, labels, lineage, PARAMS), PARAMS
+    )
+    assert m["per_seed"]["42"]["macro"]["auroc"] == pytest.approx(
+        one_seed["test"]["macro"]["auroc"]
+    )
+    for key in nodes.TABLE1_COLUMNS.values():
+        values = [m["per_seed"][s]["macro"][key] for s in ("42", "43")]
+        assert m["seed_summary"][key]["mean"] == pytest.approx(np.mean(values)), key
+        assert m["seed_summary"][key]["sd"] == pytest.approx(np.std(values, ddof=1)), key
+    table, _ = nodes.build_table1({"m": {"metrics": m, "cost": {}}})
+    assert table.loc[0, "Seeds"] == 2
+    for column in nodes.TABLE1_COLUMNS:
+        assert " ± " in table.loc[0, column], column  # every column, balanced ACC included
+
+    # paired: the same model against itself differs by nothing, seed by seed
+    rows = nodes.paired_comparison(
+        labels,
+        PARAMS,
+        multiscale_resnet__predictions=two,
+        multiscale_resnet__thresholds=thresholds,
+        resnet_single_scale__predictions=two,
+        resnet_single_scale__thresholds=thresholds,
+    )
+    assert rows["seeds"].unique().tolist() == [2]
+    macro = rows[rows["finding"] == "macro"]
+    assert (macro["delta"] == 0).all() and (macro["p_value"] == 1).all()

@@ -11,7 +11,8 @@ run, however it is started (`kedro run`, `python -m rare_cxr`, a `KedroSession` 
   dataset loaded (with its version) and saved.
 
 Only rank 0 of a `torchrun` launch does any of this: the other ranks run the same session and
-must neither wait on rank 0's lock nor write a second manifest.
+must neither wait on rank 0's lock nor write a second manifest. Before any of it, every rank of
+a torchrun launch checks that the launch trains exactly one model (`refuse_unsupported_torchrun`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,72 @@ class ProjectHooks:
         logger.debug("rare-cxr context created for env %r", context.env)
 
 
+TRAIN_NODE_FUNC = ("rare_cxr.pipelines.training.nodes", "train_model")
+
+
+def _one_model_commands(world: str) -> str:
+    launch = f"torchrun --nproc_per_node={world} -m rare_cxr"
+    return (
+        f"  {launch} --pipelines training   (the multi-scale model), or\n"
+        f"  {launch} --pipelines baselines --namespaces densenet121   (one baseline)\n"
+        "(plus your --env and --params)"
+    )
+
+
+def _is_train_node(node) -> bool:
+    func = getattr(node, "func", None)
+    return (getattr(func, "__module__", None), getattr(func, "__name__", None)) == TRAIN_NODE_FUNC
+
+
+def refuse_unsupported_torchrun(pipeline) -> None:
+    """Under torchrun, refuse (on every rank, before anything runs) a pipeline that is not one
+    model's training, i.e. exactly one `train_model` node with every other node downstream of it.
+
+    Why: a torchrun launch runs the whole session on every rank, and ranks other than 0 exit
+    the process at the end of `train_model` so that only rank 0 writes catalog entries. A second
+    `train_model` would then wait for collectives of ranks that have exited (rank 0 hangs until
+    the 30-minute process-group timeout), and a node that does not depend on `train_model` could
+    run on every rank before it, each rank writing its own version of the outputs.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return
+    from rare_cxr.training.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return
+    world = os.environ["WORLD_SIZE"]
+    trains = [n for n in pipeline.nodes if _is_train_node(n)]
+    if len(trains) > 1:
+        models = ", ".join(sorted(n.namespace or n.name for n in trains))
+        raise RuntimeError(
+            f"torchrun launch with {world} processes refused before any training: the selected "
+            f"pipeline trains {len(trains)} models ({models}), but a torchrun launch trains one "
+            "(ranks other than 0 exit after it, and the next model would wait for them until the "
+            "process-group timeout). Launch once per model:\n"
+            + _one_model_commands(world)
+            + f";\nor train them all in one run without torchrun: `kedro run` with the same "
+            f"--pipelines/--namespaces and --params training.devices={world} (the node then "
+            "starts the processes itself, for each model)."
+        )
+    if not trains:
+        raise RuntimeError(
+            f"torchrun launch with {world} processes refused: the selected pipeline trains no "
+            "model, and under torchrun every rank would run it and write its own outputs. Run "
+            "it with `kedro run`; use torchrun only to train one model:\n"
+            + _one_model_commands(world)
+        )
+    downstream = {n.name for n in pipeline.from_nodes(trains[0].name).nodes}
+    others = sorted(n.name for n in pipeline.nodes if n.name not in downstream)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise RuntimeError(
+            f"torchrun launch with {world} processes refused before any training: nodes that "
+            f"do not depend on {trains[0].name} ({shown}) could run on every rank, each writing "
+            "its own outputs. Run the other stages with `kedro run` first, then train one model "
+            "per launch:\n" + _one_model_commands(world)
+        )
+
+
 class RunSafetyHooks:
     """Ownership check, lock, clean-up and manifest around every pipeline run."""
 
@@ -70,6 +137,9 @@ class RunSafetyHooks:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self._reset()
+        # first, on every rank: nothing is locked, written or trained yet (the CLI's lock, taken
+        # by rank 0 before the session, is released as the error leaves the `kedro run` command)
+        refuse_unsupported_torchrun(pipeline)
         if distributed_rank() != 0 or self._context is None:
             return
         data_dir = self._data_dir(Path(run_params["project_path"]))
