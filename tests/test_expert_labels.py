@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import shared_data_missing
 from sklearn.metrics import roc_auc_score
 
 from rare_cxr.evaluation.bootstrap import patient_weights
@@ -51,7 +52,7 @@ def row(*, f="NO", p="NO", a="NO", n="NO", s="test", image="00000013_008.png", p
 @pytest.mark.real_data
 def test_parse_the_real_google_file(nih_meta: Path):
     if not (nih_meta / REAL_FILE).exists():
-        pytest.skip(f"{REAL_FILE} not found in {nih_meta} (set RARE_CXR_SHARED_DATA)")
+        shared_data_missing(f"{REAL_FILE} not found in {nih_meta} (set RARE_CXR_SHARED_DATA)")
     raw = gzip.decompress((nih_meta / REAL_FILE).read_bytes()).decode("utf-8")
     assert "\r\n" in raw  # the real file's Windows line ends reach the parser as they are
     labels = parse_expert_labels(raw)

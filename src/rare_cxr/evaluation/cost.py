@@ -3,8 +3,10 @@
 The paper compares accuracy only; a multi-scale model runs its trunk once per scale, so the
 comparison is honest only next to its compute. FLOPs come from PyTorch's own dispatcher-level
 counter (`torch.utils.flop_counter.FlopCounterMode`), which counts a multiply-add as 2 FLOPs,
-at the model's input size (the image-cache size; the model resizes to its scales inside, and
-that work is counted).
+at the model's input size (the image-cache size). The model resizes the input to each scale
+inside; that interpolation is NOT counted (the counter gives it 0 FLOPs, checked in
+tests/test_reference_checks.py): the figure is every scale's trunk plus the head, which is
+what dominates.
 """
 
 from __future__ import annotations
