@@ -42,7 +42,12 @@ DEFAULT_SAMPLE = (
     / "images"
 )
 
-# the base policy's strength (conf/base/parameters_augmentation.yml), flip on to exercise it
+# The policy of BOTH paths of this comparison (not conf/base's): rotation, scale, translation,
+# brightness and contrast as in conf/base and conf/nih (parameters_augmentation.yml), but
+# hflip_probability 0.5 (they have 0.0), gamma off [1, 1] (they have [0.9, 1.1]) and noise off
+# (they have noise_std 0.01), so that the per-item torchvision v2 path below (RandomAffine,
+# RandomHorizontalFlip, ColorJitter brightness/contrast: no gamma, no noise) does the same work.
+# bench/bench_loader.py times BatchAugmenter with the configured conf/base and conf/nih policies.
 POLICY: dict[str, Any] = {
     "rotation_degrees": 7.0,
     "scale": [0.92, 1.08],
@@ -281,6 +286,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "size": args.size,
             "batch_size": args.batch_size,
             "workers": args.workers,
+            "policy": POLICY,
         }
 
         # 1. one-off cache build: decode every distinct file once (replicas would only

@@ -37,7 +37,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import emit, format_table, machine_info  # noqa: E402
+from common import emit, env_parameters, format_table, machine_info  # noqa: E402
 from gpu_epoch import section_epoch  # noqa: E402
 
 from rare_cxr.findings import FINDINGS  # noqa: E402
@@ -168,15 +168,6 @@ def section_overhead(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def gflops_per_image(model: torch.nn.Module, size: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.rand(1, 1, size, size))
-    return counter.get_total_flops() / 1e9
-
-
 def inference_rate(model: torch.nn.Module, size: int, batch: int, reps: int) -> float:
     model.eval()
     x = torch.rand(batch, 1, size, size)
@@ -188,26 +179,61 @@ def inference_rate(model: torch.nn.Module, size: int, batch: int, reps: int) -> 
     return batch * reps / (time.perf_counter() - t0)
 
 
+def cost_cases() -> list[dict[str, Any]]:
+    """The models of the multi-scale cost comparison, read from the configuration: per
+    environment (conf/base = phantom, conf/nih), the multi-scale model, its backbone at the
+    smallest of its scales, and the single-scale ablation `resnet_single_scale` that the
+    environment actually trains (conf/base [128], conf/nih [448]), all at the env's cache size."""
+    cases = []
+    for env in ("base", "nih"):
+        params = env_parameters(env)
+        multi = params["multiscale_resnet"]["model"]
+        ablation = params["resnet_single_scale"]["model"]
+        size = int(params["image_cache"]["size"])
+        backbone, scales = str(multi["backbone"]), [int(s) for s in multi["scales"]]
+        if str(ablation["backbone"]) != backbone:
+            raise ValueError(f"conf/{env}: resnet_single_scale's backbone differs from the model's")
+        roles = [
+            ("single smallest scale", [min(scales)]),
+            ("single-scale ablation (resnet_single_scale)", [int(s) for s in ablation["scales"]]),
+            ("multi-scale (multiscale_resnet)", scales),
+        ]
+        for role, case_scales in roles:
+            cases.append(
+                {
+                    "env": f"conf/{env}",
+                    "role": role,
+                    "backbone": backbone,
+                    "scales": case_scales,
+                    "input": size,
+                }
+            )
+    return cases
+
+
 def section_cost(quick: bool) -> list[dict[str, Any]]:
-    cases = [
-        ("resnet18", [64], 128),
-        ("resnet18", [64, 128], 128),
-        ("resnet50", [224], 448),
-        ("resnet50", [224, 448], 448),
-    ]
-    batch, reps = (1, 1) if quick else (4, 2)
+    """GFLOPs per image with `rare_cxr.evaluation.cost.gflops_per_image` (what the reporting
+    pipeline's cost table uses) and CPU inference img/s, for `cost_cases()`."""
+    from rare_cxr.evaluation.cost import gflops_per_image
+
+    batch, reps = 4, 2  # --quick: GFLOPs only (one forward each), no timing
     rows = []
-    for backbone, scales, size in cases:
-        model = build_model(spec(backbone, scales))
+    for case in cost_cases():
+        model = build_model(spec(case["backbone"], case["scales"]))
         rows.append(
             {
                 "section": "cost",
-                "case": f"{backbone} {scales}",
+                "case": f"{case['backbone']} {case['scales']}",
+                "env": case["env"],
+                "role": case["role"],
+                "scales": case["scales"],
                 "device": "cpu",
-                "input": size,
-                "gflops_per_image": round(gflops_per_image(model, size), 2),
+                "input": case["input"],
+                "gflops_per_image": round(gflops_per_image(model, case["input"]), 4),
                 "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                "images_per_s": round(inference_rate(model, size, batch, reps), 2),
+                "images_per_s": None
+                if quick
+                else round(inference_rate(model, case["input"], batch, reps), 2),
                 "mode": "inference",
             }
         )
@@ -298,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="device for section (d); default cuda with --gpu. 'cpu' runs it anyway (smoke test)",
     )
+    parser.add_argument(
+        "--epoch-fraction",
+        type=float,
+        default=1.0,
+        help="section (d): fraction of its default epoch sizes (16,384 / 32,768 images)",
+    )
     parser.add_argument("--output", help="append JSON lines to this file")
     args = parser.parse_args(argv)
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -324,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows.append({"section": "epoch", "case": "skipped", "reason": "CUDA not available"})
         else:
-            rows += section_epoch(args.quick, epoch_device)
+            rows += section_epoch(args.quick, epoch_device, args.epoch_fraction)
     emit([{**r, "quick": args.quick, "machine": machine} for r in rows], args.output)
     columns = [
         "section",

@@ -102,3 +102,17 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
         "| " + " | ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)) + " |" for b in body
     ]
     return "\n".join(out)
+
+
+def env_parameters(env: str) -> dict[str, Any]:
+    """`params:` of a Kedro environment (`base`, `nih`) as `kedro run --env <env>` resolves them
+    (the project's own config-loader settings: conf/base soft-merged with conf/<env>)."""
+    from kedro.config import OmegaConfigLoader
+
+    from rare_cxr.settings import CONFIG_LOADER_ARGS
+
+    root = Path(__file__).resolve().parents[1]
+    loader = OmegaConfigLoader(
+        conf_source=str(root / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": env}
+    )
+    return dict(loader["parameters"])

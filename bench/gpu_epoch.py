@@ -41,9 +41,22 @@ ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 10  # excluded from the utilisation window: cuDNN autotuning, allocator growth
 
 
-def write_synthetic_cache(path: Path, n_train: int, n_val: int, size: int, seed: int = 0) -> None:
-    """A cache folder in `rare_cxr.image_cache` format: meta.json, <split>.npy and .parquet."""
+def write_synthetic_cache(
+    path: Path,
+    n_train: int,
+    n_val: int,
+    size: int,
+    seed: int = 0,
+    *,
+    pixels: np.ndarray | None = None,
+) -> None:
+    """A cache folder in `rare_cxr.image_cache` format: meta.json, <split>.npy and .parquet.
+
+    Pixels are random, or the rows of `pixels` (uint8 [K, size, size], e.g. decoded PNGs)
+    repeated cyclically."""
     rng = np.random.default_rng(seed)
+    if pixels is not None and pixels.shape[1:] != (size, size):
+        raise ValueError(f"pixels have shape {pixels.shape}, expected [K, {size}, {size}]")
     path.mkdir(parents=True, exist_ok=True)
     prevalence = np.array([NIH_PREVALENCE[f] for f in FINDINGS])
     counts = {"train": n_train, "val": n_val}
@@ -53,7 +66,10 @@ def write_synthetic_cache(path: Path, n_train: int, n_val: int, size: int, seed:
         )
         for start in range(0, n, 256):  # chunks: never the whole array in memory
             stop = min(start + 256, n)
-            images[start:stop] = rng.integers(0, 256, (stop - start, size, size), dtype=np.uint8)
+            if pixels is None:
+                images[start:stop] = rng.integers(0, 256, (stop - start, size, size), np.uint8)
+            else:
+                images[start:stop] = pixels[np.arange(start, stop) % len(pixels)]
         images.flush()
         del images
         labels = (rng.random((n, len(FINDINGS))) < prevalence).astype(np.int8)
@@ -67,7 +83,8 @@ def write_synthetic_cache(path: Path, n_train: int, n_val: int, size: int, seed:
         "size": size,
         "findings": list(FINDINGS),
         "counts": counts,
-        "fingerprint": f"synthetic-bench-{seed}-{n_train}-{n_val}-{size}",
+        "fingerprint": f"synthetic-bench-{seed}-{n_train}-{n_val}-{size}"
+        + ("" if pixels is None else f"-pixels{len(pixels)}"),
     }
     (path / "meta.json").write_text(json.dumps(meta, indent=2))
 
@@ -200,6 +217,13 @@ def run_epoch(
         if len(step_times) > WARMUP_STEPS + 1
         else []
     )
+    # steady state: the steps after the warm-up ones (cuDNN autotuning, allocator growth);
+    # `images_per_s` is fit's own whole-epoch figure, warm-up included
+    steady = (
+        batch * (len(step_times) - 1 - WARMUP_STEPS) / (step_times[-1] - step_times[WARMUP_STEPS])
+        if len(step_times) > WARMUP_STEPS + 1 and step_times[-1] > step_times[WARMUP_STEPS]
+        else None
+    )
     out: dict[str, Any] = {
         "section": "epoch",
         "case": case,
@@ -212,11 +236,14 @@ def run_epoch(
         "steps": len(step_times),
         "images_per_s": round(images_per_s, 1),
         "nih_epoch_min": round(NIH_TOTAL_IMAGES / images_per_s / 60, 2),
+        "steady_images_per_s": round(steady, 1) if steady else None,
+        "nih_epoch_min_steady": round(NIH_TOTAL_IMAGES / steady / 60, 2) if steady else None,
         "cache_write_s": round(cache_write_s, 1),
         "gpu_util_mean": round(float(np.mean(window)), 1) if window else None,
         "gpu_util_median": round(float(np.median(window)), 1) if window else None,
         "gpu_util_samples": len(window),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
     }
     shutil.rmtree(cache_dir, ignore_errors=True)
     return out
@@ -233,8 +260,9 @@ class _NoSampler:
         return []
 
 
-def section_epoch(quick: bool, device: str) -> list[dict[str, Any]]:
-    """conf/nih multi-scale ResNet-50 (cache 448) and plain ResNet-50 at 224 (cache 224)."""
+def section_epoch(quick: bool, device: str, fraction: float = 1.0) -> list[dict[str, Any]]:
+    """conf/nih multi-scale ResNet-50 (cache 448) and plain ResNet-50 at 224 (cache 224);
+    `fraction` scales the training images of each epoch (a shorter GPU check)."""
     if quick:  # smoke sizes: tiny images, a handful of steps, any device
         cases = [("resnet18", [32, 64], 64, 48, 8, 8)]
     else:
@@ -244,7 +272,12 @@ def section_epoch(quick: bool, device: str) -> list[dict[str, Any]]:
         ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="rare_cxr_bench_epoch_") as tmp:
-        for backbone, scales, size, n_train, n_val, batch in cases:
+        for backbone, scales, size, n_default, n_val, batch in cases:
+            n_train = (  # whole batches, and enough steps for the warm-up window
+                n_default
+                if quick
+                else max(4 * WARMUP_STEPS, round(n_default * fraction / batch)) * batch
+            )
             rows.append(
                 run_epoch(
                     case=f"{backbone} {scales}",
@@ -259,3 +292,68 @@ def section_epoch(quick: bool, device: str) -> list[dict[str, Any]]:
                 )
             )
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A few steps of the conf/nih training (the GPU check's step b): img/s and peak memory."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import emit, machine_info
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--steps", type=int, default=40, help="training steps (first 10 warm-up)")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test)")
+    parser.add_argument(
+        "--model",
+        default="nih",
+        choices=["nih", "resnet50-224", "smoke"],
+        help="nih: conf/nih's multiscale_resnet (resnet50 [224, 448], cache 448, its batch); "
+        "resnet50-224: plain ResNet-50 at 224 (batch 256); smoke: resnet18 [32, 64], cache 64, "
+        "batch 8 (CPU smoke test)",
+    )
+    parser.add_argument("--batch", type=int, default=None, help="default: as --model says")
+    parser.add_argument("--size", type=int, default=None, help="cache side (default: per model)")
+    parser.add_argument("--val", type=int, default=256, help="validation images")
+    parser.add_argument("--output", default=None, help="append the JSON line here too")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA: CUDA is not available on this machine -- nothing measured.")
+        return 0
+    training, model, _ = nih_training_config()
+    if args.model == "nih":
+        backbone, scales = str(model["backbone"]), [int(s) for s in model["scales"]]
+        size, batch = max(scales), int(training["batch_size"])
+    elif args.model == "resnet50-224":
+        backbone, scales, size, batch = "resnet50", [224], 224, 256
+    else:
+        backbone, scales, size, batch = "resnet18", [32, 64], 64, 8
+    size, batch = args.size or size, args.batch or batch
+    with tempfile.TemporaryDirectory(prefix="rare_cxr_gpu_steps_") as tmp:
+        row = run_epoch(
+            case=f"{backbone} {scales} ({args.model})",
+            backbone=backbone,
+            scales=scales,
+            cache_size=size,
+            n_train=args.steps * batch,
+            n_val=args.val,
+            batch=batch,
+            device=args.device,
+            workdir=Path(tmp),
+        )
+    emit([{**row, "machine": machine_info()}], args.output, stream=None)
+    print(
+        f"{row['case']} on {row['device']} ({row['mode']}), batch {batch}, cache {size} px, "
+        f"{row['steps']} steps: {row['images_per_s']:,.1f} img/s over the epoch, "
+        f"{row['steady_images_per_s'] or float('nan'):,.1f} img/s after {WARMUP_STEPS} warm-up "
+        f"steps; peak memory {row['peak_mem_gib']} GiB allocated / "
+        f"{row['peak_reserved_gib']} GiB reserved; GPU utilisation mean "
+        f"{row['gpu_util_mean']} % ({row['gpu_util_samples']} samples); one NIH epoch "
+        f"({NIH_TOTAL_IMAGES:,} images) ~ {row['nih_epoch_min_steady']} min at the steady rate"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -130,3 +130,58 @@ def test_validated_policy_is_complete_plain_dict() -> None:
     assert set(policy) == set(DEFAULT_POLICY)
     assert policy["rotation_degrees"] == 5.0 and policy["scale"] == [1.0, 1.0]
     assert validate_policy(policy) == policy  # idempotent: the JSON round trip is stable
+
+
+# ---------------------------------------------------------------- where the draws happen
+
+
+def test_every_draw_is_made_on_the_batch_device_with_the_given_generator(monkeypatch) -> None:
+    """No host-side draw and no copy: each torch.rand/randn call names the batch's device and
+    the caller's generator (the training engine passes one on the training device)."""
+    gen = torch.Generator().manual_seed(0)
+    x = _batch()
+    calls: list[tuple[str, torch.device, object]] = []
+    for name in ("rand", "randn"):
+        real = getattr(torch, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, torch.device(kwargs["device"]), kwargs.get("generator")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    BatchAugmenter(STRONG)(x, generator=gen)
+    assert [c[0] for c in calls] == ["rand", "rand", "randn"]  # parameters, noise std, noise
+    assert all(device == x.device and g is gen for _, device, g in calls)
+
+
+def test_cpu_draw_order_is_pinned() -> None:
+    """CPU runs reproduce earlier CPU runs: (n, 8) uniforms, then n noise levels, then noise."""
+    augment = BatchAugmenter(STRONG)
+    params = augment.sample_parameters(5, torch.Generator().manual_seed(3), torch.device("cpu"))
+    ref = torch.Generator().manual_seed(3)
+    u = torch.rand((5, 8), generator=ref)
+    level = torch.rand((5,), generator=ref)
+    torch.testing.assert_close(params["angle"], -20.0 + 40.0 * u[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(params["gamma"], 0.7 + 0.6 * u[:, 7], rtol=0, atol=1e-7)
+    torch.testing.assert_close(params["noise_std"], 0.05 * level, rtol=0, atol=0)
+
+
+def test_a_generator_on_another_device_is_refused() -> None:
+    class Elsewhere:  # a generator's only attribute the check reads
+        device = torch.device("cuda", 0)
+
+    with pytest.raises(ValueError, match=r"generator is on cuda:0 but the batch is on cpu"):
+        BatchAugmenter(STRONG)(_batch(), generator=Elsewhere())  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batch_with_a_cuda_generator_stays_on_the_gpu() -> None:
+    augment = BatchAugmenter(STRONG)
+    x = _batch(8, 64).cuda()
+    a = augment(x, generator=torch.Generator(device="cuda").manual_seed(7))
+    b = augment(x, generator=torch.Generator(device="cuda").manual_seed(7))
+    assert a.device == x.device and a.shape == x.shape
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    with pytest.raises(ValueError, match="generator is on cpu"):
+        augment(x, generator=torch.Generator().manual_seed(7))

@@ -22,8 +22,10 @@ def _x(n: int = 2, size: int = 32) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fusion", ["concat", "mean", "attention"])
-@pytest.mark.parametrize("shared", [True, False])
-def test_multiscale_outputs_logits_and_one_cam_layer_per_scale(fusion, shared):
+@pytest.mark.parametrize(
+    ("shared", "batchnorm"), [(True, "shared"), (True, "per_scale"), (False, "shared")]
+)
+def test_multiscale_outputs_logits_and_one_cam_layer_per_scale(fusion, shared, batchnorm):
     model = build_model(
         {
             "architecture": "multiscale_resnet",
@@ -31,6 +33,7 @@ def test_multiscale_outputs_logits_and_one_cam_layer_per_scale(fusion, shared):
             "scales": [16, 32],
             "fusion": fusion,
             "shared_trunk": shared,
+            "batchnorm": batchnorm,
         }
     )
     model.eval()
@@ -48,9 +51,16 @@ def test_multiscale_outputs_logits_and_one_cam_layer_per_scale(fusion, shared):
     assert seen == [("scale_16", 1), ("scale_32", 1)]
 
 
-def test_single_scale_multiscale_resnet_is_a_plain_torchvision_resnet():
+@pytest.mark.parametrize("batchnorm", ["shared", "per_scale"])
+def test_single_scale_multiscale_resnet_is_a_plain_torchvision_resnet(batchnorm):
+    # with one scale there is nothing to split: both BatchNorm settings build this same model
     model = build_model(
-        {"architecture": "multiscale_resnet", "backbone": "resnet18", "scales": [32]}
+        {
+            "architecture": "multiscale_resnet",
+            "backbone": "resnet18",
+            "scales": [32],
+            "batchnorm": batchnorm,
+        }
     ).eval()
     plain = torchvision.models.resnet18(num_classes=len(FINDINGS))
     plain.conv1 = grey_conv_from(plain.conv1)
@@ -106,6 +116,8 @@ def test_baselines_take_grey_input_and_give_14_logits(arch, size):
         ({"architecture": "multiscale_resnet", "scales": [32.5]}, "model.scales"),
         ({"architecture": "multiscale_resnet", "scales": []}, "model.scales"),
         ({"architecture": "multiscale_resnet", "fusion": "sum"}, "model.fusion"),
+        ({"architecture": "multiscale_resnet", "batchnorm": "per_trunk"}, r"m\.model\.batchnorm"),
+        ({"architecture": "vgg16", "scales": [64], "batchnorm": "shared"}, r"m\.model\.batchnorm"),
         ({"architecture": "inception_v3", "scales": [64]}, "model.scales"),
         ({"architecture": "vgg16", "scales": [64, 128]}, "model.scales"),
         ({"architecture": "vgg16", "scales": [64], "backbone": "resnet18"}, "model.backbone"),
@@ -181,3 +193,28 @@ def test_imagenet_weights_come_from_the_torch_hub_cache_or_a_clear_error(tmp_pat
     torch.testing.assert_close(
         model.trunks[0].layer1[0].conv1.weight, weights["layer1.0.conv1.weight"]
     )
+
+
+def test_checkpoint_trained_with_another_normalisation_is_refused():
+    """An inception_v3 checkpoint from before per-architecture normalisation (ImageNet grey
+    statistics) must not be silently fed (x - 0.5) / 0.5."""
+    from rare_cxr.findings import FINDINGS
+    from rare_cxr.models import build_model
+    from rare_cxr.pipelines.training.nodes import load_checkpoint_model
+
+    spec = {
+        "name": "inception_v3",
+        "architecture": "inception_v3",
+        "scales": [75],
+        "pretrained": "none",
+    }
+    model = build_model(spec, load_weights=False)
+    meta = {
+        "model_spec": spec,
+        "findings": list(FINDINGS),
+        "normalisation": dict(model.normalisation),
+    }
+    load_checkpoint_model({"state_dict": model.state_dict(), "metadata": meta})  # same: fine
+    old = {**meta, "normalisation": {"mean": 0.449, "std": 0.226}}
+    with pytest.raises(ValueError, match=r"trained with input normalisation mean=0.449"):
+        load_checkpoint_model({"state_dict": model.state_dict(), "metadata": old})

@@ -178,6 +178,10 @@ def test_cosine_schedule_warms_up_then_decays():
         ({"schedule": {"name": "step"}}, "training.schedule.name"),
         ({"transfer": {"rare_findings": ["Hernai"]}}, "training.transfer.rare_findings"),
         ({"lerning_rate": 1}, "training.lerning_rate"),
+        ({"accumulation_steps": 0}, "training.accumulation_steps"),
+        ({"accumulation_steps": 1.5}, "training.accumulation_steps"),
+        ({"batch_size": 16, "accumulation_steps": 3}, "training.accumulation_steps"),
+        ({"batch_size": 16, "accumulation_steps": 16}, "training.accumulation_steps"),
     ],
 )
 def test_invalid_training_params_name_the_key(over, key):

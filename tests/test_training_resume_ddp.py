@@ -26,18 +26,36 @@ SCRIPT = textwrap.dedent(
         if epoch == 1 and step == 1:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    run_tiny(sys.argv[1], on_step=kill)
+    run_tiny(sys.argv[1], on_step=kill, variant=sys.argv[2])
     """
 ).format(tests=str(TESTS))
 
 
-def run_tiny(resume_dir: str, on_step=None):
+# Variants of the run under test. `frozen`: two-stage transfer whose second epoch -- the one the
+# kill interrupts -- is the frozen-trunk epoch, with gradient accumulation on top.
+VARIANTS = {
+    "single": {"epochs": 3},
+    "frozen": {
+        "epochs": 2,
+        "accumulation_steps": 2,
+        "transfer": {
+            "two_stage": True,
+            "rare_findings": ["Cardiomegaly", "Hernia"],
+            "stage1_epochs": 1,
+            "stage2_targets": "all",
+            "frozen_trunk_epochs": 1,
+        },
+    },
+}
+
+
+def run_tiny(resume_dir: str, on_step=None, variant: str = "single"):
     """The run under test: 3 epochs, real augmentation, deterministic mode, 1 thread."""
     from rare_cxr.pipelines.training.nodes import make_augmenter
     from rare_cxr.training import TrainingCallbacks, fit
 
     params = tiny_params(
-        Path(resume_dir), epochs=3, patience=3, deterministic=True, loader_threads=1
+        Path(resume_dir), patience=3, deterministic=True, loader_threads=1, **VARIANTS[variant]
     )
     params["resume_dir"] = resume_dir
     augment = make_augmenter({"rotation_degrees": 5.0, "hflip_probability": 0.5, "noise_std": 0.02})
@@ -56,12 +74,15 @@ def run_tiny(resume_dir: str, on_step=None):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, caplog):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(
+    tmp_path, caplog, variant
+):
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "run")],
+        [sys.executable, str(script), str(tmp_path / "run"), variant],
         env=env,
         check=False,
         capture_output=True,
@@ -72,12 +93,14 @@ def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp
     (state_file,) = (tmp_path / "run" / "tiny").glob("*.pt")
     state = torch.load(state_file, weights_only=True)
     assert state["global_epoch"] == 1  # epoch 1 was saved, epoch 2 died at its 2nd step
+    if variant == "frozen":  # the kill hit stage 2's first epoch: the frozen-trunk one
+        assert (state["stage_index"], state["epoch_in_stage"]) == (1, 0)
 
     with caplog.at_level(logging.INFO, logger="rare_cxr"):
-        resumed = run_tiny(str(tmp_path / "run"))
+        resumed = run_tiny(str(tmp_path / "run"), variant=variant)
     assert "resuming from" in caplog.text
     assert torch.load(state_file, weights_only=True)["finished"] is True
-    reference = run_tiny(str(tmp_path / "ref"))
+    reference = run_tiny(str(tmp_path / "ref"), variant=variant)
 
     assert resumed.history["epoch"].tolist() == reference.history["epoch"].tolist() == [1, 2, 3]
     assert resumed.history["train_loss"].tolist() == reference.history["train_loss"].tolist()
@@ -86,7 +109,12 @@ def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(
+    tmp_path, accumulation
+):
+    """accumulation 2: both cut each global batch into the same 2 micro-batches (DDP skips the
+    gradient all-reduce on the first, `no_sync`), and step once per global batch."""
     from rare_cxr.pipelines.training.nodes import fit_spawned
     from rare_cxr.training import fit
 
@@ -95,13 +123,51 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp
     # weights mean equal gradients; with eps=1e-8 its first steps are lr*sign(g) and round-off
     # on near-zero gradients would flip signs.
     params = tiny_params(
-        tmp_path, epochs=1, batch_size=16, deterministic=False, resume=False, optimizer={"eps": 1.0}
+        tmp_path,
+        epochs=1,
+        batch_size=16,
+        deterministic=False,
+        resume=False,
+        optimizer={"eps": 1.0},
+        accumulation_steps=accumulation,
     )
     single = fit(TINY_SPEC, cache, None, params)
     ddp = fit_spawned(TINY_SPEC, cache, None, {**params, "devices": 2}, world=2)
     assert ddp.metadata["world_size"] == 2
     assert ddp.history["train_loss"].iloc[0] == pytest.approx(
         single.history["train_loss"].iloc[0], rel=1e-5
+    )
+    for key, value in single.state_dict.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(
+                ddp.state_dict[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
+            )
+
+
+@pytest.mark.slow
+def test_ddp_frozen_trunk_epoch_matches_one_process(tmp_path):
+    """2 gloo processes == one process through a stage-1 epoch, a frozen-trunk epoch (head-only
+    steps run the unwrapped model; head gradients averaged by hand) and an unfrozen epoch back
+    under DDP (whose gradient hooks must survive the trunk's requires_grad off and on)."""
+    from rare_cxr.pipelines.training.nodes import fit_spawned
+    from rare_cxr.training import fit
+
+    cache = blob_cache(n_train=32, n_val=16)
+    params = tiny_params(
+        tmp_path,
+        epochs=2,
+        batch_size=16,
+        patience=3,
+        resume=False,
+        optimizer={"eps": 1.0},  # see the test above
+        transfer=VARIANTS["frozen"]["transfer"],
+    )
+    single = fit(TINY_SPEC, cache, None, params)
+    ddp = fit_spawned(TINY_SPEC, cache, None, {**params, "devices": 2}, world=2)
+    assert ddp.history["stage"].tolist() == single.history["stage"].tolist()
+    assert ddp.history["stage"].tolist() == ["common", "all", "all"]
+    assert ddp.history["train_loss"].tolist() == pytest.approx(
+        single.history["train_loss"].tolist(), rel=1e-5
     )
     for key, value in single.state_dict.items():
         if value.is_floating_point():

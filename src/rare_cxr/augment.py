@@ -127,9 +127,13 @@ class BatchAugmenter:
     """`augment(batch, generator=None)`: float [B, C, H, W] in [0, 1] → same shape and device.
 
     Each sample gets its own random parameters. With a seeded `torch.Generator` the result is
-    reproducible; random numbers are drawn on the generator's device (CPU by default) and
-    moved to the batch's device, so one CPU generator gives the same draws whatever the
-    training device.
+    reproducible. Every random number (affine and photometric parameters, the noise image) is
+    drawn directly on the batch's device, so a GPU batch never waits for a host-side draw or a
+    host-to-device copy: the generator must live on the batch's device
+    (`torch.Generator(device=batch.device)`; a CPU generator for a CPU batch). Without one,
+    torch's default generator of that device is used. A given seed gives the same draws on
+    every run on the same device type, but different draws on CPU and GPU (different RNG
+    algorithms).
     """
 
     def __init__(self, policy: Mapping[str, Any]) -> None:
@@ -164,7 +168,7 @@ class BatchAugmenter:
         dtype = batch.dtype
         x = batch.float()
         n = x.shape[0]
-        params = self.sample_parameters(n, generator, x.device)
+        params = self.sample_parameters(n, generator, x.device)  # checks the generator
         if self.geometric:
             x = self._geometry(x, params)
         if self.photometric:
@@ -177,19 +181,24 @@ class BatchAugmenter:
             if self.gamma:  # x ** 1 == x and the range is already [0, 1]: skip the identity
                 adjust_gamma(x, params["gamma"], inplace=True)
         if self.policy["noise_std"] > 0:
-            noise = torch.randn(x.shape, generator=generator, device=_gen_device(generator, x))
-            x = x + noise.to(x.device) * params["noise_std"].view(-1, 1, 1, 1)
+            # drawn where the batch is: no full-resolution host tensor, no copy
+            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            noise.mul_(params["noise_std"].view(-1, 1, 1, 1))
+            x = x + noise if x is batch else x.add_(noise)
         return x.clamp_(0.0, 1.0).to(dtype)
 
     def sample_parameters(
         self, n: int, generator: torch.Generator | None, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        """Independent per-sample draws (exposed so tests and the preview can inspect them)."""
+        """Independent per-sample draws (exposed so tests and the preview can inspect them).
+
+        Drawn on `device`, which must be the generator's device when a generator is given.
+        """
         p = self.policy
+        device = torch.device(device)
+        _check_generator(generator, device)
         # a fixed number of draws per sample keeps a seeded run reproducible across policies
-        u = torch.rand((n, 8), generator=generator, device=_gen_device(generator, device)).to(
-            device
-        )
+        u = torch.rand((n, 8), generator=generator, device=device)
 
         def uniform(column: int, low: float, high: float) -> torch.Tensor:
             return low + (high - low) * u[:, column]
@@ -203,10 +212,7 @@ class BatchAugmenter:
             "brightness": uniform(5, *p["brightness"]),
             "contrast": uniform(6, *p["contrast"]),
             "gamma": uniform(7, *p["gamma"]),
-            "noise_std": p["noise_std"]
-            * torch.rand((n,), generator=generator, device=_gen_device(generator, device)).to(
-                device
-            ),
+            "noise_std": p["noise_std"] * torch.rand((n,), generator=generator, device=device),
         }
 
     def _geometry(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -297,10 +303,17 @@ def adjust_gamma(x: torch.Tensor, gamma: torch.Tensor, inplace: bool = False) ->
     return x.clamp_(0.0, 1.0).pow_(_per_sample(gamma)).clamp_(0.0, 1.0)
 
 
-def _gen_device(
-    generator: torch.Generator | None, fallback: torch.Tensor | torch.device
-) -> torch.device:
-    """Draw where the generator lives; without one, straight on the batch's device."""
-    if generator is not None:
-        return generator.device
-    return fallback.device if isinstance(fallback, torch.Tensor) else torch.device(fallback)
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """`cuda` and `cuda:0` are the same device when one of them has no index."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    """Random numbers are drawn on the batch's device only: a generator elsewhere would need a
+    host<->device copy per draw, which is exactly what a GPU data path must not wait for."""
+    if generator is not None and not _same_device(generator.device, device):
+        raise ValueError(
+            f"augment: the generator is on {generator.device} but the batch is on {device}; "
+            f"pass torch.Generator(device={str(device)!r}) (random numbers are drawn on the "
+            "batch's device)"
+        )

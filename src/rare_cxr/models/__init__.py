@@ -7,21 +7,27 @@ parameter block, not a code branch").
 """
 
 from rare_cxr.models.factory import (
+    ARCHITECTURE_NORMALISATION,
     ARCHITECTURES,
     BACKBONES,
     FUSIONS,
+    MIN_INPUT,
     NORMALISATION,
     SingleScaleNet,
     build_model,
+    normalisation_for,
     validate_model_spec,
 )
-from rare_cxr.models.multiscale import MultiScaleResNet
+from rare_cxr.models.multiscale import BATCHNORM_MODES, MultiScaleResNet
 from rare_cxr.models.transfer import LoadReport, load_pretrained, load_state_dict_into
 
 __all__ = [
     "ARCHITECTURES",
+    "ARCHITECTURE_NORMALISATION",
     "BACKBONES",
+    "BATCHNORM_MODES",
     "FUSIONS",
+    "MIN_INPUT",
     "NORMALISATION",
     "LoadReport",
     "MultiScaleResNet",
@@ -29,5 +35,6 @@ __all__ = [
     "build_model",
     "load_pretrained",
     "load_state_dict_into",
+    "normalisation_for",
     "validate_model_spec",
 ]

@@ -13,6 +13,39 @@ from torch import nn
 GREY_MEAN = 0.449
 GREY_STD = 0.226
 
+# The input statistics each family of pretrained weights was trained with, as applied to a grey
+# `[0, 1]` image (one channel, RGB weights folded to grey by `grey_conv_from`). Every
+# architecture uses its weights' statistics (`ARCHITECTURE_NORMALISATION`), whether or not it is
+# built with them, so a model trained from scratch and a pretrained one see the same input.
+NORMALISATIONS: dict[str, dict] = {
+    # torchvision's ResNet, VGG16, DenseNet121 and EfficientNet-B0 ImageNet weights:
+    # `weights.transforms()` normalises RGB with mean (0.485, 0.456, 0.406), std (0.229, 0.224,
+    # 0.225); for grey, the mean over RGB of each (approximate: the channels differ by ~2 %).
+    "imagenet": {
+        "name": "imagenet",
+        "mean": GREY_MEAN,
+        "std": GREY_STD,
+        "range": [0.0, 1.0],
+        "channels": 1,
+        "source": "ImageNet RGB mean (0.485, 0.456, 0.406) / std (0.229, 0.224, 0.225), "
+        "averaged over RGB for grey",
+    },
+    # torchvision's Inception-v3 weights (ported from TensorFlow) expect every channel at
+    # (x - 0.5) / 0.5: torchvision builds them with transform_input=True, which turns its
+    # ImageNet-normalised input back into exactly that. We build Inception with
+    # transform_input=False and normalise with 0.5 / 0.5 here, once; for a grey image (three
+    # equal channels) this is exact, not an average.
+    "inception": {
+        "name": "inception",
+        "mean": 0.5,
+        "std": 0.5,
+        "range": [0.0, 1.0],
+        "channels": 1,
+        "source": "(x - 0.5) / 0.5 on every channel, what torchvision's Inception-v3 ImageNet "
+        "weights see after transform_input",
+    },
+}
+
 
 def grey_conv_from(conv: nn.Conv2d) -> nn.Conv2d:
     """A 1-input-channel copy of `conv` whose weight is the sum over the RGB input channels."""

@@ -8,11 +8,16 @@ A spec is the plain dict of `params:<model>.model`:
     scales: [64, 128]             # pyramid sizes (px); baselines use exactly one
     fusion: concat|mean|attention # multiscale_resnet only
     shared_trunk: true            # multiscale_resnet only
+    batchnorm: shared|per_scale   # multiscale_resnet only: BatchNorm of a shared trunk
     dropout: 0.0                  # before the classifier
     pretrained: none | imagenet | /path/to/state_dict.pt
 
 Baselines are torchvision networks with a grey first convolution and a 14-way head, wrapped in
 `SingleScaleNet` so they share the multi-scale model's input contract.
+
+Every model normalises its grey input with the statistics its architecture's pretrained weights
+were trained with (`ARCHITECTURE_NORMALISATION`, values in `common.NORMALISATIONS`) and exposes
+them as `model.normalisation` (recorded in the checkpoint metadata).
 """
 
 from __future__ import annotations
@@ -25,14 +30,24 @@ import torchvision
 from torch import nn
 
 from rare_cxr.findings import FINDINGS
-from rare_cxr.models.common import GREY_MEAN, GREY_STD, Preprocess, grey_conv_from
-from rare_cxr.models.multiscale import RESNET_FEATURES, MultiScaleResNet
+from rare_cxr.models.common import NORMALISATIONS, Preprocess, grey_conv_from
+from rare_cxr.models.multiscale import BATCHNORM_MODES, RESNET_FEATURES, MultiScaleResNet
 
 logger = logging.getLogger(__name__)
 
 BACKBONES = tuple(RESNET_FEATURES)
 FUSIONS = ("concat", "mean", "attention")
-NORMALISATION = {"mean": GREY_MEAN, "std": GREY_STD, "range": [0.0, 1.0], "channels": 1}
+# architecture -> key of common.NORMALISATIONS: the statistics of its torchvision weights.
+ARCHITECTURE_NORMALISATION = {
+    "multiscale_resnet": "imagenet",
+    "vgg16": "imagenet",
+    "inception_v3": "inception",
+    "densenet121": "imagenet",
+    "efficientnet_b0": "imagenet",
+}
+# The ImageNet grey statistics (ResNet, VGG16, DenseNet121, EfficientNet-B0); kept for old
+# readers. A model's own statistics are `model.normalisation` / `normalisation_for(arch)`.
+NORMALISATION = NORMALISATIONS["imagenet"]
 # torchvision's Inception-v3 downsamples 5 times with valid padding: below 75 px it fails.
 MIN_INPUT = {"inception_v3": 75, "vgg16": 32}
 
@@ -40,9 +55,21 @@ MIN_INPUT = {"inception_v3": 75, "vgg16": 32}
 class SingleScaleNet(nn.Module):
     """A torchvision classifier behind the project's input contract (grey `[0,1]`, any size)."""
 
-    def __init__(self, net: nn.Module, scale: int, cam_layer: str, head_path: str) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        scale: int,
+        cam_layer: str,
+        head_path: str,
+        normalisation: Mapping[str, Any] = NORMALISATION,
+    ) -> None:
         super().__init__()
-        self.preprocess = Preprocess(scale)
+        if getattr(net, "transform_input", False):
+            # torchvision's Inception re-normalises inside forward when transform_input is on;
+            # with our Preprocess that would normalise twice.
+            raise ValueError("build Inception-v3 with transform_input=False: Preprocess normalises")
+        self.normalisation = dict(normalisation)
+        self.preprocess = Preprocess(scale, normalisation["mean"], normalisation["std"])
         self.net = net
         self.scales = [int(scale)]
         self._cam_layer = cam_layer
@@ -97,6 +124,11 @@ def _efficientnet_b0() -> nn.Module:
     return net
 
 
+def normalisation_for(architecture: str) -> dict[str, Any]:
+    """The input normalisation of `architecture` (a copy of its `common.NORMALISATIONS` entry)."""
+    return dict(NORMALISATIONS[ARCHITECTURE_NORMALISATION[architecture]])
+
+
 # architecture -> (constructor, Grad-CAM layer, classifier path)
 BASELINES: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
     "vgg16": (_vgg16, "features.29", "classifier.6"),
@@ -124,6 +156,7 @@ def validate_model_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         "scales",
         "fusion",
         "shared_trunk",
+        "batchnorm",
         "dropout",
         "pretrained",
     }
@@ -163,9 +196,15 @@ def validate_model_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         shared = spec.get("shared_trunk", True)
         if not isinstance(shared, bool):
             raise ValueError(f"{where}.shared_trunk: expected true or false, got {shared!r}")
-        out.update(backbone=backbone, fusion=fusion, shared_trunk=shared)
+        batchnorm = spec.get("batchnorm", "shared")
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(
+                f"{where}.batchnorm: unknown mode {batchnorm!r}; "
+                f"choose from {list(BATCHNORM_MODES)}"
+            )
+        out.update(backbone=backbone, fusion=fusion, shared_trunk=shared, batchnorm=batchnorm)
     else:
-        for key in ("backbone", "fusion", "shared_trunk"):
+        for key in ("backbone", "fusion", "shared_trunk", "batchnorm"):
             if key in spec:
                 raise ValueError(f"{where}.{key}: only used by multiscale_resnet, not {arch}")
         if len(out["scales"]) != 1:
@@ -195,7 +234,7 @@ def build_model(spec: Mapping[str, Any], load_weights: bool = True) -> nn.Module
     """Build the model a spec describes; `load_weights=False` skips `pretrained` (for reloads).
 
     Returns a module with input `[B, 1, H, W]` in `[0, 1]`, output logits `[B, 14]`,
-    `.scales`, `.cam_layers()`, `.head()` and `.pretrained_targets()`.
+    `.scales`, `.normalisation`, `.cam_layers()`, `.head()` and `.pretrained_targets()`.
     """
     spec = validate_model_spec(spec)
     arch = spec["architecture"]
@@ -205,6 +244,7 @@ def build_model(spec: Mapping[str, Any], load_weights: bool = True) -> nn.Module
             scales=spec["scales"],
             fusion=spec["fusion"],
             shared_trunk=spec["shared_trunk"],
+            batchnorm=spec["batchnorm"],
             dropout=spec["dropout"],
         )
     else:
@@ -214,7 +254,7 @@ def build_model(spec: Mapping[str, Any], load_weights: bool = True) -> nn.Module
             head_module = net.get_submodule(head)
             net.set_submodule(head, nn.Sequential(nn.Dropout(spec["dropout"]), head_module))
             head = f"{head}.1"
-        model = SingleScaleNet(net, spec["scales"][0], cam, head)
+        model = SingleScaleNet(net, spec["scales"][0], cam, head, normalisation_for(arch))
     model.spec = spec  # plain dict: goes into checkpoint metadata
     if load_weights and spec["pretrained"] != "none":
         from rare_cxr.models.transfer import load_pretrained

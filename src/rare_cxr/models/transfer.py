@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,11 @@ IMAGENET_WEIGHTS = {
 _DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
+# A per-scale BatchNorm (`multiscale.PerScaleBatchNorm2d`) stores scale i's copy of the
+# BatchNorm `<bn>` as `<bn>.norms.<i>.<param>`.
+_PER_SCALE_BN = re.compile(
+    r"^(?P<bn>.+)\.norms\.\d+\.(?P<param>weight|bias|running_mean|running_var|num_batches_tracked)$"
+)
 
 
 @dataclass
@@ -45,6 +50,7 @@ class LoadReport:
 
     loaded: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)  # RGB first conv summed to grey
+    per_scale: list[str] = field(default_factory=list)  # one BatchNorm copied to every scale
     skipped: list[str] = field(default_factory=list)  # present in both, shapes differ
     unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
     missing: list[str] = field(default_factory=list)  # in the model, not in the file
@@ -56,6 +62,8 @@ class LoadReport:
         parts = [f"loaded {len(self.loaded)} tensors"]
         if self.adapted:
             parts.append(f"adapted RGB->grey: {few(self.adapted)}")
+        if self.per_scale:
+            parts.append(f"BatchNorm copied into every scale's set: {few(self.per_scale)}")
         if self.skipped:
             parts.append(f"skipped (shape mismatch): {few(self.skipped)}")
         if self.unexpected:
@@ -65,10 +73,39 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def expand_per_scale_batchnorm(
+    state_dict: Mapping[str, torch.Tensor], model_keys: Iterable[str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map one-BatchNorm-per-layer weights onto a model with per-scale BatchNorm.
+
+    A torchvision (or shared-BatchNorm rare-cxr) state dict has `<bn>.<param>`; a per-scale
+    model has `<bn>.norms.<i>.<param>` for every scale i. Each such model key that the state
+    dict lacks receives the tensor `<bn>.<param>`, so every scale starts from the same
+    pretrained BatchNorm (affine parameters and running statistics); the source key is then
+    consumed (not reported as unexpected). Returns (state dict, model keys filled this way).
+    """
+    out = dict(state_dict)
+    filled, used = [], set()
+    for key in model_keys:
+        match = _PER_SCALE_BN.match(key)
+        if match is None or key in state_dict:
+            continue
+        source = f"{match['bn']}.{match['param']}"
+        if source in state_dict:
+            out[key] = state_dict[source]
+            filled.append(key)
+            used.add(source)
+    for source in used:
+        del out[source]
+    return out, filled
+
+
 def load_state_dict_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
-    """Copy every tensor whose name and shape fit; fold 3-channel first convs into 1 channel."""
+    """Copy every tensor whose name and shape fit; fold 3-channel first convs into 1 channel;
+    copy a single BatchNorm into every scale's set of a per-scale-BatchNorm trunk."""
     report = LoadReport()
     own = module.state_dict()
+    state_dict, per_scale = expand_per_scale_batchnorm(state_dict, own)
     to_load: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key not in own:
@@ -94,6 +131,7 @@ def load_state_dict_into(module: nn.Module, state_dict: Mapping[str, torch.Tenso
         else:
             report.skipped.append(key)
     report.missing = [k for k in own if k not in to_load]
+    report.per_scale = [k for k in per_scale if k in to_load]
     module.load_state_dict(to_load, strict=False)
     return report
 
@@ -161,10 +199,12 @@ def load_pretrained(model: nn.Module, spec: Mapping[str, Any]) -> LoadReport:
         state = read_state_dict(source)
         whole = set(model.state_dict())
         backbone_keys = set(model.pretrained_targets()[0].state_dict())
+
+        def fits(keys: set[str]) -> int:  # counted after the per-scale BatchNorm mapping
+            return len(keys & set(expand_per_scale_batchnorm(state, keys)[0]))
+
         targets = (
-            [model]
-            if len(whole & set(state)) >= len(backbone_keys & set(state))
-            else list(model.pretrained_targets())
+            [model] if fits(whole) >= fits(backbone_keys) else list(model.pretrained_targets())
         )
     reports = [load_state_dict_into(t, state) for t in targets]
     report = reports[0]

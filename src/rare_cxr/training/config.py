@@ -17,6 +17,9 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 8,
     "patience": 3,
     "batch_size": 32,
+    # Split every global batch into this many micro-batches and step the optimiser once per
+    # global batch (gradient accumulation for small GPUs; see docs/training.md).
+    "accumulation_steps": 1,
     "eval_batch_size": 64,
     "optimizer": {"lr": 1e-3, "weight_decay": 1e-4, "eps": 1e-8},
     "schedule": {
@@ -104,6 +107,14 @@ def validate_training_params(params: Mapping[str, Any] | None) -> dict[str, Any]
     _int(cfg, "patience", where, 1)
     _int(cfg, "batch_size", where, 1)
     _int(cfg, "eval_batch_size", where, 1)
+    _int(cfg, "accumulation_steps", where, 1)
+    accumulation = cfg["accumulation_steps"]
+    if cfg["batch_size"] % accumulation or cfg["batch_size"] // accumulation < 2:
+        raise ValueError(
+            f"{where}.accumulation_steps ({accumulation}) must divide {where}.batch_size "
+            f"({cfg['batch_size']}) into micro-batches of at least 2 images each (BatchNorm "
+            "cannot train on one image)"
+        )
     _int(cfg, "loader_threads", where, 0)
     device = cfg["device"]
     if not isinstance(device, str) or not (

@@ -16,8 +16,10 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -107,38 +110,92 @@ def amp_dtype(cfg: Mapping[str, Any], device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def to_batch(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor → `device`; on CUDA from pinned memory, asynchronously (the loader threads
+    pin training batches, so the training thread does not wait for that copy either)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+def to_batch(
+    images: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool
+) -> torch.Tensor:
     """uint8 `[B, S, S]` → float `[B, 1, S, S]` in `[0, 1]` on `device` (converted there)."""
-    # slices of the cache's read-only memmap are copied (torch refuses non-writable arrays);
-    # fancy-indexed training batches already are copies
-    images = np.ascontiguousarray(images)
-    x = torch.from_numpy(images if images.flags.writeable else images.copy())
-    x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
-    x = x.unsqueeze(1).float().div_(255.0)
+    if isinstance(images, torch.Tensor):
+        x = images
+    else:
+        # slices of the cache's read-only memmap are copied (torch refuses non-writable
+        # arrays); fancy-indexed training batches already are copies
+        images = np.ascontiguousarray(images)
+        x = torch.from_numpy(images if images.flags.writeable else images.copy())
+    x = _to_device(x, device).unsqueeze(1).float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize `[B, C, H, W]` to `size` x `size` exactly as the models' `Preprocess` does
+    (bilinear, `align_corners=False`, antialiased when shrinking): fed this, a model of that
+    scale skips its own resize. Normalisation and this resize commute (the interpolation
+    weights sum to one), so resize-then-normalise equals normalise-then-resize up to rounding.
+    """
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
+    out = F.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size
+    )
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def train_input_size(model: nn.Module, cache_size: int) -> int | None:
+    """The side to resize training batches to *before* augmentation, or None (augment at the
+    cache size). A single-scale model smaller than the cache (the 224/299 px baselines on a
+    448 px cache) is augmented at its own size: 4x fewer pixels to resample, and the model's
+    internal resize becomes a no-op. A multi-scale model is augmented at the cache size, so
+    that every scale sees the same augmented image."""
+    scales = [int(s) for s in getattr(model, "scales", [])]
+    if len(scales) == 1 and scales[0] < int(cache_size):
+        return scales[0]
+    return None
+
+
 def _fetch(
-    images: np.ndarray, labels: np.ndarray, idx: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+    images: np.ndarray, labels: np.ndarray, idx: np.ndarray, pin: bool = False
+) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
     order = np.sort(idx)  # sorted reads are sequential in the memmap
-    return images[order], labels[order]
+    x, y = images[order], labels[order]
+    if pin:  # page-locked here, in the loader thread, not in the training thread
+        return torch.from_numpy(x).pin_memory(), torch.from_numpy(y).pin_memory()
+    return x, y
 
 
 def _prefetch(
-    jobs: list[np.ndarray], images: np.ndarray, labels: np.ndarray, threads: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield batches, reading the next one from the memmap while the current one trains."""
+    jobs: list[np.ndarray],
+    images: np.ndarray,
+    labels: np.ndarray,
+    threads: int,
+    *,
+    pin: bool = False,
+) -> Iterator[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]:
+    """Yield batches in order, reading ahead from the memmap while the current one trains.
+
+    `threads` loader threads keep `threads + 1` batches in flight: every thread reading one,
+    plus one finished batch waiting (1 thread: 2 in flight, as before this rule).
+    """
     if threads <= 0:
         for idx in jobs:
             yield _fetch(images, labels, idx)
         return
+    depth = threads + 1
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        futures = [pool.submit(_fetch, images, labels, jobs[i]) for i in range(min(2, len(jobs)))]
+        pending = deque(
+            pool.submit(_fetch, images, labels, jobs[i], pin) for i in range(min(depth, len(jobs)))
+        )
         for i in range(len(jobs)):
-            batch = futures[i].result()
-            if i + 2 < len(jobs):
-                futures.append(pool.submit(_fetch, images, labels, jobs[i + 2]))
+            batch = pending.popleft().result()
+            if i + depth < len(jobs):
+                pending.append(pool.submit(_fetch, images, labels, jobs[i + depth], pin))
             yield batch
 
 
@@ -165,14 +222,35 @@ def epoch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None) -> np
     return torch.multinomial(w, n, replacement=True, generator=gen).numpy()
 
 
-def batches_for(order: np.ndarray, batch_size: int, world: int) -> list[np.ndarray]:
-    """Global batches; a short last batch is kept only if every rank gets >= 2 samples of it
-    (BatchNorm cannot train on one) and it splits evenly (DDP averages per-rank means)."""
+def batches_for(
+    order: np.ndarray, batch_size: int, world: int, accumulation: int = 1
+) -> list[np.ndarray]:
+    """Global batches; a short last batch is kept only if it splits evenly into
+    `accumulation` micro-batches times `world` ranks (DDP averages per-rank means) with >= 2
+    samples per rank and micro-batch (BatchNorm cannot train on one)."""
     out = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    parts = world * accumulation
     if out and len(out[-1]) < batch_size:
         r = len(out[-1])
-        if r % world or r // world < 2:
+        if r % parts or r // parts < 2:
             out.pop()
+    return out
+
+
+def micro_batches(batch: np.ndarray, world: int, rank: int, accumulation: int) -> list[np.ndarray]:
+    """This rank's share of one global batch, as `accumulation` micro-batches.
+
+    The global batch is sorted (sequential reads in the memmap), cut into `accumulation`
+    global micro-batches of consecutive images, and each of those split evenly over the ranks:
+    N processes see the same global micro-batches (and, with synchronised BatchNorm, the same
+    statistics) as one process. Concatenated, a rank's micro-batches are sorted, so the rank
+    reads, augments and splits its whole share at once: one process with any accumulation
+    trains on exactly the images and augmentation draws of `accumulation_steps: 1`.
+    """
+    out = []
+    for micro in np.split(np.sort(batch), accumulation):
+        share = len(micro) // world
+        out.append(micro[rank * share : (rank + 1) * share])
     return out
 
 
@@ -273,8 +351,12 @@ def training_settings(
 ) -> dict[str, Any]:
     """Everything a training's result depends on (the fingerprinted settings)."""
     policy = getattr(augment, "policy", None)
+    from rare_cxr.models import normalisation_for
+
     return {
         "model": dict(spec),
+        # what the model is fed: part of the result even when the spec does not say it
+        "normalisation": normalisation_for(spec["architecture"]),
         "training": {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS},
         "data": data_fingerprint(cache),
         "augmentation": dict(policy) if isinstance(policy, Mapping) else repr(augment),
@@ -285,6 +367,51 @@ def training_settings(
 
 def _head_parameter_ids(model: nn.Module) -> set[int]:
     return {id(p) for p in model.head().parameters()}
+
+
+def trunk_modules(model: nn.Module) -> list[nn.Module]:
+    """The trunk = every module outside `model.head()` that holds a parameter or a buffer of its
+    own (convolutions, BatchNorm with its running statistics, ...). Parameter-free modules
+    (Dropout, activations) are not part of it: they follow the model's train/eval mode."""
+    head = {id(m) for m in model.head().modules()}
+    return [
+        m
+        for m in model.modules()
+        if id(m) not in head
+        and (
+            any(True for _ in m.parameters(recurse=False))
+            or any(True for _ in m.buffers(recurse=False))
+        )
+    ]
+
+
+def set_trunk_frozen(
+    modules: Sequence[nn.Module], params: Sequence[nn.Parameter], frozen: bool
+) -> None:
+    """Frozen: the trunk's modules in eval mode (BatchNorm uses and keeps its running
+    statistics) and its parameters without gradients (autograd records nothing before the head,
+    so backward runs through the head only). Unfrozen: gradients back on; the train/eval mode
+    is restored by the `model.train()` every epoch starts with."""
+    for p in params:
+        p.requires_grad_(not frozen)
+    if frozen:
+        for m in modules:
+            m.eval()
+
+
+def _all_reduce_mean_grads(params: Sequence[nn.Parameter], world: int) -> None:
+    """DDP's gradient averaging, by hand, for the head-only (frozen-trunk) steps: those run the
+    unwrapped model, because DDP expects a gradient for every parameter it was built with."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat.div_(world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,6 +472,16 @@ def _fit(
         raise ValueError(
             f"training.batch_size ({cfg['batch_size']}) must be divisible by the "
             f"number of DDP processes ({world})"
+        )
+    accumulation = cfg["accumulation_steps"]
+    if (
+        cfg["batch_size"] % (world * accumulation)
+        or cfg["batch_size"] // (world * accumulation) < 2
+    ):
+        raise ValueError(
+            f"training.batch_size ({cfg['batch_size']}) must split into "
+            f"training.accumulation_steps ({accumulation}) micro-batches x {world} DDP "
+            "process(es) of at least 2 images each"
         )
     train, val = cache.split("train"), cache.split("val")
     train_images, train_labels = train.images, np.asarray(train.labels, dtype=np.float32)
@@ -410,6 +547,8 @@ def _fit(
     head_ids = _head_parameter_ids(model)
     head_params = [p for p in model.parameters() if id(p) in head_ids]
     trunk_params = [p for p in model.parameters() if id(p) not in head_ids]
+    trunk = trunk_modules(model)
+    train_size = train_input_size(model, cache.size)
     optimizer = torch.optim.Adam(
         [
             {"params": trunk_params, "lr_multiplier": 1.0},
@@ -455,8 +594,9 @@ def _fit(
             )
 
     train_model: nn.Module = model
+    ddp_model: nn.parallel.DistributedDataParallel | None = None
     if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
+        train_model = ddp_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if cfg["compile"]:
@@ -470,7 +610,10 @@ def _fit(
         mask = torch.zeros(len(FINDINGS), device=device)
         mask[stage.targets] = 1.0
         criterion.set_mask(None if len(stage.targets) == len(FINDINGS) else mask)
-        steps_per_epoch = len(batches_for(np.arange(n_train), cfg["batch_size"], world))
+        # the schedule counts optimiser steps (global batches), never micro-batches
+        steps_per_epoch = len(
+            batches_for(np.arange(n_train), cfg["batch_size"], world, accumulation)
+        )
         schedule = LRSchedule(
             optimizer, cfg["optimizer"]["lr"], cfg["schedule"], steps_per_epoch, stage.epochs
         )
@@ -482,21 +625,35 @@ def _fit(
         )
         stop = False
         while epoch_in_stage < stage.epochs and not stop:
-            optimizer.param_groups[0]["lr_multiplier"] = (
-                0.0 if epoch_in_stage < stage.frozen_epochs else 1.0
-            )
+            # A frozen-trunk epoch trains the head only: the trunk in eval mode (its BatchNorm
+            # running statistics stay put) without gradients (backward stops at the head). Its
+            # learning rate is 0 as well, so Adam leaves it alone whatever happens. Whether an
+            # epoch is frozen is a function of (stage, epoch), so a resumed run freezes the same
+            # epochs; the flags themselves are not state and are set afresh every epoch.
+            frozen = epoch_in_stage < stage.frozen_epochs
+            optimizer.param_groups[0]["lr_multiplier"] = 0.0 if frozen else 1.0
             schedule.apply()
             # Every random draw of an epoch derives from (seed, epoch): a resumed epoch replays
-            # exactly what the interrupted one would have done.
+            # exactly what the interrupted one would have done. The augmentation generator lives
+            # on the training device (no host-side draws or copies per batch); it is re-seeded
+            # from (seed, epoch, rank) every epoch, so it has no state to save.
             torch.manual_seed(cfg["seed"] * 7919 + global_epoch)
-            aug_gen = torch.Generator().manual_seed(  # CPU: same draws on any device
+            aug_gen = torch.Generator(device=device).manual_seed(
                 cfg["seed"] * 104_729 + global_epoch * 131 + rank
             )
             jobs = batches_for(
-                epoch_order(n_train, cfg["seed"], global_epoch, weights), cfg["batch_size"], world
+                epoch_order(n_train, cfg["seed"], global_epoch, weights),
+                cfg["batch_size"],
+                world,
+                accumulation,
             )
-            rank_jobs = [j[rank * (len(j) // world) : (rank + 1) * (len(j) // world)] for j in jobs]
+            rank_jobs = [micro_batches(j, world, rank, accumulation) for j in jobs]
             train_model.train()
+            set_trunk_frozen(trunk, trunk_params, frozen)
+            # head-only steps run the plain model: DDP expects a gradient for every parameter
+            # it wraps (the head's gradients are averaged by hand), and a compiled graph
+            # would recompile for the frozen flags
+            step_model = model if frozen else train_model
             loss_sum = torch.zeros((), device=device)
             seen = 0
             t0 = time.perf_counter()
@@ -507,39 +664,74 @@ def _fit(
                 unit="batch",
                 desc=f"{name} epoch {global_epoch + 1} [{stage.name}]",
             )
-            for step, (xb, yb) in enumerate(
-                _prefetch(rank_jobs, train_images, train_labels, cfg["loader_threads"])
-            ):
-                x = to_batch(xb, device, channels_last)
-                y = torch.from_numpy(yb).to(device, non_blocking=True)
-                if augment is not None:
-                    x = augment(x, generator=aug_gen)
-                with torch.autocast(
-                    device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-                ):
-                    logits = train_model(x)
-                loss = criterion(logits.float(), y)
-                finite = (
-                    distributed.all_finite(bool(torch.isfinite(loss)), device)
-                    if world > 1
-                    else bool(torch.isfinite(loss))
+            batches = _prefetch(
+                [np.concatenate(micros) for micros in rank_jobs],
+                train_images,
+                train_labels,
+                cfg["loader_threads"],
+                pin=device.type == "cuda",
+            )
+            for step, (micros, (xb, yb)) in enumerate(zip(rank_jobs, batches, strict=True)):
+                # The rank's whole share goes to the device, is resized (single-scale models
+                # below the cache size) and augmented at once -- the same draws whatever the
+                # accumulation -- and is then split into its micro-batches.
+                x_all = to_batch(xb, device, channels_last)
+                y_all = _to_device(
+                    yb if isinstance(yb, torch.Tensor) else torch.from_numpy(yb), device
                 )
-                if not finite:
-                    bar.close()
-                    raise FloatingPointError(
-                        f"{name}: training loss is {loss.item()} at epoch {global_epoch + 1} "
-                        f"step {step + 1} (stage {stage.name}); training stopped. The last good "
-                        f"state (end of epoch {last_good_epoch}) is kept at "
-                        f"{state_path or '(nowhere: resume is off)'}. Try a lower "
-                        "training.optimizer.lr, amp: false, or check the input images."
-                    )
+                if train_size is not None:
+                    x_all = resize_batch(x_all, train_size)
+                if augment is not None:
+                    x_all = augment(x_all, generator=aug_gen)
+                sizes = [len(m) for m in micros]
+                pairs = (
+                    [(x_all, y_all)]
+                    if len(micros) == 1
+                    else list(zip(x_all.split(sizes), y_all.split(sizes), strict=True))
+                )
+                # One optimiser step per global batch. Each micro-batch's loss (a mean over its
+                # images) is weighted by its share of the rank's batch, so the summed gradient
+                # is the gradient of the whole batch's mean loss (accumulation_steps: 1 = no
+                # weighting at all, bit for bit the plain step).
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                rank_batch = sum(sizes)
+                for k, (x, y) in enumerate(pairs):
+                    # DDP: all-reduce once per optimiser step, after the last micro-batch
+                    sync = (
+                        ddp_model.no_sync()
+                        if ddp_model is not None and not frozen and k < len(micros) - 1
+                        else nullcontext()
+                    )
+                    with sync:
+                        with torch.autocast(
+                            device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+                        ):
+                            logits = step_model(x)
+                        loss = criterion(logits.float(), y)
+                        finite = (
+                            distributed.all_finite(bool(torch.isfinite(loss)), device)
+                            if world > 1
+                            else bool(torch.isfinite(loss))
+                        )
+                        if not finite:
+                            bar.close()
+                            raise FloatingPointError(
+                                f"{name}: training loss is {loss.item()} at epoch "
+                                f"{global_epoch + 1} step {step + 1} (stage {stage.name}); "
+                                "training stopped. The last good state (end of epoch "
+                                f"{last_good_epoch}) is kept at "
+                                f"{state_path or '(nowhere: resume is off)'}. Try a lower "
+                                "training.optimizer.lr, amp: false, or check the input images."
+                            )
+                        scaled = loss if len(micros) == 1 else loss * (len(x) / rank_batch)
+                        scaler.scale(scaled).backward()
+                    loss_sum += loss.detach() * len(x)
+                    seen += len(x)
+                if frozen and world > 1:
+                    _all_reduce_mean_grads(head_params, world)
                 scaler.step(optimizer)
                 scaler.update()
                 schedule.step()
-                loss_sum += loss.detach() * len(x)
-                seen += len(x)
                 if show_bar:
                     rate = seen * world / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
@@ -644,6 +836,7 @@ def _fit(
             if callbacks.on_epoch_end:
                 callbacks.on_epoch_end(global_epoch, row)
         stage_i, epoch_in_stage = stage_i + 1, 0
+    set_trunk_frozen(trunk, trunk_params, False)  # a frozen last epoch leaves no trace
 
     distributed.barrier()
     if rank != 0:
@@ -652,7 +845,7 @@ def _fit(
     metadata = {
         "model_spec": dict(spec),
         "findings": list(FINDINGS),
-        "normalisation": dict(NORMALISATION),
+        "normalisation": dict(getattr(model, "normalisation", NORMALISATION)),
         "scales": list(spec["scales"]),
         "input_size": int(cache.size),
         "train_params": copy.deepcopy(dict(cfg)),

@@ -2,8 +2,8 @@
 
 Written here rather than chained torch schedulers because the loop needs three things at once:
 per-step cosine with linear warm-up, per-epoch reduce-on-plateau, and a per-parameter-group
-multiplier (0 for the trunk during a frozen-trunk warm-up, which keeps DDP's parameter set
-unchanged -- toggling `requires_grad` under DDP breaks its gradient buckets).
+multiplier (0 for the trunk during a frozen-trunk warm-up; the engine also turns the trunk's
+gradients off and runs those head-only steps outside DDP, see `engine.set_trunk_frozen`).
 """
 
 from __future__ import annotations

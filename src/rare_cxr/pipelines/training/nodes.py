@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rare_cxr.findings import FINDINGS
-from rare_cxr.models import build_model, validate_model_spec
+from rare_cxr.models import MIN_INPUT, build_model, validate_model_spec
 from rare_cxr.training import distributed
 from rare_cxr.training.checkpointing import TrainingStateStore
 from rare_cxr.training.config import validate_training_params
@@ -133,6 +133,41 @@ def split_training_overrides(
     return model, merge(training or {}, overrides)
 
 
+def check_scales_fit_cache(spec: Mapping[str, Any], image_cache: Any) -> None:
+    """A scale larger than the image cache is an error naming both parameters: the model would
+    only upsample the cached pixels, so that "high-resolution" branch sees no new information.
+
+    One exception: a scale equal to the architecture's minimum input (`MIN_INPUT`, e.g.
+    Inception-v3's 75 px) is allowed above the cache size, with a warning -- the network cannot
+    run on fewer pixels, so upsampling is the only way to use it on a small (test) cache.
+    """
+    size = int(image_cache.size)
+    too_large = [s for s in spec["scales"] if s > size]
+    if not too_large:
+        return
+    minimum = MIN_INPUT.get(spec["architecture"], 0)
+    where = f"{spec['name']}.model.scales"
+    if all(s <= minimum for s in too_large):
+        logger.warning(
+            "%s %s: %s px is above image_cache.size (%d px), but it is %s's minimum input: "
+            "the cached images are upsampled to it (no new detail; use image_cache.size >= %d "
+            "for a real run)",
+            where,
+            spec["scales"],
+            too_large,
+            size,
+            spec["architecture"],
+            max(too_large),
+        )
+        return
+    raise ValueError(
+        f"{where} {spec['scales']}: scale(s) {too_large} px exceed image_cache.size ({size} px); "
+        "the model would only upsample the cached pixels, so that scale sees no new detail. "
+        f"Set image_cache.size to at least {max(too_large)} (parameters_augmentation.yml; the "
+        f"cache is rebuilt) or lower {where}"
+    )
+
+
 def train_model(
     image_cache: Any,
     augmentation_policy: Mapping[str, Any] | None,
@@ -154,6 +189,7 @@ def train_model(
     model, training = split_training_overrides(model, training)
     spec = validate_model_spec(model)
     cfg = validate_training_params(training)
+    check_scales_fit_cache(spec, image_cache)
     if training_state is not None and cfg["resume_dir"] is not None:
         raise ValueError(
             "training.resume_dir is set, but in a Kedro run the training state lives in the "
@@ -278,6 +314,17 @@ def load_checkpoint_model(
     else:
         raise ValueError(f"checkpoint has no seed {seed}; it holds seeds {seeds}")
     model = build_model(meta["model_spec"], load_weights=False)
+    trained_with = meta.get("normalisation") or {}
+    now = getattr(model, "normalisation", None) or {}
+    for key in ("mean", "std"):
+        if key in trained_with and key in now and trained_with[key] != now[key]:
+            raise ValueError(
+                f"checkpoint {meta.get('model_spec', {}).get('name')} was trained with input "
+                f"normalisation {key}={trained_with[key]}, but this version of rare-cxr feeds "
+                f"{key}={now[key]} to a {meta['model_spec'].get('architecture')}: its "
+                "predictions would be wrong. Retrain the model (its training state fingerprint "
+                "changed, so `kedro run` trains it again)."
+            )
     model.load_state_dict(weights)
     return model
 
