@@ -7,12 +7,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint viz bench clean-data
+.PHONY: run test lint viz bench clean-data lock
 
-$(STAMP): pyproject.toml
+# The tested set first (requirements-lock.txt, nothing resolved), then the project itself.
+$(STAMP): pyproject.toml requirements-lock.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -r requirements-lock.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
 ## Set up (first time) and run the whole default pipeline on the embedded phantom dataset (CPU).
@@ -20,16 +22,33 @@ run: $(STAMP)
 	$(BIN)/kedro run
 
 ## Set up (first time) and run the whole test suite (installs Chromium for the kedro-viz test when root).
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay shared):
+# the suite is mostly single-threaded subprocesses, so 2 workers use both cores of a CI machine.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	@bash scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench notebooks
+	$(BIN)/ruff format --check src tests bench notebooks
 
 viz: $(STAMP)
 	$(BIN)/kedro viz run
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+## Delete one environment's derived data (data/<ENV>: cache, models, reports...; never the raw
+## download, never through a link): make clean-data [ENV=base|nih] [YES=1]
+ENV ?= base
+clean-data:
+	$(BIN)/python -m rare_cxr.clean_data --env $(ENV) $(if $(YES),--yes)
+
+## Re-resolve requirements-lock.txt from pyproject.toml (newest versions it allows), then
+## `make test` installs and tests that set. Linux x86_64, Python 3.11 (CI's and the Dockerfile's).
+LOCK_OUT ?= requirements-lock.txt
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+	  --annotation-style line --custom-compile-command "make lock" -o $(LOCK_OUT)

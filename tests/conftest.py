@@ -33,6 +33,9 @@ DATA_LAYERS = (
     "08_reporting",
 )
 
+# conf/local file of every temporary project that switches experiment tracking off
+TRACKING_OFF = "parameters_tracking_off.yml"
+
 # Keep torch from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
@@ -113,6 +116,11 @@ class KedroProject:
         """A path in the environment's data folder (`data/base`, `data/nih`)."""
         return self.path.joinpath("data", env, *parts)
 
+    def enable_tracking(self) -> None:
+        """MLflow tracking as a user gets it (conf/base), instead of the tests' default off."""
+        for env in ("local", "nih"):
+            (self.path / "conf" / env / TRACKING_OFF).unlink()
+
     def write_local_params(self, params: dict[str, Any]) -> None:
         """Overrides in conf/local, which soft-merges over conf/base like `--params` does."""
         import yaml
@@ -147,6 +155,11 @@ def make_project(project: Path) -> KedroProject:
     shutil.copy(PROJECT_ROOT / ".telemetry", project / ".telemetry")  # the project's opt-out
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
+    # Experiment tracking off (for the default run and --env nih): MLflow costs ~2-4 s to import
+    # and ~7 s to create a store, in every temporary project of every test.
+    # tests/test_tracking.py turns it on (`enable_tracking`).
+    for env in ("local", "nih"):
+        (project / "conf" / env / TRACKING_OFF).write_text("tracking:\n  enabled: false\n")
     for env in ("base", "nih"):  # each environment's data folder, with Kedro's layer folders
         for layer in DATA_LAYERS:
             (project / "data" / env / layer).mkdir(parents=True)
@@ -160,4 +173,35 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KedroProje
     project = make_project(tmp_path / "project")
     monkeypatch.chdir(project.path)
     bootstrap_project(project.path)
+    return project
+
+
+# The smallest complete default run: phantom -> every stage -> reporting of the ablation pair.
+TINY_DEFAULT_RUN: dict[str, Any] = {
+    "phantom.n_patients": 24,
+    "phantom.image_size": 64,
+    "image_cache.size": 64,  # every model block's scales must fit, baselines' [64] included
+    "image_cache.workers": 1,
+    "augmentation_preview.scales": [16, 32],
+    "multiscale_resnet.model.scales": [16, 32],
+    "resnet_single_scale.model.scales": [32],
+    "training.epochs": 2,
+    "training.batch_size": 16,
+    "training.device": "cpu",
+    "training.progress_bar": False,
+    "reporting.bootstrap.n_resamples": 20,
+    "reporting.cost.batch_size": 2,
+    "reporting.cost.n_batches": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_default_run(tmp_path_factory: pytest.TempPathFactory) -> KedroProject:
+    """A project after one tiny `kedro run` (the real command line, default pipeline, experiment
+    tracking on as a user has it), shared read-only by the tests that look at a finished run's
+    outputs: the MLflow store (test_tracking.py) and the notebook (test_notebook.py)."""
+    project = make_project(tmp_path_factory.mktemp("tiny_default_run") / "project")
+    project.enable_tracking()
+    project.write_local_params(TINY_DEFAULT_RUN)
+    project.cli("run")
     return project

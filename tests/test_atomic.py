@@ -188,3 +188,19 @@ def test_staging_folder_swaps_in_whole_or_not_at_all(tmp_path: Path) -> None:
         raise KeyboardInterrupt
     assert sorted(p.name for p in final.iterdir()) == ["a.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_atomic_csv_dataset_keeps_kedro_datasets_preview(tmp_path):
+    """kedro-viz previews a CSV by deep-copying the dataset; the atomic filesystem wrapper must
+    survive the copy (it once recursed forever in `__getattr__`)."""
+    import pandas as pd
+
+    from rare_cxr.datasets import CSVDataset
+
+    dataset = CSVDataset(filepath=str(tmp_path / "t.csv"), save_args={"index": False})
+    dataset.save(pd.DataFrame({"finding": ["Hernia", "Mass", "Nodule"], "n": [1, 2, 3]}))
+    preview = dataset.preview(nrows=2)
+    assert preview["columns"] == ["finding", "n"] and preview["data"] == [
+        ["Hernia", 1],
+        ["Mass", 2],
+    ]

@@ -403,3 +403,22 @@ def test_profile_loader_parts_quick(tmp_path: Path) -> None:
     assert {"affine_grid", "grid_sample", "gamma", "whole augmenter (conf/nih policy)"} <= names
     assert all(r["ms_median"] >= 0 and r["ms_min"] <= r["ms_median"] for r in steps)
     assert "decode median" in done.stdout
+
+
+def test_bench_phantom_quick(tmp_path: Path) -> None:
+    """docs/phantom.md's figures come from this script: it runs and reports every finding."""
+    out = tmp_path / "phantom.jsonl"
+    done = run_bench(
+        "bench_phantom.py", "--patients", "40", "--timing-films", "2", "--output", str(out)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    renders = [r for r in records if r["section"] == "render"]
+    assert {r["px"] for r in renders} == {128, 256}
+    assert all(r["ms_per_film_median"] > 0 for r in renders)
+    linear = [r for r in records if r["section"] == "linear"]
+    from rare_cxr.findings import FINDINGS
+
+    assert [r["finding"] for r in linear] == list(FINDINGS)
+    scored = [r["auroc"] for r in linear if r["auroc"] == r["auroc"]]  # NaN: one class only
+    assert scored and all(0.0 <= a <= 1.0 for a in scored)

@@ -192,17 +192,25 @@ def test_row_numbers_survive_blank_lines():
 @pytest.mark.parametrize(
     ("node", "params", "message"),
     [
-        ("labels", {**LABEL_PARAMS, "max_age": -1}, r"data_processing\.labels\.max_age must be"),
-        ("labels", {**LABEL_PARAMS, "maxage": 3}, r"data_processing\.labels has unknown key"),
+        (
+            "labels",
+            {**LABEL_PARAMS, "max_age": -1},
+            r"data_processing\.labels\.max_age: expected a value >= 1, got -1",
+        ),
+        (
+            "labels",
+            {**LABEL_PARAMS, "maxage": 3},
+            r"data_processing\.labels\.maxage: unknown key \(did you mean 'max_age'\?\)",
+        ),
         (
             "images",
             {**IMAGE_PARAMS, "on_missing": "skip"},
-            r"data_processing\.images\.on_missing must be one of",
+            r"data_processing\.images\.on_missing: expected one of 'drop' or 'error', got 'skip'",
         ),
         (
             "split",
             {**SPLIT_PARAMS, "val_fraction": 1.5},
-            r"data_processing\.split\.val_fraction must be in \(0, 1\)",
+            r"data_processing\.split\.val_fraction: expected a value < 1\.0, got 1\.5",
         ),
         (
             "split",
@@ -212,7 +220,7 @@ def test_row_numbers_survive_blank_lines():
         (
             "split",
             {k: v for k, v in SPLIT_PARAMS.items() if k != "seed"},
-            r"split\.seed is missing",
+            r"data_processing\.split\.seed: required key is missing",
         ),
     ],
 )

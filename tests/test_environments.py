@@ -15,8 +15,14 @@ import pytest
 import torch
 import yaml
 
+from rare_cxr.models.roster import roster_from_parameters
 from rare_cxr.ownership import PHANTOM_MARKER
-from rare_cxr.pipelines.reporting import ALL_MODELS
+from rare_cxr.pipeline_registry import project_parameters
+
+# the models conf/nih configures (six), in report order
+ALL_MODELS = roster_from_parameters(
+    project_parameters(Path(__file__).resolve().parents[1], env="nih")
+).models
 
 pytestmark = pytest.mark.slow
 
@@ -216,3 +222,8 @@ def test_nih_run_without_boxes_completes_and_survives_a_default_run(kedro_projec
     newest = sorted(base.glob("*/checkpoint.pt"))[-1]
     meta = torch.load(newest, weights_only=True)["metadata"]
     assert meta["model_spec"]["fusion"] == "attention" and meta["scales"] == [32, 64, 128]
+
+    # README / docs/inference.md: new images through the bundle the default run's report wrote
+    from test_inference import check_inference_on_trained_model
+
+    check_inference_on_trained_model(project, tmp_path)

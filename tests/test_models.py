@@ -218,3 +218,22 @@ def test_checkpoint_trained_with_another_normalisation_is_refused():
     old = {**meta, "normalisation": {"mean": 0.449, "std": 0.226}}
     with pytest.raises(ValueError, match=r"trained with input normalisation mean=0.449"):
         load_checkpoint_model({"state_dict": model.state_dict(), "metadata": old})
+
+
+def test_inception_imagenet_aux_head_is_listed_as_unexpected_not_loaded(tmp_path: Path):
+    """docs/training.md: inception_v3 is built without its auxiliary head, and the weight file's
+    `AuxLogits.*` keys are listed as unexpected by the load report (not silently dropped)."""
+    spec = {"name": "m", "architecture": "inception_v3", "scales": [75], "pretrained": "none"}
+    model = build_model(spec)
+    # torchvision's ImageNet file = the main network (RGB stem) + the auxiliary head
+    weights = {k.removeprefix("net."): v for k, v in model.state_dict().items()}
+    weights["Conv2d_1a_3x3.conv.weight"] = weights["Conv2d_1a_3x3.conv.weight"].repeat(1, 3, 1, 1)
+    aux_head = torchvision.models.inception.InceptionAux(768, 1000)
+    weights.update({f"AuxLogits.{k}": v for k, v in aux_head.state_dict().items()})
+    path = tmp_path / "inception.pt"
+    torch.save(weights, path)
+    report = load_pretrained(model, {**spec, "pretrained": str(path)})
+    aux = {k for k in weights if k.startswith("AuxLogits.")}
+    assert aux and aux <= set(report.unexpected)
+    assert not any(k.startswith("AuxLogits.") for k in report.loaded)
+    assert "Conv2d_1a_3x3.conv.weight" in report.adapted  # RGB stem folded to grey

@@ -67,17 +67,23 @@ def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"n_patients": -3}, "phantom.n_patients must be a positive integer, got -3"),
-        ({"n_patients": True}, "phantom.n_patients must be a positive integer"),
-        ({"image_size": 16}, "phantom.image_size must be an integer in [32, 2048], got 16"),
-        ({"images_per_patient": [3, 1]}, "phantom.images_per_patient must satisfy"),
-        ({"images_per_patient": "two"}, "phantom.images_per_patient must be a positive"),
-        ({"prevalence_scale": 0}, "phantom.prevalence_scale must be a positive number"),
-        ({"label_noise": 1.0}, "phantom.label_noise must be a number in [0, 1)"),
-        ({"test_fraction": -0.1}, "phantom.test_fraction must be a number in [0, 1)"),
-        ({"seed": "x"}, "phantom.seed must be a non-negative integer"),
-        ({"enabled": "yes"}, "phantom.enabled must be true or false"),
-        ({"n_patient": 5}, "unknown phantom parameter(s): phantom.n_patient"),
+        ({"n_patients": -3}, "phantom.n_patients: expected a value >= 1, got -3"),
+        ({"n_patients": True}, "phantom.n_patients: expected an integer, got True"),
+        ({"image_size": 16}, "phantom.image_size: expected a value >= 32, got 16"),
+        (
+            {"images_per_patient": [3, 1]},
+            "phantom.images_per_patient: expected 1 <= min <= max <= 1000, got [3, 1]",
+        ),
+        (
+            {"images_per_patient": "two"},
+            "phantom.images_per_patient: expected a positive integer (the maximum) or a [min, max]",
+        ),
+        ({"prevalence_scale": 0}, "phantom.prevalence_scale: expected a value > 0.0, got 0"),
+        ({"label_noise": 1.0}, "phantom.label_noise: expected a value < 1.0, got 1.0"),
+        ({"test_fraction": -0.1}, "phantom.test_fraction: expected a value >= 0.0, got -0.1"),
+        ({"seed": "x"}, "phantom.seed: expected an integer, got 'x'"),
+        ({"enabled": "yes"}, "phantom.enabled: expected true or false, got 'yes'"),
+        ({"n_patient": 5}, "phantom.n_patient: unknown key (did you mean 'n_patients'?)"),
     ],
 )
 def test_invalid_parameters_name_the_key(override: dict, message: str) -> None:

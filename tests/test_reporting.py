@@ -7,12 +7,19 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import PROJECT_ROOT
 from test_metrics import make_frames
 from torch import nn
 
 from rare_cxr.evaluation import cam, cost, figures
 from rare_cxr.findings import FINDINGS
-from rare_cxr.pipelines.reporting import ALL_MODELS, create_pipeline, nodes
+from rare_cxr.models.roster import roster_from_parameters
+from rare_cxr.pipeline_registry import project_parameters
+from rare_cxr.pipelines.reporting import create_pipeline, nodes
+
+# the checkout's configured models (conf/base), in report order
+ROSTER = roster_from_parameters(project_parameters(PROJECT_ROOT, env="base"))
+ALL_MODELS = ROSTER.models
 
 PARAMS = {"bootstrap": {"n_resamples": 30, "seed": 1}, "data_source": "hand-made"}
 
@@ -102,6 +109,34 @@ def test_reporting_nodes_on_hand_made_predictions():
     assert not rare_table.loc[~few, "AUROC"].str.endswith("†").any()
     summary = nodes.summarise_data(labels, splits, "", PARAMS)
     assert summary["bounding_boxes"]["present"] is False  # the optional file is absent
+    # the model bundle and its card, from these outputs (rare_cxr.inference.bundle)
+    checkpoint = {
+        "state_dict": {"fc.weight": torch.zeros(14, 2)},
+        "metadata": {
+            "model_spec": {"name": "a", "architecture": "multiscale_resnet", "scales": [8]},
+            "findings": list(FINDINGS),
+            "normalisation": {"mean": 0.5, "std": 0.25},
+            "input_size": 8,
+            "checkpoint_version": lineage["checkpoint_version"],
+        },
+    }
+    bundle_inputs = {
+        "checkpoint": checkpoint,
+        "lineage": lineage,
+        "thresholds": thresholds,
+        "metrics": m,
+        "long_tail": {"groups": [{"group": "tail", "findings": "Hernia", "auroc": 0.5}]},
+        "subgroups": {"rows": []},
+        "data_summary": summary,
+        "rare_findings": rare,
+        "reporting": PARAMS,
+    }
+    bundle, card = nodes.build_model_bundle(**bundle_inputs)
+    assert bundle["metadata"]["thresholds"] == thresholds["thresholds"]
+    assert bundle["metadata"]["data"]["source"] == "hand-made"
+    assert "## Metrics (test split)" in card and "Long tail" in card
+    with pytest.raises(nodes.LineageError, match="lineage check verified"):
+        nodes.build_model_bundle(**{**bundle_inputs, "lineage": {"checkpoint_version": "x"}})
     fig = figures.auroc_intervals({"a": m})
     png = _png(fig)
     html = nodes.render_report(
@@ -114,8 +149,10 @@ def test_reporting_nodes_on_hand_made_predictions():
         reporting=PARAMS,
         per_finding_auroc_figure=png,
         a__gradcam=png,
+        a__model_card=card,
     )
     assert html.count("data:image/png;base64,") == 2
+    assert "Model cards" in html and "<summary>a</summary>" in html and "Limitations" in html
     assert "All-negative baseline" in html and "n/a" in html and "hand-made" in html
     assert "<script" not in html and "src='http" not in html  # self-contained
 
@@ -168,14 +205,26 @@ def test_params_are_validated_with_the_key_named():
         nodes.validate_reporting_params({"threshold_method": "median"})
     with pytest.raises(ValueError, match="reporting.bootstrap.n_resamples"):
         nodes.validate_reporting_params({"bootstrap": {"n_resamples": 0}})
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match=r"reporting\.bootsrap: unknown key"):
         nodes.validate_reporting_params({"bootsrap": {}})
-    # sub-blocks too: a typo must not be silently ignored
-    with pytest.raises(ValueError, match=r"reporting\.gradcam: unknown key\(s\) \['devcie'\]"):
+    # every sub-block too: a typo must not be silently ignored, and the error names its full key
+    with pytest.raises(
+        ValueError, match=r"^reporting\.gradcam\.devcie: unknown key \(did you mean 'device'\?\)"
+    ):
         nodes.validate_reporting_params({"gradcam": {"devcie": "cuda"}})
-    with pytest.raises(ValueError, match=r"reporting\.cost: unknown key"):
+    with pytest.raises(ValueError, match=r"^reporting\.cost\.batchsize: unknown key"):
         nodes.validate_reporting_params({"cost": {"batchsize": 2}})
-    with pytest.raises(ValueError, match=r"reporting\.long_tail\.head_min must be greater"):
+    with pytest.raises(ValueError, match=r"^reporting\.bootstrap\.n_resample: unknown key"):
+        nodes.validate_reporting_params({"bootstrap": {"n_resample": 20}})
+    with pytest.raises(ValueError, match=r"^reporting\.rare_findings\.nrarest: unknown key"):
+        nodes.validate_reporting_params({"rare_findings": {"nrarest": 3}})
+    with pytest.raises(ValueError, match=r"^reporting\.cost\.device: expected auto, cpu, cuda"):
+        nodes.validate_reporting_params({"cost": {"device": "gpu"}})
+    with pytest.raises(
+        ValueError,
+        match=r"^reporting\.long_tail\.head_min: 0\.01 must be greater than "
+        r"reporting\.long_tail\.tail_max \(0\.02\)",
+    ):
         nodes.validate_reporting_params({"long_tail": {"head_min": 0.01, "tail_max": 0.02}})
     with pytest.raises(ValueError, match=r"reporting\.min_positives"):
         nodes.validate_reporting_params({"min_positives": 0})
@@ -203,7 +252,7 @@ def test_pipeline_per_model_namespaces_and_inputs():
         ),
     }
     assert pipe.inputs() == expected
-    assert len(create_pipeline().nodes) == 9 * len(ALL_MODELS) + 20
+    assert len(create_pipeline().nodes) == 10 * len(ALL_MODELS) + 20
     with pytest.raises(ValueError, match="unknown model"):
         create_pipeline(models=["resnet9000"])
 
@@ -220,7 +269,9 @@ def test_every_reporting_output_is_persisted(kedro_project):
     for name in sorted(pipe.all_outputs() - in_memory):
         ds = catalog.get(name, fallback_to_runtime_pattern=True)
         assert ds is not None and type(ds).__name__ != "MemoryDataset", f"{name} is not persisted"
-        assert str(ds._describe().get("filepath")).startswith(str(reports)), name
+        # the model bundle is a model artefact (docs/inference.md), the rest is the report
+        folder = kedro_project.data("06_models") if name.endswith(".model_bundle") else reports
+        assert str(ds._describe().get("filepath")).startswith(str(folder)), name
         assert type(ds).__module__.startswith("rare_cxr."), f"{name}: not an atomic dataset"
 
 
@@ -358,8 +409,8 @@ def test_verify_lineage_names_every_mismatch(what, message):
 def test_reporting_models_are_the_trained_ones_or_a_parameter(tmp_path):
     from rare_cxr.pipelines.reporting.pipeline import select_models
 
-    assert select_models("trained", None) == list(ALL_MODELS)  # kedro-viz: no data folder
-    assert select_models("trained", tmp_path) == list(ALL_MODELS)  # nothing trained yet
+    assert select_models("trained", None, ROSTER) == list(ALL_MODELS)  # kedro-viz: no data folder
+    assert select_models("trained", tmp_path, ROSTER) == list(ALL_MODELS)  # nothing trained yet
     for model in ("vgg16", "multiscale_resnet"):
         (tmp_path / "06_models" / model / "checkpoint.pt" / "2026-01-01T00.00.00.000Z").mkdir(
             parents=True
@@ -372,12 +423,15 @@ def test_reporting_models_are_the_trained_ones_or_a_parameter(tmp_path):
         / "2026-01-01T00.00.00.000Z"
         / "checkpoint.pt"
     ).write_bytes(b"x")
-    assert select_models("trained", tmp_path) == ["vgg16"]  # an empty version does not count
-    assert select_models(["vgg16", "multiscale_resnet"], tmp_path) == ["multiscale_resnet", "vgg16"]
+    assert select_models("trained", tmp_path, ROSTER) == ["vgg16"]  # an empty version: no
+    assert select_models(["vgg16", "multiscale_resnet"], tmp_path, ROSTER) == [
+        "multiscale_resnet",
+        "vgg16",
+    ]
     with pytest.raises(ValueError, match=r"reporting\.models: unknown model\(s\) \['resnet9'\]"):
-        select_models(["resnet9"], tmp_path)
+        select_models(["resnet9"], tmp_path, ROSTER)
     with pytest.raises(ValueError, match=r"reporting\.models: expected 'trained'"):
-        select_models("all", tmp_path)
+        select_models("all", tmp_path, ROSTER)
 
 
 def test_several_seeds_give_per_seed_metrics_mean_sd_in_table1_and_paired_rows():
@@ -414,6 +468,7 @@ def test_several_seeds_give_per_seed_metrics_mean_sd_in_table1_and_paired_rows()
     rows = nodes.paired_comparison(
         labels,
         PARAMS,
+        pairs=[("multiscale_resnet", "resnet_single_scale")],
         multiscale_resnet__predictions=two,
         multiscale_resnet__thresholds=thresholds,
         resnet_single_scale__predictions=two,

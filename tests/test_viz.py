@@ -8,8 +8,10 @@ with the reason, except under CI=true, where a missing browser is a failure.
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
+import json
 import os
 import re
 import shutil
@@ -111,3 +113,43 @@ def test_kedro_viz_renders_pipelines_and_nodes(kedro_project, tmp_path):
         assert node in text, f"node {node!r} not rendered"
     for dataset in ("table1", "report_html", "multiscale_resnet.metrics"):
         assert dataset in text, f"dataset {dataset!r} not rendered"
+
+
+@pytest.mark.slow
+def test_viz_build_with_previews_shows_the_projects_own_datasets(tiny_default_run):
+    """`kedro viz build --include-previews` (README) previews the project's own datasets: the
+    films and the image cache as pictures, the report as HTML, a checkpoint's metadata, the raw
+    label table -- not only kedro-datasets' tables."""
+    done = tiny_default_run.cli("viz", "build", "--include-previews", timeout=300)
+    said = re.sub(r"\s+", " ", done.stdout + done.stderr)
+    assert "circular dependency" not in said, "kedro-viz disabled the layer view"
+    # Only datasets this run did not produce may lack a preview: the baselines it did not
+    # train and the on-demand inference / ONNX outputs.
+    not_run = ("vgg16.", "inception_v3.", "densenet121.", "efficientnet_b0.", "inference_")
+    not_run += ("onnx_", "model_bundle_file")
+    failed = re.findall(r"'([\w.]+)' could not be previewed", said)
+    assert [name for name in failed if not name.startswith(not_run)] == [], said[-3000:]
+    nodes = {}
+    for path in (tiny_default_run.path / "build" / "api" / "nodes").iterdir():
+        node = json.loads(path.read_text())
+        if node.get("preview_type"):
+            name = node.get("filepath") or path.name
+            nodes[name] = node
+    by_type: dict[str, list[dict]] = {}
+    for node in nodes.values():
+        by_type.setdefault(node["preview_type"], []).append(node)
+
+    def find(kind: str, needle: str) -> dict:
+        hits = [n for n in by_type.get(kind, []) if needle in json.dumps(n.get("filepath"))]
+        assert hits, f"no {kind} for {needle}; previews: {sorted(nodes)}"
+        return hits[0]
+
+    for needle in ("01_raw/phantom", "05_model_input/image_cache"):
+        image = base64.b64decode(find("ImagePreview", needle)["preview"])
+        assert image.startswith(b"\x89PNG"), needle
+    report = find("HTMLPreview", "report.html")["preview"]
+    assert "<html" in report.lower() and "Table 1" in report
+    metadata = json.loads(find("JSONPreview", "checkpoint.pt")["preview"])
+    assert metadata["model_spec"]["architecture"] in {"multiscale_resnet", "resnet_single_scale"}
+    labels = find("TablePreview", "Data_Entry_2017")["preview"]
+    assert "Finding Labels" in labels["columns"] and len(labels["data"]) == 5

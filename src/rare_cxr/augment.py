@@ -24,103 +24,54 @@ Policy keys (`params:augmentation`, validated by `validate_policy`) are document
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from rare_cxr.parameters import Params, check
 
 PADDING_MODES = ("zeros", "border", "reflection")
 
-DEFAULT_POLICY: dict[str, Any] = {
-    "enabled": True,
-    "rotation_degrees": 0.0,
-    "scale": [1.0, 1.0],
-    "translate": 0.0,
-    "hflip_probability": 0.0,
-    "brightness": [1.0, 1.0],
-    "contrast": [1.0, 1.0],
-    "gamma": [1.0, 1.0],
-    "noise_std": 0.0,
-    "padding_mode": "zeros",
-}
+Range = Annotated[list[float], Field(strict=False, min_length=2, max_length=2)]
 
 
-def _number(policy: Mapping[str, Any], key: str) -> float:
-    value = policy[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"augmentation.{key} must be a finite number, got {value!r}")
-    return float(value)
+class AugmentationPolicy(Params):
+    """`params:augmentation`. Unknown keys are rejected: a typo such as `rotation_degree` would
+    otherwise silently disable an augmentation. Ranges are `[min, max]`."""
+
+    enabled: bool = True
+    rotation_degrees: float = Field(0.0, ge=0.0, le=180.0)
+    scale: Range = Field(default_factory=lambda: [1.0, 1.0])
+    # a fraction of the image side
+    translate: float = Field(0.0, ge=0.0, le=0.5)
+    hflip_probability: float = Field(0.0, ge=0.0, le=1.0)
+    brightness: Range = Field(default_factory=lambda: [1.0, 1.0])
+    contrast: Range = Field(default_factory=lambda: [1.0, 1.0])
+    gamma: Range = Field(default_factory=lambda: [1.0, 1.0])
+    noise_std: float = Field(0.0, ge=0.0)
+    padding_mode: Literal[PADDING_MODES] = "zeros"  # type: ignore[valid-type]
+
+    @field_validator("scale", "brightness", "contrast", "gamma")
+    @classmethod
+    def _ordered_positive(cls, value: list[float]) -> list[float]:
+        low, high = value
+        if low <= 0:
+            raise ValueError(f"min must be > 0, got {low}")
+        if low > high:
+            raise ValueError(f"min ({low}) must be <= max ({high})")
+        return [float(low), float(high)]
 
 
-def _range(policy: Mapping[str, Any], key: str, positive: bool) -> list[float]:
-    value = policy[key]
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value)
-        or not all(math.isfinite(v) for v in value)
-    ):
-        raise ValueError(f"augmentation.{key} must be a [min, max] pair of numbers, got {value!r}")
-    low, high = float(value[0]), float(value[1])
-    if positive and low <= 0:
-        raise ValueError(f"augmentation.{key}: min must be > 0, got {low}")
-    if low > high:
-        raise ValueError(f"augmentation.{key}: min ({low}) must be <= max ({high})")
-    return [low, high]
+DEFAULT_POLICY: dict[str, Any] = AugmentationPolicy().model_dump()
 
 
-def validate_policy(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Check `params:augmentation` and return the complete policy (defaults filled in).
-
-    Unknown keys are rejected (a typo such as `rotation_degree` would otherwise silently
-    disable an augmentation); every error names the offending key.
-    """
-    if params is None:
-        params = {}
-    if not isinstance(params, Mapping):
-        raise ValueError(f"augmentation parameters must be a mapping, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(DEFAULT_POLICY))
-    if unknown:
-        raise ValueError(
-            f"augmentation: unknown key(s) {unknown}; allowed: {', '.join(DEFAULT_POLICY)}"
-        )
-    policy = {**DEFAULT_POLICY, **params}
-    if not isinstance(policy["enabled"], bool):
-        raise ValueError(f"augmentation.enabled must be true or false, got {policy['enabled']!r}")
-    rotation = _number(policy, "rotation_degrees")
-    if not 0 <= rotation <= 180:
-        raise ValueError(f"augmentation.rotation_degrees must be in [0, 180], got {rotation}")
-    translate = _number(policy, "translate")
-    if not 0 <= translate <= 0.5:
-        raise ValueError(
-            f"augmentation.translate must be a fraction of the image side in [0, 0.5], "
-            f"got {translate}"
-        )
-    flip = _number(policy, "hflip_probability")
-    if not 0 <= flip <= 1:
-        raise ValueError(f"augmentation.hflip_probability must be in [0, 1], got {flip}")
-    noise = _number(policy, "noise_std")
-    if noise < 0:
-        raise ValueError(f"augmentation.noise_std must be >= 0, got {noise}")
-    if policy["padding_mode"] not in PADDING_MODES:
-        raise ValueError(
-            f"augmentation.padding_mode must be one of {PADDING_MODES}, "
-            f"got {policy['padding_mode']!r}"
-        )
-    return {
-        "enabled": policy["enabled"],
-        "rotation_degrees": rotation,
-        "scale": _range(policy, "scale", positive=True),
-        "translate": translate,
-        "hflip_probability": flip,
-        "brightness": _range(policy, "brightness", positive=True),
-        "contrast": _range(policy, "contrast", positive=True),
-        "gamma": _range(policy, "gamma", positive=True),
-        "noise_std": noise,
-        "padding_mode": policy["padding_mode"],
-    }
+def validate_policy(params: Mapping[str, Any] | AugmentationPolicy | None) -> dict[str, Any]:
+    """Check `params:augmentation` and return the complete policy (defaults filled in) as the
+    plain dict that `augmentation_policy.json` stores; errors name the key."""
+    return check(AugmentationPolicy, params, "augmentation").model_dump()
 
 
 class BatchAugmenter:

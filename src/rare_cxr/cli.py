@@ -127,8 +127,14 @@ def run(**kwargs: Any) -> dict[str, Any]:
             ALL_MODELS_PIPELINE,
         )
     assert kedro_run.callback is not None
-    with _run_lock(kwargs) or nullcontext():
-        return kedro_run.callback(**kwargs)
+    from rare_cxr.parameters import ParameterError
+
+    try:
+        with _run_lock(kwargs) or nullcontext():
+            return kedro_run.callback(**kwargs)
+    except ParameterError as error:
+        # a mistake in the configuration: the keys and what is wrong, not a Python traceback
+        raise click.ClickException(str(error)) from None
 
 
 def _run_lock(kwargs: dict[str, Any]) -> RunLock | None:

@@ -8,7 +8,9 @@ run, however it is started (`kedro run`, `python -m rare_cxr`, a `KedroSession` 
 * one run at a time per data folder (`rare_cxr.runs.RunLock`; the CLI takes it even earlier);
 * temporaries left by an interrupted write of a dead process are removed;
 * the run's manifest `<data_dir>/runs/<run id>.json` records the command, parameters, and every
-  dataset loaded (with its version) and saved.
+  dataset loaded (with its version) and saved;
+* every parameter block is validated when the context is created (`check_parameters`), so a
+  typo fails in seconds with its key path, whatever pipeline is run.
 
 Only rank 0 of a `torchrun` launch does any of this: the other ranks run the same session and
 must neither wait on rank 0's lock nor write a second manifest. Before any of it, every rank of
@@ -111,6 +113,17 @@ def refuse_unsupported_torchrun(pipeline) -> None:
         )
 
 
+def check_parameters(context) -> None:
+    """Validate every parameter block of the context's configuration (all pipelines, all model
+    namespaces) with `rare_cxr.parameters.validate_parameters`; raises ParameterError naming
+    every bad key. Kedro itself validates only the typed blocks of the pipelines it runs."""
+    from rare_cxr.parameters import validate_parameters
+    from rare_cxr.pipeline_registry import current_parameters
+
+    # the parameters `use_context` just read for this context (with --params)
+    validate_parameters(current_parameters(), allowed=set(context.config_loader["globals"]))
+
+
 class RunSafetyHooks:
     """Ownership check, lock, clean-up and manifest around every pipeline run."""
 
@@ -123,12 +136,20 @@ class RunSafetyHooks:
         self._lock: RunLock | None = None
         self._manifest: RunManifest | None = None
 
-    @hook_impl
+    @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
-        from rare_cxr.pipeline_registry import use_context
+        # first of every hook: the registry needs the parameters before anything asks for the
+        # pipelines, and a bad parameter must fail here, in seconds, naming its key -- before
+        # Kedro builds its typed parameters (its error is pydantic's raw dump), before any node
+        from rare_cxr.pipeline_registry import forget_context, use_context
 
         self._context = context
         use_context(context)
+        try:
+            check_parameters(context)
+        except Exception:
+            forget_context()  # later sessions in this process must not see these parameters
+            raise
 
     def _data_dir(self, project_path: Path) -> Path:
         configured = Path(str(self._context.config_loader["globals"].get("data_dir", "data")))

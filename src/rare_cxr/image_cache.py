@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +39,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydantic import Field
 
 from rare_cxr.atomic import staging_folder, sweep_leftovers
 from rare_cxr.findings import FINDINGS
 from rare_cxr.imaging import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError
+from rare_cxr.parameters import Params, check
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +164,15 @@ def decode_resized(path: str, size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIX
     """
     from rare_cxr.imaging import load_grayscale
 
-    gray = load_grayscale(path, max_pixels=max_pixels)
+    return resize_square(load_grayscale(path, max_pixels=max_pixels), size)
+
+
+def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
+    """uint8 grey H×W -> [size, size] as the cache stores it (`RESAMPLE`, aspect not kept).
+
+    One function for the cache and for inference on new images (`rare_cxr.inference`), so a
+    model never sees pixels resized differently from those it was trained on.
+    """
     if gray.shape != (size, size):
         gray = np.asarray(Image.fromarray(gray).resize((size, size), RESAMPLE))
     return gray
@@ -242,12 +252,12 @@ def decode_into(
     are refused before decoding (reason `too-large`). A transient read error raises
     `TransientImageError` (remaining work is cancelled) instead of becoming a failure.
     """
-    from tqdm.auto import tqdm
+    from rare_cxr.progress import progress
 
     tasks = list(enumerate(paths))
     n_workers = resolve_workers(workers, len(tasks))
     failures: dict[int, Failure] = {}
-    bar = tqdm(total=len(tasks), desc=desc, unit="img", unit_scale=False, smoothing=0.1)
+    bar = progress(total=len(tasks), desc=desc, unit="img", smoothing=0.1)
     try:
         if n_workers == 1:
             _worker_init(str(npy_path), size, max_pixels)
@@ -539,20 +549,19 @@ def plan_image_cache(
     )
 
 
-def validate_cache_params(params: dict[str, Any]) -> tuple[int, int]:
+class ImageCacheParams(Params):
+    """`params:image_cache` (conf/base/parameters_augmentation.yml)."""
+
+    # side of the square cached images, px
+    size: int = Field(ge=8)
+    # decoding processes; 0 = every CPU core
+    workers: int = Field(0, ge=0)
+
+
+def validate_cache_params(params: Mapping[str, Any] | ImageCacheParams) -> tuple[int, int]:
     """`params:image_cache` → (size, workers); errors name the key."""
-    if not isinstance(params, dict):
-        raise ValueError(f"params:image_cache must be a mapping, got {type(params).__name__}")
-    unknown = sorted(set(params) - {"size", "workers"})
-    if unknown:
-        raise ValueError(f"image_cache: unknown key(s) {unknown}; allowed: size, workers")
-    size = params.get("size")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ValueError(f"image_cache.size must be an integer >= 8 (pixels), got {size!r}")
-    workers = params.get("workers", 0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"image_cache.workers must be an integer >= 0, got {workers!r}")
-    return size, workers
+    checked = check(ImageCacheParams, params, "image_cache")
+    return checked.size, checked.workers
 
 
 # --------------------------------------------------------------------------------------------

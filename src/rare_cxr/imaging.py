@@ -17,7 +17,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -32,6 +32,8 @@ SUPPORTED_FORMATS: tuple[str, ...] = ("PNG",)
 # other sources' larger films (e.g. 4280x4280 ~ 18 M px) yet refuses a PNG whose header claims
 # gigapixels, which Pillow would otherwise try to allocate (a decompression bomb).
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# The parameter that sets the limit for the image index and cache (named in too-large reasons).
+MAX_PIXELS_PARAMETER = "data_processing.images.max_image_pixels"
 # Every `image_index.status`; only "ok" rows are used downstream.
 IMAGE_STATUSES = ("ok", "missing", "corrupt", "too-large", "not-a-file")
 # Pauses (seconds) before the 2nd, 3rd, ... attempt after a transient error: a few attempts
@@ -154,6 +156,7 @@ def open_image(
     path: str | os.PathLike,
     formats: Sequence[str] = SUPPORTED_FORMATS,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_name: str = MAX_PIXELS_PARAMETER,
 ) -> Iterator[Image.Image]:
     """Open `path` as an image of `formats` whose header is read and within `max_pixels`.
 
@@ -170,22 +173,14 @@ def open_image(
     * Errors raised here *or in the `with` body* (e.g. `image.load()`) are classified: bad
       content -> `CorruptImageError`, ENOENT -> `MissingImageError`, other OS errors and
       `MemoryError` -> `TransientImageError`; anything else propagates unchanged.
+
+    `limit_name` is the parameter that sets `max_pixels`, named in the too-large reason (the
+    image index and the inference pipeline each have their own).
     """
     name = os.fspath(path)
     name = name.decode() if isinstance(name, bytes) else name
     try:
-        # O_NONBLOCK: opening a FIFO without a writer would otherwise wait forever
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise NotAFileError(name, f"not a regular file ({_file_kind(info.st_mode)})")
-            os.set_blocking(fd, True)  # a regular file: plain blocking reads from here on
-            handle = os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
-        with handle:
+        with open_regular_file(name) as handle:
             head = handle.read(16)  # for the report: b"%!PS-Adobe-3.0 " says what it really is
             try:
                 image = Image.open(handle, formats=list(formats))
@@ -197,8 +192,7 @@ def open_image(
                 # Pillow's own global check fired inside open(), before we saw the size
                 raise ImageTooLargeError(
                     name,
-                    f"{exc} (refused by Pillow while opening; "
-                    f"data_processing.images.max_image_pixels = {max_pixels:,})",
+                    f"{exc} (refused by Pillow while opening; {limit_name} = {max_pixels:,})",
                 ) from exc
             with image:
                 width, height = image.size
@@ -206,7 +200,7 @@ def open_image(
                     raise ImageTooLargeError(
                         name,
                         f"{width}x{height} = {width * height:,} pixels exceeds "
-                        f"data_processing.images.max_image_pixels = {max_pixels:,}",
+                        f"{limit_name} = {max_pixels:,}",
                         (width, height),
                     )
                 yield image
@@ -215,6 +209,37 @@ def open_image(
         if typed is None or typed is exc:
             raise
         raise typed from exc
+
+
+@contextmanager
+def open_regular_file(name: str) -> Iterator[BinaryIO]:
+    """Open `name` for binary reading only if it is a regular file (see `open_image`).
+
+    Opened once, non-blocking, then `fstat` of that descriptor: a FIFO, device or socket is
+    refused (`NotAFileError`) without being read, and nothing can be swapped in between a
+    check and the open. OS errors of the open itself propagate unclassified (callers classify).
+    Shared by `open_image` and the DICOM reader (`rare_cxr.inference.dicom`).
+    """
+    # O_NONBLOCK: opening a FIFO without a writer would otherwise wait forever
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotAFileError(name, f"not a regular file ({_file_kind(info.st_mode)})")
+        os.set_blocking(fd, True)  # a regular file: plain blocking reads from here on
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        yield handle
+
+
+def classify_read_error(
+    exc: BaseException, path: str, formats: Sequence[str] = SUPPORTED_FORMATS
+) -> ImageReadError | TransientImageError | None:
+    """Public name of the error classification `open_image` applies (None: not a read error)."""
+    return _classify(exc, path, formats)
 
 
 def _file_kind(mode: int) -> str:
@@ -235,6 +260,7 @@ def read_image(
     use: Callable[[Image.Image], T],
     formats: Sequence[str] = SUPPORTED_FORMATS,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_name: str = MAX_PIXELS_PARAMETER,
 ) -> T:
     """`use(image)` on `open_image(path, ...)`, retrying transient errors.
 
@@ -245,7 +271,9 @@ def read_image(
     attempts = len(RETRY_DELAYS_S) + 1
     for attempt in range(1, attempts + 1):
         try:
-            with open_image(path, formats=formats, max_pixels=max_pixels) as image:
+            with open_image(
+                path, formats=formats, max_pixels=max_pixels, limit_name=limit_name
+            ) as image:
                 return use(image)
         except TransientImageError as exc:
             if attempt == attempts:
@@ -297,6 +325,7 @@ def load_grayscale(
     path: str | os.PathLike,
     formats: Sequence[str] = SUPPORTED_FORMATS,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_name: str = MAX_PIXELS_PARAMETER,
 ) -> np.ndarray:
     """Decode an image file to a uint8 H×W grey array (see `to_grayscale` for the rules).
 
@@ -304,4 +333,6 @@ def load_grayscale(
     `read_image`'s retries, so it refuses exactly what the image index refuses: raises an
     `ImageReadError` subclass for a bad file, `TransientImageError` for a system error.
     """
-    return read_image(path, _load_gray, formats=formats, max_pixels=max_pixels)
+    return read_image(
+        path, _load_gray, formats=formats, max_pixels=max_pixels, limit_name=limit_name
+    )

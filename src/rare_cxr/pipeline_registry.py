@@ -1,23 +1,30 @@
-"""Project pipelines.
+"""Project pipelines, built from the parameters.
 
-Every folder under `pipelines/` is found by `find_pipelines()` and registered under its own
-name (`phantom`, `data_processing`, `augmentation`, `training`, `baselines`, `reporting`).
-Two compositions are added:
+The models are not listed in code: every top-level parameter block whose `model:` key is a
+spec is a model (`rare_cxr.models.roster`), with a role (`main`: the study's model; `baseline`: the
+others) and a paired-comparison `reference`. Every folder under `pipelines/` is found by
+`find_pipelines()` and registered under its own name (`phantom`, `data_processing`,
+`augmentation`, `training` = the main model, `baselines` = every other model, `reporting`).
+Compositions:
 
-* `__default__` — the demo: generate the phantom, then every stage for the multi-scale model
-  and its ablation, the single-scale ResNet (same trunk, same protocol), reported side by side.
-  This is what a plain `kedro run` does on a fresh clone.
+* `__default__` — the demo: generate the phantom, then every stage for the main model and its
+  reference (the multi-scale model and its ablation, the single-scale ResNet: same trunk, same
+  protocol), reported side by side. This is what a plain `kedro run` does on a fresh clone.
 * `nih` — the study on real data: every stage *except* the phantom generator (which would
-  otherwise write into your download), for all six models:
+  otherwise write into your download), for every configured model:
   `kedro run --env nih --pipelines nih`.
 * `all_models` — the same composition under a data-neutral name; `kedro run --namespaces X`
   without `--pipelines` selects model X's nodes from it (see `rare_cxr.cli`).
+* `inference` and `onnx_export` — on demand only, in no composition: predict a folder of new
+  images with a model bundle, or export it to ONNX; the bundle is `inference.model`'s or the
+  file named by `--params bundle=...` (docs/inference.md).
 
 `reporting` alone reports the models named by the parameter `reporting.models`: `trained`
 (default) = those with a checkpoint in the environment's data folder. Kedro's documented way to
 build pipelines from configuration is to read it in `register_pipelines`; the environment and
 its parameters come from the context of the current run (`use_context`, called by the project
-hook when Kedro creates the context, before it asks for the pipelines).
+hook when Kedro creates the context, before it asks for the pipelines). Without a context
+(`register_pipelines()` called directly), the project's default environment is read.
 """
 
 from __future__ import annotations
@@ -25,19 +32,19 @@ from __future__ import annotations
 import importlib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
+if TYPE_CHECKING:
+    from rare_cxr.models.roster import Roster
+
 ALL_MODELS_PIPELINE = "all_models"
-# What a plain `kedro run` trains and reports: the paper's model and its ablation.
-ABLATION_REFERENCE = "resnet_single_scale"
-DEFAULT_MODELS = ("multiscale_resnet", ABLATION_REFERENCE)
 STAGES = ("data_processing", "augmentation", "training")
 
 
-# The run's data folder and reporting parameters, set by `use_context` (empty: unknown).
+# The run's data folder and raw parameters, set by `use_context` (empty: no context yet).
 _ACTIVE: dict[str, Any] = {}
 
 
@@ -52,16 +59,72 @@ def use_context(context: Any) -> None:
     data_dir = Path(str(context.config_loader["globals"].get("data_dir", "data")))
     _ACTIVE.clear()
     _ACTIVE["data_dir"] = data_dir if data_dir.is_absolute() else context.project_path / data_dir
-    _ACTIVE["reporting_models"] = (context.params.get("reporting") or {}).get("models", "trained")
+    # the raw parameters (with --params), not `context.params`: reading that makes Kedro build
+    # its typed parameter models for every pipeline, i.e. call this registry, which needs these
+    params = _ACTIVE["parameters"] = context.config_loader["parameters"]
+    _ACTIVE["inference"] = dict(params.get("inference") or {})
     if PACKAGE_NAME:
         pipelines.configure(f"{PACKAGE_NAME}.pipeline_registry")
+
+
+def forget_context() -> None:
+    """Drop what `use_context` recorded (its parameters were refused)."""
+    _ACTIVE.clear()
+
+
+def project_parameters(
+    project_path: str | Path | None = None, env: str | None = None
+) -> dict[str, Any]:
+    """A project's raw parameters for `env` (None: `KEDRO_ENV`, else `local` over `base`), read
+    by Kedro's own config loader with the project's settings, as `kedro run --env` does.
+    Default project: the one around the working directory, else this checkout."""
+    import os
+
+    from kedro.framework.project import PACKAGE_NAME, settings
+    from kedro.utils import find_kedro_project
+
+    if not PACKAGE_NAME:  # no project configured yet (a plain import): this project's settings
+        from rare_cxr import settings
+    project = Path(
+        project_path or find_kedro_project(Path.cwd()) or Path(__file__).resolve().parents[2]
+    )
+    loader = settings.CONFIG_LOADER_CLASS(
+        conf_source=str(project / getattr(settings, "CONF_SOURCE", "conf")),
+        env=env or os.environ.get("KEDRO_ENV"),
+        **settings.CONFIG_LOADER_ARGS,
+    )
+    return loader["parameters"]
+
+
+def current_parameters() -> dict[str, Any]:
+    """The raw parameters of the run being set up (or of the default environment)."""
+    if "parameters" not in _ACTIVE:
+        _ACTIVE["parameters"] = project_parameters()
+    return _ACTIVE["parameters"]
+
+
+def current_roster() -> Roster:
+    """The configured models and their roles (`rare_cxr.models.roster`)."""
+    if "roster" not in _ACTIVE:
+        from rare_cxr.models.roster import roster_from_parameters
+
+        _ACTIVE["roster"] = roster_from_parameters(current_parameters())
+    return _ACTIVE["roster"]
 
 
 def reporting_models() -> list[str]:
     """The models of the stand-alone `reporting` pipeline for the current environment."""
     from rare_cxr.pipelines.reporting.pipeline import select_models
 
-    return select_models(_ACTIVE.get("reporting_models", "trained"), _ACTIVE.get("data_dir"))
+    setting = (current_parameters().get("reporting") or {}).get("models", "trained")
+    return select_models(setting, _ACTIVE.get("data_dir"), current_roster())
+
+
+def inference_bundle_choice() -> dict[str, Any]:
+    """Which bundle `inference`/`onnx_export` read: `inference.model`'s, or the file named by
+    `--params bundle=...` (see rare_cxr.pipelines.inference.pipeline)."""
+    chosen = _ACTIVE.get("inference") or {}
+    return {"model": chosen.get("model"), "external_bundle": bool(chosen.get("bundle"))}
 
 
 def _stage(name: str, **kwargs: object) -> Pipeline:
@@ -75,21 +138,31 @@ def register_pipelines() -> dict[str, Pipeline]:
     # (possibly partial) result; otherwise `--pipelines nih` would silently be empty.
     with warnings.catch_warnings():
         # ...and warns that "module rare_cxr.pipelines.nih" failed to import: not an error here
-        for name in ("nih", ALL_MODELS_PIPELINE):
+        for name in ("nih", ALL_MODELS_PIPELINE, "onnx_export"):
             warnings.filterwarnings("ignore", message=rf".*'rare_cxr\.pipelines\.{name}' module")
         pipelines = find_pipelines()
-    study = sum((_stage(name) for name in STAGES), Pipeline([]))
-    # the ablation pair: the same trunk and protocol with one scale and with the pyramid
+    study = sum((_stage(name) for name in STAGES), Pipeline([]))  # `training`: the main model
+    # the demo: the main model and its reference (the ablation pair: the same trunk and
+    # protocol with one scale and with the pyramid)
     from rare_cxr.pipelines.training.pipeline import create_model_pipeline
 
+    roster = current_roster()
     pipelines["__default__"] = (
         _stage("phantom")
         + study
-        + create_model_pipeline(ABLATION_REFERENCE)
-        + _stage("reporting", models=list(DEFAULT_MODELS))
+        + sum(
+            (create_model_pipeline(m) for m in roster.default_models if m != roster.main),
+            Pipeline([]),
+        )
+        + _stage("reporting", models=roster.default_models)
     )
     full = study + _stage("baselines") + _stage("reporting")
     pipelines["reporting"] = _stage("reporting", models=reporting_models())
     pipelines["nih"] = full
+    # on demand only, in no composition: new images through a model bundle, and its ONNX export
+    from rare_cxr.pipelines.inference import create_onnx_pipeline
+
+    pipelines["inference"] = _stage("inference", **inference_bundle_choice())
+    pipelines["onnx_export"] = create_onnx_pipeline(**inference_bundle_choice())
     pipelines[ALL_MODELS_PIPELINE] = full
     return pipelines

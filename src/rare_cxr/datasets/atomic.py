@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kedro_datasets._typing import HTMLPreview
 from kedro_datasets.json import JSONDataset as _JSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset as _MatplotlibDataset
 from kedro_datasets.pandas import CSVDataset as _CSVDataset
@@ -23,6 +24,7 @@ from kedro_datasets.pandas import ParquetDataset as _ParquetDataset
 from kedro_datasets.text import TextDataset as _TextDataset
 
 from rare_cxr.atomic import AtomicWriter
+from rare_cxr.datasets.previews import text_as_html
 
 
 class AtomicLocalFileSystem:
@@ -50,6 +52,11 @@ class AtomicLocalFileSystem:
         )
 
     def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found normally. `copy.deepcopy` (kedro-datasets' CSV
+        # preview copies the dataset) builds the copy without running __init__, so `_fs` may
+        # not exist yet: looking it up here would recurse forever.
+        if name == "_fs" or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
         return getattr(self._fs, name)
 
 
@@ -78,7 +85,10 @@ class JSONDataset(AtomicSaveMixin, _JSONDataset):
 
 
 class TextDataset(AtomicSaveMixin, _TextDataset):
-    """`text.TextDataset` with atomic saves."""
+    """`text.TextDataset` with atomic saves, and a kedro-viz preview (the report renders)."""
+
+    def preview(self) -> HTMLPreview:
+        return HTMLPreview(text_as_html(self.load(), str(self._filepath).endswith(".html")))
 
 
 class MatplotlibDataset(AtomicSaveMixin, _MatplotlibDataset):

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 from kedro.io import AbstractVersionedDataset, DatasetError, Version
+from kedro_datasets._typing import JSONPreview
 
 from rare_cxr.atomic import AtomicWriter
+from rare_cxr.datasets.previews import json_text
 
 
 class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, Any]]):
@@ -74,6 +76,13 @@ class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, 
         torch.save(payload, buffer)
         with AtomicWriter(Path(self._get_save_path()), "wb") as handle:
             handle.write(buffer.getbuffer())
+
+    def preview(self) -> JSONPreview:
+        """The checkpoint's metadata (model spec, training id, best epoch, lineage); no weights."""
+        checkpoint = self.load()
+        return JSONPreview(
+            json_text({**checkpoint["metadata"], "tensors": len(checkpoint["state_dict"])})
+        )
 
     def _exists(self) -> bool:
         try:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
+from kedro_datasets._typing import ImagePreview
 
+from rare_cxr.datasets.previews import contact_sheet_png_base64
 from rare_cxr.image_cache import ImageCache, ImageCachePlan
 
 
@@ -45,3 +47,8 @@ class ImageCacheDataset(AbstractDataset[ImageCachePlan, ImageCache]):
 
     def _exists(self) -> bool:
         return (self._path / "meta.json").is_file()
+
+    def preview(self, split: str = "train", count: int = 8) -> ImagePreview:
+        """The first `count` cached images of `split`: the pixels the models are fed."""
+        images = self.load().split(split).images
+        return ImagePreview(contact_sheet_png_base64(list(images[: max(1, count)])))

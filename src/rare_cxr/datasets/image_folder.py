@@ -27,9 +27,12 @@ from typing import Any
 
 import numpy as np
 from kedro.io import AbstractDataset, DatasetError
+from kedro_datasets._typing import ImagePreview
 from PIL import Image
 
 from rare_cxr.atomic import staging_folder, sweep_leftovers
+from rare_cxr.datasets.previews import contact_sheet_png_base64
+from rare_cxr.imaging import load_grayscale
 from rare_cxr.ownership import claim_phantom_folder, update_phantom_marker
 
 logger = logging.getLogger(__name__)
@@ -110,6 +113,11 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, Any], dict[str, str]]):
                 _as_pil(image_id, source).save(staging / image_id, format="PNG")
             staging.chmod(0o755)
         update_phantom_marker(self._root, images_fingerprint=fingerprint)
+
+    def preview(self, count: int = 8) -> ImagePreview:
+        """The first `count` films (by image id), decoded as the image index decodes them."""
+        paths = list(self.load().values())[: max(1, count)]
+        return ImagePreview(contact_sheet_png_base64([load_grayscale(p) for p in paths]))
 
     def _exists(self) -> bool:
         return bool(self._image_dirs())

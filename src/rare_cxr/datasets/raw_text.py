@@ -15,11 +15,14 @@ documentation calls optional, such as `BBox_List_2017.csv`.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from kedro.io.core import get_filepath_str
+from kedro_datasets._typing import TablePreview
 
 from rare_cxr.datasets.atomic import TextDataset
 from rare_cxr.ownership import claim_phantom_folder
@@ -45,6 +48,16 @@ class RawTextDataset(TextDataset):
             )
             return ""
         return super().load()
+
+    def preview(self, nrows: int = 5) -> TablePreview:  # type: ignore[override]
+        """First rows of a label table (CSV), or first lines of an id list, as a table."""
+        text = self.load()
+        path = str(self._filepath)
+        if ".csv" in path:
+            table = pd.read_csv(io.StringIO(text), nrows=nrows, dtype=str)
+        else:
+            table = pd.DataFrame({"line": text.splitlines()[:nrows]})
+        return TablePreview(table.to_dict(orient="split"))
 
     def save(self, data: str) -> None:
         path = Path(get_filepath_str(self._get_save_path(), self._protocol))

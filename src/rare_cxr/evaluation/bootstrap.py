@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from rare_cxr.findings import FINDINGS
+from rare_cxr.progress import progress
 
 METRICS = (
     "auroc",
@@ -35,20 +36,36 @@ METRICS = (
 
 
 def patient_weights(
-    patient_ids: np.ndarray, n_resamples: int, seed: int, chunk_size: int = 200
+    patient_ids: np.ndarray,
+    n_resamples: int,
+    seed: int,
+    chunk_size: int = 200,
+    *,
+    progress_desc: str | None = None,
 ) -> Iterator[np.ndarray]:
-    """Blocks of image weights `[r, N]`: each row one resample of patients with replacement."""
+    """Blocks of image weights `[r, N]`: each row one resample of patients with replacement.
+
+    `progress_desc` names a progress bar counting resamples (`rare_cxr.progress`); every
+    bootstrap of the project draws its resamples here, so this is where they are counted.
+    """
     if int(n_resamples) < 1:
         raise ValueError(f"reporting.bootstrap.n_resamples: expected >= 1, got {n_resamples!r}")
     codes, uniques = pd.factorize(pd.Series(patient_ids).astype(str))
     n_patients = len(uniques)
     rng = np.random.default_rng(int(seed))
     done = 0
-    while done < n_resamples:
-        r = min(chunk_size, n_resamples - done)
-        counts = rng.multinomial(n_patients, np.full(n_patients, 1.0 / n_patients), size=r)
-        yield counts[:, codes].astype(np.float64)
-        done += r
+    with progress(
+        total=int(n_resamples),
+        desc=progress_desc or "",
+        unit="resample",
+        enabled=bool(progress_desc),
+    ) as bar:
+        while done < n_resamples:
+            r = min(chunk_size, n_resamples - done)
+            counts = rng.multinomial(n_patients, np.full(n_patients, 1.0 / n_patients), size=r)
+            yield counts[:, codes].astype(np.float64)
+            done += r
+            bar.update(r)  # after the caller has computed this block's metrics
 
 
 def weighted_auroc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -118,11 +135,12 @@ def bootstrap_samples(
     n_resamples: int = 1000,
     seed: int = 0,
     chunk_size: int = 200,
+    progress_desc: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Metric values per resample: `{metric: [R, F]}` plus `subset_accuracy: [R]`.
 
     Findings whose validation threshold is undefined (NaN) get NaN threshold metrics in every
-    resample, exactly as in the point estimate.
+    resample, exactly as in the point estimate. `progress_desc`: see `patient_weights`.
     """
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(y_score, dtype=float)
@@ -133,7 +151,9 @@ def bootstrap_samples(
     blocks: dict[str, list[np.ndarray]] = {
         m: [] for m in (*METRICS, "precision_zero_filled", "subset_accuracy")
     }
-    for w in patient_weights(patient_ids, n_resamples, seed, chunk_size):
+    for w in patient_weights(
+        patient_ids, n_resamples, seed, chunk_size, progress_desc=progress_desc
+    ):
         blocks["auroc"].append(
             np.stack([weighted_auroc(y[:, i], s[:, i], w) for i in range(y.shape[1])], axis=1)
         )
@@ -171,16 +191,23 @@ def bootstrap_intervals(
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    progress_desc: str | None = None,
 ) -> dict[str, dict]:
     """Intervals per finding (`per_finding[f][metric] = [low, high]`), macro and subset accuracy.
 
     Macro intervals take the mean over findings *inside* each resample, so they carry the
-    correlation between findings of the same patient.
+    correlation between findings of the same patient. `progress_desc`: see `patient_weights`.
     """
     if not 0.0 < float(confidence) < 1.0:
         raise ValueError(f"reporting.bootstrap.confidence: expected in (0, 1), got {confidence!r}")
     samples = bootstrap_samples(
-        y_true, y_score, thresholds, patient_ids, n_resamples=n_resamples, seed=seed
+        y_true,
+        y_score,
+        thresholds,
+        patient_ids,
+        n_resamples=n_resamples,
+        seed=seed,
+        progress_desc=progress_desc,
     )
     per: dict[str, dict[str, list[float]]] = {f: {} for f in FINDINGS}
     macro: dict[str, list[float]] = {}

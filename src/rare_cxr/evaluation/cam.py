@@ -6,13 +6,21 @@ scale looks* -- the question a multi-scale design raises -- instead of one blend
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def grad_cam(model: nn.Module, images: torch.Tensor, class_index: int) -> dict[str, torch.Tensor]:
+def grad_cam(
+    model: nn.Module, images: torch.Tensor, class_index: int | Sequence[int] | torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Class-activation maps `{layer name: [B, H, W]}` in [0, 1], at the input resolution.
+
+    `class_index` is one class for the whole batch, or one per image: several findings of one
+    image are then one batched pass (the same image repeated) instead of one pass each; in
+    eval mode the images of a batch do not influence each other's maps.
 
     Map = ReLU(sum_k mean_spatial(d score / d A_k) * A_k), upsampled bilinearly and divided by
     its per-image maximum (all-zero maps stay zero). Hooks clone the activation so in-place
@@ -35,7 +43,10 @@ def grad_cam(model: nn.Module, images: torch.Tensor, class_index: int) -> dict[s
         with torch.enable_grad():
             x = images.detach().float()
             logits = model(x)
-            score = logits[:, int(class_index)].sum()
+            index = torch.as_tensor(class_index, device=logits.device).long()
+            if index.ndim == 0:
+                index = index.expand(len(logits))
+            score = logits.gather(1, index.view(-1, 1)).sum()
             names = list(acts)
             grads = torch.autograd.grad(score, [acts[n] for n in names], allow_unused=True)
     finally:

@@ -384,11 +384,13 @@ def paired_bootstrap_samples(  # noqa: PLR0917 -- (y, scores, thresholds, patien
     seed: int = 0,
     metrics: Sequence[str] = MACRO_METRICS,
     chunk_size: int = 200,
+    progress_desc: str | None = None,
 ) -> dict[str, np.ndarray]:
     """The bootstrap distribution `{metric: [R]}` of the macro difference (model - reference).
 
     Resample r uses row r of `bootstrap.patient_weights(patient_ids, n_resamples, seed)` for
-    both models and every seed, which is what makes the comparison paired.
+    both models and every seed, which is what makes the comparison paired. `progress_desc`
+    names a progress bar counting resamples.
     """
     bad = [m for m in metrics if m not in MACRO_METRICS]
     if bad:
@@ -397,7 +399,9 @@ def paired_bootstrap_samples(  # noqa: PLR0917 -- (y, scores, thresholds, patien
         y_true, (scores_model, scores_ref), (thresholds_model, thresholds_ref), patient_ids
     )
     blocks: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
-    for w in patient_weights(patient_ids, n_resamples, seed, chunk_size):
+    for w in patient_weights(
+        patient_ids, n_resamples, seed, chunk_size, progress_desc=progress_desc
+    ):
         for m in metrics:
             blocks[m].append(_macro_deltas(m, data, w))
     return {m: np.concatenate(v) for m, v in blocks.items()}
@@ -433,6 +437,7 @@ def paired_bootstrap_macro(  # noqa: PLR0917 -- (y, scores, thresholds, patients
     seed: int = 0,
     confidence: float = 0.95,
     metrics: Sequence[str] = MACRO_METRICS,
+    progress_desc: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Paired patient-bootstrap test of macro AUROC/AUPRC/F1 differences (model - reference).
 
@@ -454,6 +459,7 @@ def paired_bootstrap_macro(  # noqa: PLR0917 -- (y, scores, thresholds, patients
         n_resamples=n_resamples,
         seed=seed,
         metrics=metrics,
+        progress_desc=progress_desc,
     )
     data = _seeded_inputs(
         y_true, (scores_model, scores_ref), (thresholds_model, thresholds_ref), patient_ids
@@ -486,6 +492,7 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
     n_resamples: int,
     seed: int,
     confidence: float,
+    progress_desc: str | None = None,
 ) -> pd.DataFrame:
     """The report's paired comparison of `model` against `reference`, one row per test.
 
@@ -512,6 +519,7 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
         n_resamples=n_resamples,
         seed=seed,
         confidence=confidence,
+        progress_desc=progress_desc,
     )
     rows = [
         {

@@ -123,8 +123,11 @@ def render_report(
     params: Mapping[str, Any],
     lineage: Mapping[str, Mapping[str, Any]] | None = None,
     sections: list[tuple[str, str, pd.DataFrame]] | None = None,
+    model_cards: Mapping[str, str] | None = None,
 ) -> str:
-    """The HTML text of the report. `figures`: key -> (caption, PNG bytes or base64)."""
+    """The HTML text of the report. `figures`: key -> (caption, PNG bytes or base64);
+    `model_cards`: model -> its model card's HTML (rare_cxr.inference.model_card.card_html),
+    each shown folded."""
     e = html.escape
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -200,6 +203,17 @@ def render_report(
             for model, rec in lineage.items()
         ]
         parts.append(_table(pd.DataFrame(rows)))
+    if model_cards:
+        parts.append(
+            "<h2 id='model-cards'>Model cards</h2><p>One per model, generated from this run "
+            "(also saved as <code>&lt;model&gt;/model_card.md</code>, beside the model bundle "
+            "that `kedro run --pipelines inference` uses). Not for clinical use.</p>"
+        )
+        for model, card in model_cards.items():
+            # the card's own headings, demoted under this section
+            body = card.replace("<h1>", "<h3>").replace("</h1>", "</h3>")
+            body = body.replace("<h2>", "<h4>").replace("</h2>", "</h4>")
+            parts.append(f"<details><summary>{e(model)}</summary>{body}</details>")
     parts.append("<h2>Run parameters</h2><pre>")
     parts.append(e(json.dumps(params, indent=2, sort_keys=True, default=str)))
     parts.append("</pre></body></html>")

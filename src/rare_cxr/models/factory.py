@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torchvision
+from pydantic import Field, model_validator
 from torch import nn
 
 from rare_cxr.findings import FINDINGS
 from rare_cxr.models.common import NORMALISATIONS, Preprocess, grey_conv_from
 from rare_cxr.models.multiscale import BATCHNORM_MODES, RESNET_FEATURES, MultiScaleResNet
+from rare_cxr.parameters import KeyProblem, ParameterError, Params, check
+from rare_cxr.training.config import TrainingOverrides
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +103,9 @@ def _vgg16() -> nn.Module:
 
 def _inception_v3() -> nn.Module:
     # Built without the auxiliary head: it only exists to help 2015-era training from scratch,
-    # would need its own loss term, and ImageNet weights load fine without it (AuxLogits.* keys
-    # are reported as skipped). init_weights=False avoids scipy's slow truncated-normal init.
+    # would need its own loss term, and ImageNet weights load fine without it (the file's
+    # AuxLogits.* keys are listed as "unexpected (not in model)" in the load report).
+    # init_weights=False avoids scipy's slow truncated-normal init.
     net = torchvision.models.inception_v3(
         weights=None, aux_logits=False, init_weights=False, transform_input=False
     )
@@ -139,95 +143,94 @@ BASELINES: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
 ARCHITECTURES = ("multiscale_resnet", *BASELINES)
 
 
-def validate_model_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a model spec and fill defaults; errors name the offending key.
+ScaleList = Annotated[list[Annotated[int, Field(gt=0)]], Field(strict=False, min_length=1)]
+MULTISCALE_ONLY = ("backbone", "fusion", "shared_trunk", "batchnorm")
+
+
+class ModelSpec(Params):
+    """`params:<model>.model`: what to build (see the module doc and parameters_training.yml).
+
+    `training` holds the model's exceptions to the shared `training` block (merged key by key,
+    see `rare_cxr.pipelines.training.nodes.split_training_overrides`).
+    """
+
+    name: str = Field(min_length=1)
+    architecture: Literal[ARCHITECTURES]  # type: ignore[valid-type]
+    scales: ScaleList = Field(default_factory=lambda: [224])
+    backbone: Literal[BACKBONES] | None = None  # type: ignore[valid-type]
+    fusion: Literal[FUSIONS] | None = None  # type: ignore[valid-type]
+    shared_trunk: bool | None = None
+    batchnorm: Literal[BATCHNORM_MODES] | None = None  # type: ignore[valid-type]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    pretrained: str = Field("none", min_length=1)  # none | imagenet | /path/to/state_dict.pt
+    training: TrainingOverrides | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            data = dict(data)
+            data.setdefault("name", data.get("architecture"))  # direct calls (tests, bench)
+            if "pretrained" in data and data["pretrained"] is None:
+                data["pretrained"] = "none"
+        return data
+
+    @model_validator(mode="after")
+    def _architecture_keys(self) -> ModelSpec:
+        arch = self.architecture
+        if arch == "multiscale_resnet":
+            return self
+        for key in MULTISCALE_ONLY:
+            if key in self.model_fields_set:
+                raise KeyProblem(key, f"only used by multiscale_resnet, not {arch}")
+        if len(self.scales) != 1:
+            raise KeyProblem("scales", f"{arch} takes exactly one scale, got {self.scales}")
+        minimum = MIN_INPUT.get(arch, 1)
+        if self.scales[0] < minimum:
+            raise KeyProblem(
+                "scales", f"{arch} needs inputs of at least {minimum} px, got {self.scales[0]}"
+            )
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plain spec every reader uses (checkpoint metadata, training fingerprint):
+        the multi-scale keys only for multiscale_resnet, defaults filled in, no overrides."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "architecture": self.architecture,
+            "scales": list(self.scales),
+        }
+        if self.architecture == "multiscale_resnet":
+            out.update(
+                backbone=self.backbone or "resnet18",
+                fusion=self.fusion or "concat",
+                shared_trunk=True if self.shared_trunk is None else self.shared_trunk,
+                batchnorm=self.batchnorm or "shared",
+            )
+        out.update(dropout=float(self.dropout), pretrained=self.pretrained)
+        return out
+
+
+def spec_where(spec: Any) -> str:
+    """`<name>.model`: where a spec lives in the parameters (its namespace = its name)."""
+    if isinstance(spec, ModelSpec):
+        return f"{spec.name}.model"
+    name = spec.get("name", spec.get("architecture")) if isinstance(spec, Mapping) else None
+    return f"{name}.model" if name else "model"
+
+
+def validate_model_spec(spec: Mapping[str, Any] | ModelSpec) -> dict[str, Any]:
+    """Check a model spec and fill defaults; errors name the offending key (`<name>.model.x`).
 
     Called by the training node before any data is touched, so a typo in `backbone` fails in
-    a second rather than after the image cache has been read.
+    a second rather than after the image cache has been read. A `training:` block of overrides
+    is checked but not returned (see `ModelSpec.training`).
     """
-    if not isinstance(spec, Mapping):
-        raise ValueError(
+    if not isinstance(spec, Mapping | ModelSpec):
+        raise ParameterError(
             f"model: expected a mapping of model parameters, got {type(spec).__name__}"
         )
-    known = {
-        "name",
-        "architecture",
-        "backbone",
-        "scales",
-        "fusion",
-        "shared_trunk",
-        "batchnorm",
-        "dropout",
-        "pretrained",
-    }
-    unknown = sorted(set(spec) - known)
-    arch = spec.get("architecture")
-    name = str(spec.get("name", arch))
-    where = f"{name}.model"
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    if arch not in ARCHITECTURES:
-        raise ValueError(
-            f"{where}.architecture: unknown architecture {arch!r}; "
-            f"choose from {list(ARCHITECTURES)}"
-        )
-    out: dict[str, Any] = {"name": name, "architecture": arch}
-    scales = spec.get("scales", [224])
-    if (
-        not isinstance(scales, list | tuple)
-        or not scales
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in scales)
-    ):
-        raise ValueError(
-            f"{where}.scales: expected a non-empty list of positive integers, got {scales!r}"
-        )
-    out["scales"] = [int(s) for s in scales]
-    if arch == "multiscale_resnet":
-        backbone = spec.get("backbone", "resnet18")
-        if backbone not in BACKBONES:
-            raise ValueError(
-                f"{where}.backbone: unknown backbone {backbone!r}; choose from {list(BACKBONES)}"
-            )
-        fusion = spec.get("fusion", "concat")
-        if fusion not in FUSIONS:
-            raise ValueError(
-                f"{where}.fusion: unknown fusion {fusion!r}; choose from {list(FUSIONS)}"
-            )
-        shared = spec.get("shared_trunk", True)
-        if not isinstance(shared, bool):
-            raise ValueError(f"{where}.shared_trunk: expected true or false, got {shared!r}")
-        batchnorm = spec.get("batchnorm", "shared")
-        if batchnorm not in BATCHNORM_MODES:
-            raise ValueError(
-                f"{where}.batchnorm: unknown mode {batchnorm!r}; "
-                f"choose from {list(BATCHNORM_MODES)}"
-            )
-        out.update(backbone=backbone, fusion=fusion, shared_trunk=shared, batchnorm=batchnorm)
-    else:
-        for key in ("backbone", "fusion", "shared_trunk", "batchnorm"):
-            if key in spec:
-                raise ValueError(f"{where}.{key}: only used by multiscale_resnet, not {arch}")
-        if len(out["scales"]) != 1:
-            raise ValueError(f"{where}.scales: {arch} takes exactly one scale, got {out['scales']}")
-        minimum = MIN_INPUT.get(arch, 1)
-        if out["scales"][0] < minimum:
-            raise ValueError(
-                f"{where}.scales: {arch} needs inputs of at least {minimum} px, "
-                f"got {out['scales'][0]}"
-            )
-    dropout = spec.get("dropout", 0.0)
-    if not isinstance(dropout, int | float) or not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"{where}.dropout: expected a number in [0, 1), got {dropout!r}")
-    out["dropout"] = float(dropout)
-    pretrained = spec.get("pretrained", "none")
-    if pretrained is None:
-        pretrained = "none"
-    if not isinstance(pretrained, str) or not pretrained:
-        raise ValueError(
-            f"{where}.pretrained: expected 'none', 'imagenet' or a file path, got {pretrained!r}"
-        )
-    out["pretrained"] = pretrained
-    return out
+    return check(ModelSpec, spec, spec_where(spec)).as_dict()
 
 
 def build_model(spec: Mapping[str, Any], load_weights: bool = True) -> nn.Module:

@@ -29,10 +29,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from rare_cxr.findings import FINDINGS
 from rare_cxr.models import NORMALISATION, build_model, validate_model_spec
+from rare_cxr.progress import progress as progress_bar
 from rare_cxr.training import checkpointing, distributed
 from rare_cxr.training.config import validate_training_params
 from rare_cxr.training.losses import MultiLabelLoss, balanced_pos_weight
@@ -266,25 +266,36 @@ def predict_probabilities(
     tta_hflip: bool = False,
     labels: np.ndarray | None = None,
     criterion: nn.Module | None = None,
+    progress_desc: str | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Sigmoid probabilities `[N, 14]` (and mean loss when labels are given), in eval mode."""
+    """Sigmoid probabilities `[N, 14]` (and mean loss when labels are given), in eval mode.
+
+    `progress_desc` names a progress bar over the batches (`rare_cxr.progress`); None: no bar.
+    """
     was_training = model.training
     model.eval()
     probs, loss_sum, n = [], 0.0, 0
-    for start in range(0, len(images), batch_size):
-        x = to_batch(images[start : start + batch_size], device, channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x).float()
+    starts = range(0, len(images), batch_size)
+    with progress_bar(
+        total=len(starts), desc=progress_desc or "", unit="batch", enabled=bool(progress_desc)
+    ) as bar:
+        for start in starts:
+            x = to_batch(images[start : start + batch_size], device, channels_last)
+            with torch.autocast(
+                device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ):
+                logits = model(x).float()
+                if tta_hflip:
+                    logits_flip = model(torch.flip(x, dims=[-1])).float()
+            p = torch.sigmoid(logits)
             if tta_hflip:
-                logits_flip = model(torch.flip(x, dims=[-1])).float()
-        p = torch.sigmoid(logits)
-        if tta_hflip:
-            p = 0.5 * (p + torch.sigmoid(logits_flip))
-        if labels is not None and criterion is not None:
-            y = torch.as_tensor(np.array(labels[start : start + batch_size]), device=device)
-            loss_sum += float(criterion(logits, y)) * len(x)
-        n += len(x)
-        probs.append(p.cpu().numpy())
+                p = 0.5 * (p + torch.sigmoid(logits_flip))
+            if labels is not None and criterion is not None:
+                y = torch.as_tensor(np.array(labels[start : start + batch_size]), device=device)
+                loss_sum += float(criterion(logits, y)) * len(x)
+            n += len(x)
+            probs.append(p.cpu().numpy())
+            bar.update()
     model.train(was_training)
     out = np.concatenate(probs) if probs else np.zeros((0, len(FINDINGS)), np.float32)
     return out.astype(np.float32), (loss_sum / n if n and labels is not None else float("nan"))
@@ -464,10 +475,41 @@ def _fit(
     world: int,
     state_store: checkpointing.TrainingStateStore | None,
 ) -> FitResult | None:
+    """Check everything, reuse a finished training of this configuration, else train."""
     spec = validate_model_spec(model_spec)
     cfg = validate_training_params(params)
-    callbacks = callbacks or TrainingCallbacks()
+    _check_batch_split(cfg, world)
     name = spec["name"]
+    data = _TrainingData.from_cache(cache, name)
+
+    # training state: reuse a finished training, or resume an unfinished one
+    settings = training_settings(spec, cfg, cache, augment, world)
+    fp = checkpointing.fingerprint(settings)
+    store = _state_store(cfg, name, state_store)
+    state = store.load(fp, settings) if store is not None else None
+    if store is not None and state is not None and state.get("finished"):
+        if cfg["reuse_finished"]:
+            return _reuse_finished(name, state, store.path(fp), rank)
+        logger.info("%s: training.reuse_finished is false: training again", name)
+        state = None
+
+    trainer = _Trainer(
+        spec,
+        cfg,
+        data,
+        augment,
+        callbacks=callbacks or TrainingCallbacks(),
+        rank=rank,
+        world=world,
+        store=store,
+        fingerprint=fp,
+        settings=settings,
+    )
+    return trainer.run(state)
+
+
+def _check_batch_split(cfg: Mapping[str, Any], world: int) -> None:
+    """The global batch must split over the DDP processes and accumulation micro-batches."""
     if cfg["batch_size"] % world:
         raise ValueError(
             f"training.batch_size ({cfg['batch_size']}) must be divisible by the "
@@ -483,398 +525,601 @@ def _fit(
             f"training.accumulation_steps ({accumulation}) micro-batches x {world} DDP "
             "process(es) of at least 2 images each"
         )
-    train, val = cache.split("train"), cache.split("val")
-    train_images, train_labels = train.images, np.asarray(train.labels, dtype=np.float32)
-    val_images, val_labels = val.images, np.asarray(val.labels, dtype=np.float32)
-    if len(train_labels) < 2 or len(val_labels) < 1:
-        raise ValueError(
-            f"{name}: the image cache needs >= 2 train and >= 1 val images "
-            f"(has {len(train_labels)} / {len(val_labels)})"
+
+
+@dataclass
+class _TrainingData:
+    """The train and val arrays of the image cache (memmaps and float32 label matrices)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    size: int  # the cache's square side
+
+    @classmethod
+    def from_cache(cls, cache: Any, name: str) -> _TrainingData:
+        train, val = cache.split("train"), cache.split("val")
+        data = cls(
+            train.images,
+            np.asarray(train.labels, dtype=np.float32),
+            val.images,
+            np.asarray(val.labels, dtype=np.float32),
+            int(cache.size),
+        )
+        if len(data.train_labels) < 2 or len(data.val_labels) < 1:
+            raise ValueError(
+                f"{name}: the image cache needs >= 2 train and >= 1 val images "
+                f"(has {len(data.train_labels)} / {len(data.val_labels)})"
+            )
+        return data
+
+
+def _state_store(
+    cfg: Mapping[str, Any], name: str, state_store: checkpointing.TrainingStateStore | None
+) -> checkpointing.TrainingStateStore | None:
+    """Where training states live: the catalog's folder, else `training.resume_dir/<name>`;
+    None (nothing persisted) when neither is set or `training.resume` is off."""
+    if not cfg["resume"]:
+        return None
+    if state_store is None and cfg["resume_dir"]:
+        return checkpointing.TrainingStateStore(Path(cfg["resume_dir"]) / name)
+    return state_store
+
+
+def _reuse_finished(name: str, state: Mapping[str, Any], path: Path, rank: int) -> FitResult | None:
+    """The result of a finished training of the same fingerprint; no epoch is trained."""
+    if rank == 0:
+        logger.info(
+            "%s: training already finished for this configuration (%s, best epoch %s): "
+            "reusing its result, no epoch is trained (training.reuse_finished=false "
+            "trains again)",
+            name,
+            path,
+            state["metadata"].get("epoch"),
+        )
+    if rank != 0:
+        return None
+    history_frame = pd.DataFrame(state["history"])
+    history_frame["training_id"] = state["metadata"].get("training_id")
+    return FitResult(dict(state["best_state"]), dict(state["metadata"]), history_frame)
+
+
+def _metric_name(stage: Stage) -> str:
+    """The monitored metric: macro AUROC over the stage's target findings."""
+    return "val_macro_auroc" + ("" if len(stage.targets) == len(FINDINGS) else f"_{stage.name}")
+
+
+@dataclass
+class _FitState:
+    """Where a training stands between epochs: with the model, optimiser, scaler, schedule and
+    RNG states, exactly what the resumable training state stores (`_Trainer._save_state`)."""
+
+    training_id: str
+    stage_index: int = 0
+    epoch_in_stage: int = 0
+    global_epoch: int = 0  # epochs completed, over all stages
+    best_metric: float = float("nan")
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    schedule: dict[str, Any] | None = None  # a resumed stage's schedule, used once
+
+    def track_best(self, monitored: float, model: nn.Module, patience: int) -> bool:
+        """Best-on-validation tracking and early stopping after an epoch (before it is counted
+        in `global_epoch`); True when the stage stops early. A NaN metric never improves, but
+        the first epoch of a stage is always kept (there must be a best state)."""
+        improved = self.best_state is None or (
+            not math.isnan(monitored)
+            and (math.isnan(self.best_metric) or monitored > self.best_metric)
+        )
+        if improved:
+            self.best_metric, self.best_epoch, self.bad_epochs = monitored, self.global_epoch + 1, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= patience
+
+    def reset_best(self) -> None:
+        """A new stage starts a fresh early-stopping record."""
+        self.best_metric, self.best_state = float("nan"), None
+        self.best_epoch, self.bad_epochs = -1, 0
+
+
+@dataclass
+class _Epoch:
+    """One epoch's fixed choices and running totals. Not saved: an epoch is replayed whole."""
+
+    index: int  # global epoch index, 0-based
+    stage: Stage
+    schedule: LRSchedule
+    frozen: bool  # frozen-trunk epoch: the head trains alone
+    model: nn.Module  # what the steps run (plain when frozen, else the DDP/compiled one)
+    generator: torch.Generator  # the augmentation draws, on the training device
+    loss_sum: torch.Tensor  # sum of per-image losses on this rank
+    seen: int = 0  # images seen on this rank
+
+
+class _Trainer:
+    """One training: the parts fixed for its whole length (device, model, loss, optimiser, data,
+    stages) and the loop over them -- stages (`_run_stage`), epochs (`_run_epoch`: train
+    `_train_epoch` of steps `_train_step`, validate `_validate`, track the best, stage
+    transition `_next_stage`, save `_save_state`), resume (`_restore`), result (`_finish`).
+
+    Building it has the process-wide effects a training needs: the DDP process group, the
+    seeds and the deterministic mode. Their order, and the order of every random draw, is
+    part of the bit-exact resume contract: do not reorder.
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        cfg: dict[str, Any],
+        data: _TrainingData,
+        augment: Augment | None,
+        *,
+        callbacks: TrainingCallbacks,
+        rank: int,
+        world: int,
+        store: checkpointing.TrainingStateStore | None,
+        fingerprint: str,
+        settings: dict[str, Any],
+    ) -> None:
+        self.spec, self.cfg, self.data, self.augment = spec, cfg, data, augment
+        self.name = spec["name"]
+        self.callbacks, self.rank, self.world = callbacks, rank, world
+        self.store, self.fingerprint, self.settings = store, fingerprint, settings
+        self.state_path = store.path(fingerprint) if store is not None else None
+        self.accumulation = cfg["accumulation_steps"]
+        self.show_bar = cfg["progress_bar"] and rank == 0
+
+        device = self.device = resolve_device(cfg["device"], rank)
+        if world > 1:
+            distributed.init_process_group(rank, world, device)
+        seed_everything(cfg["seed"], cfg["deterministic"])
+        self.dtype = amp_dtype(cfg, device)
+        self.channels_last = (cfg["channels_last"] is True) or (
+            cfg["channels_last"] == "auto" and device.type == "cuda"
         )
 
-    # ---- training state: reuse a finished training, or resume an unfinished one -----------
-    settings = training_settings(spec, cfg, cache, augment, world)
-    fp = checkpointing.fingerprint(settings)
-    store = state_store
-    if store is None and cfg["resume_dir"]:
-        store = checkpointing.TrainingStateStore(Path(cfg["resume_dir"]) / name)
-    if not cfg["resume"]:
-        store = None
-    state = store.load(fp, settings) if store is not None else None
-    if state is not None and state.get("finished"):
-        if cfg["reuse_finished"]:
-            if rank == 0:
-                logger.info(
-                    "%s: training already finished for this configuration (%s, best epoch %s): "
-                    "reusing its result, no epoch is trained (training.reuse_finished=false "
-                    "trains again)",
-                    name,
-                    store.path(fp),
-                    state["metadata"].get("epoch"),
-                )
-            if rank != 0:
-                return None
-            history_frame = pd.DataFrame(state["history"])
-            history_frame["training_id"] = state["metadata"].get("training_id")
-            return FitResult(dict(state["best_state"]), dict(state["metadata"]), history_frame)
-        logger.info("%s: training.reuse_finished is false: training again", name)
-        state = None
-    state_path = store.path(fp) if store is not None else None
+        model = build_model(spec).to(device)
+        if world > 1 and cfg["sync_batchnorm"]:
+            # before the optimiser is built: conversion creates new BatchNorm parameter objects
+            model = distributed.convert_sync_batchnorm(model, device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.pos_weight = (
+            balanced_pos_weight(data.train_labels, cfg["loss"]["pos_weight_cap"])
+            if cfg["loss"]["balanced"]
+            else None
+        )
+        self.criterion = MultiLabelLoss(
+            self.pos_weight, cfg["loss"]["name"], cfg["loss"]["focal_gamma"]
+        ).to(device)
+        head_ids = _head_parameter_ids(model)
+        self.head_params = [p for p in model.parameters() if id(p) in head_ids]
+        self.trunk_params = [p for p in model.parameters() if id(p) not in head_ids]
+        self.trunk = trunk_modules(model)
+        self.train_size = train_input_size(model, data.size)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": self.trunk_params, "lr_multiplier": 1.0},
+                {"params": self.head_params, "lr_multiplier": 1.0},
+            ],
+            lr=cfg["optimizer"]["lr"],
+            weight_decay=cfg["optimizer"]["weight_decay"],
+            eps=cfg["optimizer"]["eps"],
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.stages = plan_stages(cfg, data.train_labels)
+        self.weights = (
+            sample_weights(data.train_labels, cfg["oversample_rare"]["power"])
+            if cfg["oversample_rare"]["enabled"]
+            else None
+        )
+        # set by `_wrap_model`, after a resume has loaded the weights
+        self.train_model: nn.Module = model
+        self.ddp_model: nn.parallel.DistributedDataParallel | None = None
 
-    device = resolve_device(cfg["device"], rank)
-    if world > 1:
-        distributed.init_process_group(rank, world, device)
-    seed_everything(cfg["seed"], cfg["deterministic"])
-    dtype = amp_dtype(cfg, device)
-    channels_last = (cfg["channels_last"] is True) or (
-        cfg["channels_last"] == "auto" and device.type == "cuda"
-    )
+    # ---- the whole training --------------------------------------------------------------
 
-    model = build_model(spec).to(device)
-    if world > 1 and cfg["sync_batchnorm"]:
-        # before the optimiser is built: conversion creates new BatchNorm parameter objects
-        model = distributed.convert_sync_batchnorm(model, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    pos_weight = (
-        balanced_pos_weight(train_labels, cfg["loss"]["pos_weight_cap"])
-        if cfg["loss"]["balanced"]
-        else None
-    )
-    criterion = MultiLabelLoss(pos_weight, cfg["loss"]["name"], cfg["loss"]["focal_gamma"]).to(
-        device
-    )
-    head_ids = _head_parameter_ids(model)
-    head_params = [p for p in model.parameters() if id(p) in head_ids]
-    trunk_params = [p for p in model.parameters() if id(p) not in head_ids]
-    trunk = trunk_modules(model)
-    train_size = train_input_size(model, cache.size)
-    optimizer = torch.optim.Adam(
-        [
-            {"params": trunk_params, "lr_multiplier": 1.0},
-            {"params": head_params, "lr_multiplier": 1.0},
-        ],
-        lr=cfg["optimizer"]["lr"],
-        weight_decay=cfg["optimizer"]["weight_decay"],
-        eps=cfg["optimizer"]["eps"],
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    stages = plan_stages(cfg, train_labels)
-    weights = (
-        sample_weights(train_labels, cfg["oversample_rare"]["power"])
-        if cfg["oversample_rare"]["enabled"]
-        else None
-    )
+    def run(self, state: Mapping[str, Any] | None) -> FitResult | None:
+        """Train every stage from the start or from `state`; the result on rank 0."""
+        progress = self._restore(state)
+        self._wrap_model()
+        while progress.stage_index < len(self.stages):
+            self._run_stage(progress)
+            progress.stage_index, progress.epoch_in_stage = progress.stage_index + 1, 0
+        set_trunk_frozen(
+            self.trunk, self.trunk_params, False
+        )  # a frozen last epoch leaves no trace
+
+        distributed.barrier()
+        if self.rank != 0:
+            return None
+        return self._finish(progress)
+
+    def _wrap_model(self) -> None:
+        """DDP (gradients averaged over the ranks) and torch.compile around the model."""
+        if self.world > 1:
+            self.train_model = self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+        if self.cfg["compile"]:
+            self.train_model = torch.compile(self.train_model)
 
     # ---- resume --------------------------------------------------------------------------
-    training_id = uuid.uuid4().hex[:12]
-    stage_i, epoch_in_stage, global_epoch = 0, 0, 0
-    best_metric, best_state, best_epoch, bad_epochs = float("nan"), None, -1, 0
-    history: list[dict[str, Any]] = []
-    schedule_state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+
+    def _restore(self, state: Mapping[str, Any] | None) -> _FitState:
+        """A fresh start, or the model/optimiser/scaler/RNG states and the progress of an
+        unfinished training."""
+        progress = _FitState(training_id=uuid.uuid4().hex[:12])
+        if state is None:
+            return progress
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
         checkpointing.set_rng_state(state["rng"])
-        stage_i, epoch_in_stage = state["stage_index"], state["epoch_in_stage"]
-        global_epoch = state["global_epoch"]
-        best_metric, best_state = state["best_metric"], state["best_state"]
-        best_epoch, bad_epochs = state["best_epoch"], state["bad_epochs"]
-        history = list(state["history"])
-        schedule_state = state["schedule"]
-        training_id = str(state.get("training_id") or training_id)
-        if rank == 0:
+        progress = _FitState(
+            training_id=str(state.get("training_id") or progress.training_id),
+            stage_index=state["stage_index"],
+            epoch_in_stage=state["epoch_in_stage"],
+            global_epoch=state["global_epoch"],
+            best_metric=state["best_metric"],
+            best_state=state["best_state"],
+            best_epoch=state["best_epoch"],
+            bad_epochs=state["bad_epochs"],
+            history=list(state["history"]),
+            schedule=state["schedule"],
+        )
+        if self.rank == 0:
+            stage = (
+                self.stages[progress.stage_index].name
+                if progress.stage_index < len(self.stages)
+                else "all done"
+            )
             logger.info(
                 "%s: resuming from %s at epoch %d (stage %s)",
-                name,
-                state_path,
-                global_epoch + 1,
-                stages[stage_i].name,
+                self.name,
+                self.state_path,
+                progress.global_epoch + 1,
+                stage,
             )
+        return progress
 
-    train_model: nn.Module = model
-    ddp_model: nn.parallel.DistributedDataParallel | None = None
-    if world > 1:
-        train_model = ddp_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
+    def _save_state(
+        self, progress: _FitState, schedule: LRSchedule, next_stage: int, next_epoch: int
+    ) -> None:
+        """The resumable state after an epoch (rank 0 writes; all ranks hold the same)."""
+        if self.rank != 0 or self.store is None:
+            return
+        self.store.save(
+            self.fingerprint,
+            {
+                "finished": False,
+                "settings": self.settings,
+                "training_id": progress.training_id,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                # a new stage builds its own schedule
+                "schedule": schedule.state_dict() if next_stage == progress.stage_index else None,
+                "rng": checkpointing.rng_state(),
+                "stage_index": next_stage,
+                "epoch_in_stage": next_epoch,
+                "global_epoch": progress.global_epoch,
+                "best_metric": progress.best_metric,
+                "best_state": progress.best_state,
+                "best_epoch": progress.best_epoch,
+                "bad_epochs": progress.bad_epochs,
+                "history": progress.history,
+            },
         )
-    if cfg["compile"]:
-        train_model = torch.compile(train_model)
 
-    show_bar = cfg["progress_bar"] and rank == 0
-    n_train = len(train_labels)
-    last_good_epoch = global_epoch
-    while stage_i < len(stages):
-        stage = stages[stage_i]
-        mask = torch.zeros(len(FINDINGS), device=device)
+    # ---- stages and their transitions ----------------------------------------------------
+
+    def _run_stage(self, progress: _FitState) -> None:
+        """The remaining epochs of the current stage, until its last or an early stop."""
+        cfg = self.cfg
+        stage = self.stages[progress.stage_index]
+        mask = torch.zeros(len(FINDINGS), device=self.device)
         mask[stage.targets] = 1.0
-        criterion.set_mask(None if len(stage.targets) == len(FINDINGS) else mask)
+        self.criterion.set_mask(None if len(stage.targets) == len(FINDINGS) else mask)
         # the schedule counts optimiser steps (global batches), never micro-batches
         steps_per_epoch = len(
-            batches_for(np.arange(n_train), cfg["batch_size"], world, accumulation)
+            batches_for(
+                np.arange(len(self.data.train_labels)),
+                cfg["batch_size"],
+                self.world,
+                self.accumulation,
+            )
         )
         schedule = LRSchedule(
-            optimizer, cfg["optimizer"]["lr"], cfg["schedule"], steps_per_epoch, stage.epochs
+            self.optimizer, cfg["optimizer"]["lr"], cfg["schedule"], steps_per_epoch, stage.epochs
         )
-        if schedule_state is not None:
-            schedule.load_state_dict(schedule_state)
-            schedule_state = None
-        metric_name = "val_macro_auroc" + (
-            "" if len(stage.targets) == len(FINDINGS) else f"_{stage.name}"
-        )
+        if progress.schedule is not None:
+            schedule.load_state_dict(progress.schedule)
+            progress.schedule = None
         stop = False
-        while epoch_in_stage < stage.epochs and not stop:
-            # A frozen-trunk epoch trains the head only: the trunk in eval mode (its BatchNorm
-            # running statistics stay put) without gradients (backward stops at the head). Its
-            # learning rate is 0 as well, so Adam leaves it alone whatever happens. Whether an
-            # epoch is frozen is a function of (stage, epoch), so a resumed run freezes the same
-            # epochs; the flags themselves are not state and are set afresh every epoch.
-            frozen = epoch_in_stage < stage.frozen_epochs
-            optimizer.param_groups[0]["lr_multiplier"] = 0.0 if frozen else 1.0
-            schedule.apply()
-            # Every random draw of an epoch derives from (seed, epoch): a resumed epoch replays
-            # exactly what the interrupted one would have done. The augmentation generator lives
-            # on the training device (no host-side draws or copies per batch); it is re-seeded
-            # from (seed, epoch, rank) every epoch, so it has no state to save.
-            torch.manual_seed(cfg["seed"] * 7919 + global_epoch)
-            aug_gen = torch.Generator(device=device).manual_seed(
-                cfg["seed"] * 104_729 + global_epoch * 131 + rank
-            )
-            jobs = batches_for(
-                epoch_order(n_train, cfg["seed"], global_epoch, weights),
-                cfg["batch_size"],
-                world,
-                accumulation,
-            )
-            rank_jobs = [micro_batches(j, world, rank, accumulation) for j in jobs]
-            train_model.train()
-            set_trunk_frozen(trunk, trunk_params, frozen)
+        while progress.epoch_in_stage < stage.epochs and not stop:
+            stop = self._run_epoch(progress, stage, schedule)
+
+    def _next_stage(self, progress: _FitState) -> None:
+        """Stage 2 starts from the best stage-1 weights, with a fresh optimiser state,
+        schedule (built by `_run_stage`) and early-stopping record."""
+        self.model.load_state_dict(progress.best_state)
+        self.optimizer.state.clear()
+        progress.reset_best()
+
+    # ---- one epoch -----------------------------------------------------------------------
+
+    def _run_epoch(self, progress: _FitState, stage: Stage, schedule: LRSchedule) -> bool:
+        """Train, validate, keep the best, save the state; True when the stage stops early."""
+        epoch = self._start_epoch(progress, stage, schedule)
+        elapsed = self._train_epoch(epoch)
+        train_loss = float(epoch.loss_sum) / max(epoch.seen, 1)
+        if self.world > 1:
+            t = torch.tensor([train_loss], device=self.device)
+            torch.distributed.all_reduce(t)
+            train_loss = float(t) / self.world
+
+        metrics, val_loss, monitored = self._validate(stage, progress.global_epoch)
+        schedule.epoch_end(monitored)
+        row = {
+            "epoch": progress.global_epoch + 1,
+            "stage": stage.name,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            **metrics,
+            "lr": schedule.lr,
+            "img_per_s": epoch.seen * self.world / max(elapsed, 1e-9),
+        }
+        progress.history.append(row)
+        stop = progress.track_best(monitored, self.model, self.cfg["patience"])
+        progress.global_epoch += 1
+        progress.epoch_in_stage += 1
+        next_stage, next_epoch = progress.stage_index, progress.epoch_in_stage
+        if stop or progress.epoch_in_stage >= stage.epochs:
+            next_stage, next_epoch = progress.stage_index + 1, 0
+        logger.info(
+            "%s epoch %d [%s]: train_loss %.4f val_loss %.4f %s %.4f (best %.4f @ %d) "
+            "lr %.2e %.1f img/s%s",
+            self.name,
+            progress.global_epoch,
+            stage.name,
+            train_loss,
+            val_loss,
+            _metric_name(stage),
+            monitored,
+            progress.best_metric,
+            progress.best_epoch,
+            schedule.lr,
+            row["img_per_s"],
+            " -- early stop" if stop else "",
+        )
+        if progress.stage_index < next_stage < len(self.stages):
+            self._next_stage(progress)
+        self._save_state(progress, schedule, next_stage, next_epoch)
+        if self.callbacks.on_epoch_end:
+            self.callbacks.on_epoch_end(progress.global_epoch, row)
+        return stop
+
+    def _start_epoch(self, progress: _FitState, stage: Stage, schedule: LRSchedule) -> _Epoch:
+        """Learning rate, seeds and train/frozen modes for the next epoch."""
+        cfg, index = self.cfg, progress.global_epoch
+        # A frozen-trunk epoch trains the head only: the trunk in eval mode (its BatchNorm
+        # running statistics stay put) without gradients (backward stops at the head). Its
+        # learning rate is 0 as well, so Adam leaves it alone whatever happens. Whether an
+        # epoch is frozen is a function of (stage, epoch), so a resumed run freezes the same
+        # epochs; the flags themselves are not state and are set afresh every epoch.
+        frozen = progress.epoch_in_stage < stage.frozen_epochs
+        self.optimizer.param_groups[0]["lr_multiplier"] = 0.0 if frozen else 1.0
+        schedule.apply()
+        # Every random draw of an epoch derives from (seed, epoch): a resumed epoch replays
+        # exactly what the interrupted one would have done. The augmentation generator lives
+        # on the training device (no host-side draws or copies per batch); it is re-seeded
+        # from (seed, epoch, rank) every epoch, so it has no state to save.
+        torch.manual_seed(cfg["seed"] * 7919 + index)
+        generator = torch.Generator(device=self.device).manual_seed(
+            cfg["seed"] * 104_729 + index * 131 + self.rank
+        )
+        self.train_model.train()
+        set_trunk_frozen(self.trunk, self.trunk_params, frozen)
+        return _Epoch(
+            index=index,
+            stage=stage,
+            schedule=schedule,
+            frozen=frozen,
             # head-only steps run the plain model: DDP expects a gradient for every parameter
             # it wraps (the head's gradients are averaged by hand), and a compiled graph
             # would recompile for the frozen flags
-            step_model = model if frozen else train_model
-            loss_sum = torch.zeros((), device=device)
-            seen = 0
-            t0 = time.perf_counter()
-            bar = tqdm(
-                total=len(rank_jobs),
-                disable=not show_bar,
-                leave=False,
-                unit="batch",
-                desc=f"{name} epoch {global_epoch + 1} [{stage.name}]",
-            )
-            batches = _prefetch(
-                [np.concatenate(micros) for micros in rank_jobs],
-                train_images,
-                train_labels,
-                cfg["loader_threads"],
-                pin=device.type == "cuda",
-            )
+            model=self.model if frozen else self.train_model,
+            generator=generator,
+            loss_sum=torch.zeros((), device=self.device),
+        )
+
+    def _train_epoch(self, epoch: _Epoch) -> float:
+        """Every optimiser step of the epoch, over this rank's share of the epoch's batches
+        (read ahead by the loader threads); returns the seconds it took."""
+        cfg, world = self.cfg, self.world
+        jobs = batches_for(
+            epoch_order(len(self.data.train_labels), cfg["seed"], epoch.index, self.weights),
+            cfg["batch_size"],
+            world,
+            self.accumulation,
+        )
+        rank_jobs = [micro_batches(j, world, self.rank, self.accumulation) for j in jobs]
+        batches = _prefetch(
+            [np.concatenate(micros) for micros in rank_jobs],
+            self.data.train_images,
+            self.data.train_labels,
+            cfg["loader_threads"],
+            pin=self.device.type == "cuda",
+        )
+        t0 = time.perf_counter()
+        with progress_bar(
+            total=len(rank_jobs),
+            desc=f"{self.name} epoch {epoch.index + 1} [{epoch.stage.name}]",
+            unit="batch",
+            enabled=self.show_bar,
+        ) as bar:
             for step, (micros, (xb, yb)) in enumerate(zip(rank_jobs, batches, strict=True)):
-                # The rank's whole share goes to the device, is resized (single-scale models
-                # below the cache size) and augmented at once -- the same draws whatever the
-                # accumulation -- and is then split into its micro-batches.
-                x_all = to_batch(xb, device, channels_last)
-                y_all = _to_device(
-                    yb if isinstance(yb, torch.Tensor) else torch.from_numpy(yb), device
-                )
-                if train_size is not None:
-                    x_all = resize_batch(x_all, train_size)
-                if augment is not None:
-                    x_all = augment(x_all, generator=aug_gen)
-                sizes = [len(m) for m in micros]
-                pairs = (
-                    [(x_all, y_all)]
-                    if len(micros) == 1
-                    else list(zip(x_all.split(sizes), y_all.split(sizes), strict=True))
-                )
-                # One optimiser step per global batch. Each micro-batch's loss (a mean over its
-                # images) is weighted by its share of the rank's batch, so the summed gradient
-                # is the gradient of the whole batch's mean loss (accumulation_steps: 1 = no
-                # weighting at all, bit for bit the plain step).
-                optimizer.zero_grad(set_to_none=True)
-                rank_batch = sum(sizes)
-                for k, (x, y) in enumerate(pairs):
-                    # DDP: all-reduce once per optimiser step, after the last micro-batch
-                    sync = (
-                        ddp_model.no_sync()
-                        if ddp_model is not None and not frozen and k < len(micros) - 1
-                        else nullcontext()
-                    )
-                    with sync:
-                        with torch.autocast(
-                            device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-                        ):
-                            logits = step_model(x)
-                        loss = criterion(logits.float(), y)
-                        finite = (
-                            distributed.all_finite(bool(torch.isfinite(loss)), device)
-                            if world > 1
-                            else bool(torch.isfinite(loss))
-                        )
-                        if not finite:
-                            bar.close()
-                            raise FloatingPointError(
-                                f"{name}: training loss is {loss.item()} at epoch "
-                                f"{global_epoch + 1} step {step + 1} (stage {stage.name}); "
-                                "training stopped. The last good state (end of epoch "
-                                f"{last_good_epoch}) is kept at "
-                                f"{state_path or '(nowhere: resume is off)'}. Try a lower "
-                                "training.optimizer.lr, amp: false, or check the input images."
-                            )
-                        scaled = loss if len(micros) == 1 else loss * (len(x) / rank_batch)
-                        scaler.scale(scaled).backward()
-                    loss_sum += loss.detach() * len(x)
-                    seen += len(x)
-                if frozen and world > 1:
-                    _all_reduce_mean_grads(head_params, world)
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                if show_bar:
-                    rate = seen * world / max(time.perf_counter() - t0, 1e-9)
+                loss = self._train_step(epoch, step, micros, xb, yb)
+                if not bar.disable:
+                    rate = epoch.seen * world / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
                     bar.update()
-                if callbacks.on_step:
-                    callbacks.on_step(global_epoch, step)
-            bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - t0
-            train_loss = float(loss_sum) / max(seen, 1)
-            if world > 1:
-                t = torch.tensor([train_loss], device=device)
-                torch.distributed.all_reduce(t)
-                train_loss = float(t) / world
+                if self.callbacks.on_step:
+                    self.callbacks.on_step(epoch.index, step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
-            eval_model = model  # unwrapped: no DDP sync, identical on every rank
-            probs, val_loss = predict_probabilities(
-                eval_model,
-                val_images,
-                device,
-                batch_size=cfg["eval_batch_size"],
-                dtype=dtype,
-                channels_last=channels_last,
-                labels=val_labels,
-                criterion=criterion,
-            )
-            metrics = validation_metrics(probs, val_labels)
-            aurocs = [metrics[f"val_auroc_{FINDINGS[k]}"] for k in stage.targets]
-            aurocs = [a for a in aurocs if not math.isnan(a)]
-            monitored = float(np.mean(aurocs)) if aurocs else float("nan")
-            schedule.epoch_end(monitored)
-            row = {
-                "epoch": global_epoch + 1,
-                "stage": stage.name,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                **metrics,
-                "lr": schedule.lr,
-                "img_per_s": seen * world / max(elapsed, 1e-9),
-            }
-            history.append(row)
-            improved = best_state is None or (
-                not math.isnan(monitored) and (math.isnan(best_metric) or monitored > best_metric)
-            )
-            if improved:
-                best_metric, best_epoch, bad_epochs = monitored, global_epoch + 1, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            else:
-                bad_epochs += 1
-            stop = bad_epochs >= cfg["patience"]
-            global_epoch += 1
-            epoch_in_stage += 1
-            next_stage, next_epoch = (stage_i, epoch_in_stage)
-            if stop or epoch_in_stage >= stage.epochs:
-                next_stage, next_epoch = stage_i + 1, 0
-            logger.info(
-                "%s epoch %d [%s]: train_loss %.4f val_loss %.4f %s %.4f (best %.4f @ %d) "
-                "lr %.2e %.1f img/s%s",
-                name,
-                global_epoch,
-                stage.name,
-                train_loss,
-                val_loss,
-                metric_name,
-                monitored,
-                best_metric,
-                best_epoch,
-                schedule.lr,
-                row["img_per_s"],
-                " -- early stop" if stop else "",
-            )
-            if next_stage > stage_i and next_stage < len(stages):
-                # stage 2 starts from the best stage-1 weights, with a fresh optimiser state,
-                # schedule and early-stopping record
-                model.load_state_dict(best_state)
-                optimizer.state.clear()
-                best_metric, best_state, best_epoch, bad_epochs = float("nan"), None, -1, 0
-            if rank == 0 and store is not None:
-                store.save(
-                    fp,
-                    {
-                        "finished": False,
-                        "settings": settings,
-                        "training_id": training_id,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "schedule": schedule.state_dict() if next_stage == stage_i else None,
-                        "rng": checkpointing.rng_state(),
-                        "stage_index": next_stage,
-                        "epoch_in_stage": next_epoch,
-                        "global_epoch": global_epoch,
-                        "best_metric": best_metric,
-                        "best_state": best_state,
-                        "best_epoch": best_epoch,
-                        "bad_epochs": bad_epochs,
-                        "history": history,
-                    },
-                )
-            last_good_epoch = global_epoch
-            if callbacks.on_epoch_end:
-                callbacks.on_epoch_end(global_epoch, row)
-        stage_i, epoch_in_stage = stage_i + 1, 0
-    set_trunk_frozen(trunk, trunk_params, False)  # a frozen last epoch leaves no trace
+    # ---- one step ------------------------------------------------------------------------
 
-    distributed.barrier()
-    if rank != 0:
-        return None
-    final_stage = stages[-1]
-    metadata = {
-        "model_spec": dict(spec),
-        "findings": list(FINDINGS),
-        "normalisation": dict(getattr(model, "normalisation", NORMALISATION)),
-        "scales": list(spec["scales"]),
-        "input_size": int(cache.size),
-        "train_params": copy.deepcopy(dict(cfg)),
-        "epoch": int(best_epoch),
-        "metric": float(best_metric),
-        "metric_name": "val_macro_auroc"
-        + ("" if len(final_stage.targets) == len(FINDINGS) else f"_{final_stage.name}"),
-        "stage": final_stage.name,
-        "pos_weight": pos_weight.tolist() if pos_weight is not None else None,
-        "world_size": world,
-        "training_id": training_id,
-        "fingerprint": fp,
-        "image_cache": settings["data"],
-    }
-    if store is not None:
-        # kept, not deleted: if the checkpoint's catalog save fails, or a later model or stage
-        # dies, the rerun reuses this result instead of training again
-        store.save(
-            fp,
-            {
-                "finished": True,
-                "settings": settings,
-                "training_id": training_id,
-                "best_state": best_state,
-                "metadata": metadata,
-                "history": history,
-            },
+    def _train_step(
+        self,
+        epoch: _Epoch,
+        step: int,
+        micros: list[np.ndarray],
+        xb: np.ndarray | torch.Tensor,
+        yb: np.ndarray | torch.Tensor,
+    ) -> torch.Tensor:
+        """One optimiser step on this rank's share `xb`/`yb` of one global batch, cut into
+        `micros`; adds to the epoch's loss sum and image count; returns the last loss."""
+        device, world = self.device, self.world
+        # The rank's whole share goes to the device, is resized (single-scale models below
+        # the cache size) and augmented at once -- the same draws whatever the accumulation
+        # -- and is then split into its micro-batches.
+        x_all = to_batch(xb, device, self.channels_last)
+        y_all = _to_device(yb if isinstance(yb, torch.Tensor) else torch.from_numpy(yb), device)
+        if self.train_size is not None:
+            x_all = resize_batch(x_all, self.train_size)
+        if self.augment is not None:
+            x_all = self.augment(x_all, generator=epoch.generator)
+        sizes = [len(m) for m in micros]
+        pairs = (
+            [(x_all, y_all)]
+            if len(micros) == 1
+            else list(zip(x_all.split(sizes), y_all.split(sizes), strict=True))
         )
-        logger.info("%s: training finished; result kept at %s for reruns", name, store.path(fp))
-    history_frame = pd.DataFrame(history)
-    history_frame["training_id"] = training_id
-    return FitResult(best_state, metadata, history_frame)
+        # One optimiser step per global batch. Each micro-batch's loss (a mean over its
+        # images) is weighted by its share of the rank's batch, so the summed gradient is the
+        # gradient of the whole batch's mean loss (accumulation_steps: 1 = no weighting at
+        # all, bit for bit the plain step).
+        self.optimizer.zero_grad(set_to_none=True)
+        rank_batch = sum(sizes)
+        for k, (x, y) in enumerate(pairs):
+            # DDP: all-reduce once per optimiser step, after the last micro-batch
+            sync = (
+                self.ddp_model.no_sync()
+                if self.ddp_model is not None and not epoch.frozen and k < len(micros) - 1
+                else nullcontext()
+            )
+            with sync:
+                with torch.autocast(
+                    device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+                ):
+                    logits = epoch.model(x)
+                loss = self.criterion(logits.float(), y)
+                self._check_finite(loss, epoch, step)
+                scaled = loss if len(micros) == 1 else loss * (len(x) / rank_batch)
+                self.scaler.scale(scaled).backward()
+            epoch.loss_sum += loss.detach() * len(x)
+            epoch.seen += len(x)
+        if epoch.frozen and world > 1:
+            _all_reduce_mean_grads(self.head_params, world)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        epoch.schedule.step()
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor, epoch: _Epoch, step: int) -> None:
+        """The NaN guard: a non-finite loss on any rank stops every rank, naming where; the
+        state saved after the last completed epoch (`epoch.index` of them) is kept."""
+        finite = (
+            distributed.all_finite(bool(torch.isfinite(loss)), self.device)
+            if self.world > 1
+            else bool(torch.isfinite(loss))
+        )
+        if finite:
+            return
+        raise FloatingPointError(
+            f"{self.name}: training loss is {loss.item()} at epoch "
+            f"{epoch.index + 1} step {step + 1} (stage {epoch.stage.name}); "
+            "training stopped. The last good state (end of epoch "
+            f"{epoch.index}) is kept at "
+            f"{self.state_path or '(nowhere: resume is off)'}. Try a lower "
+            "training.optimizer.lr, amp: false, or check the input images."
+        )
+
+    # ---- evaluation ----------------------------------------------------------------------
+
+    def _validate(self, stage: Stage, index: int) -> tuple[dict[str, float], float, float]:
+        """The validation pass: metrics, mean loss, and the monitored macro AUROC over the
+        stage's targets (NaN when no target has both classes in the val split). Runs the
+        unwrapped model: no DDP sync, identical on every rank."""
+        probs, val_loss = predict_probabilities(
+            self.model,
+            self.data.val_images,
+            self.device,
+            batch_size=self.cfg["eval_batch_size"],
+            dtype=self.dtype,
+            channels_last=self.channels_last,
+            labels=self.data.val_labels,
+            criterion=self.criterion,
+            progress_desc=f"{self.name} epoch {index + 1} validation" if self.show_bar else None,
+        )
+        metrics = validation_metrics(probs, self.data.val_labels)
+        aurocs = [metrics[f"val_auroc_{FINDINGS[k]}"] for k in stage.targets]
+        aurocs = [a for a in aurocs if not math.isnan(a)]
+        monitored = float(np.mean(aurocs)) if aurocs else float("nan")
+        return metrics, val_loss, monitored
+
+    # ---- the result ----------------------------------------------------------------------
+
+    def _finish(self, progress: _FitState) -> FitResult:
+        """Best weights + metadata + history; the finished state is kept for reruns."""
+        final_stage = self.stages[-1]
+        metadata = {
+            "model_spec": dict(self.spec),
+            "findings": list(FINDINGS),
+            "normalisation": dict(getattr(self.model, "normalisation", NORMALISATION)),
+            "scales": list(self.spec["scales"]),
+            "input_size": self.data.size,
+            "train_params": copy.deepcopy(dict(self.cfg)),
+            "epoch": int(progress.best_epoch),
+            "metric": float(progress.best_metric),
+            "metric_name": _metric_name(final_stage),
+            "stage": final_stage.name,
+            "pos_weight": self.pos_weight.tolist() if self.pos_weight is not None else None,
+            "world_size": self.world,
+            "training_id": progress.training_id,
+            "fingerprint": self.fingerprint,
+            "image_cache": self.settings["data"],
+        }
+        if self.store is not None:
+            # kept, not deleted: if the checkpoint's catalog save fails, or a later model or
+            # stage dies, the rerun reuses this result instead of training again
+            self.store.save(
+                self.fingerprint,
+                {
+                    "finished": True,
+                    "settings": self.settings,
+                    "training_id": progress.training_id,
+                    "best_state": progress.best_state,
+                    "metadata": metadata,
+                    "history": progress.history,
+                },
+            )
+            logger.info(
+                "%s: training finished; result kept at %s for reruns",
+                self.name,
+                self.store.path(self.fingerprint),
+            )
+        history_frame = pd.DataFrame(progress.history)
+        history_frame["training_id"] = progress.training_id
+        return FitResult(progress.best_state, metadata, history_frame)

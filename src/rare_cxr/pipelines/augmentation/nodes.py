@@ -3,34 +3,36 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
+from pydantic import Field
 
-from rare_cxr.augment import BatchAugmenter, validate_policy
+from rare_cxr.augment import AugmentationPolicy, BatchAugmenter, validate_policy
 from rare_cxr.image_cache import (
     ImageCache,
+    ImageCacheParams,
     ImageCachePlan,
     plan_image_cache,
     validate_cache_params,
 )
-from rare_cxr.pipelines.data_processing.validation import check_image_params
+from rare_cxr.parameters import Params, check
+from rare_cxr.pipelines.data_processing.validation import ImageParams, check_image_params
 
 logger = logging.getLogger(__name__)
-
-PREVIEW_KEYS = {"split", "index", "draws", "seed", "scales"}
 
 
 def build_image_cache(
     splits: pd.DataFrame,
     image_index: pd.DataFrame,
     labels: pd.DataFrame,
-    params: dict[str, Any],
-    image_params: dict[str, Any],
+    params: ImageCacheParams,
+    image_params: ImageParams,
 ) -> ImageCachePlan:
     """Plan the decode-once cache: which `ok` images of each split, their labels, the size.
 
@@ -58,7 +60,7 @@ def build_image_cache(
     return plan
 
 
-def build_augmentation(params: dict[str, Any]) -> dict[str, Any]:
+def build_augmentation(params: AugmentationPolicy) -> dict[str, Any]:
     """Validate `params:augmentation` into the complete policy dict the trainer uses."""
     policy = validate_policy(params)
     BatchAugmenter(policy)  # fail here, not in epoch 1, if the policy cannot be built
@@ -71,27 +73,24 @@ def build_augmentation(params: dict[str, Any]) -> dict[str, Any]:
     return policy
 
 
-def _validate_preview(params: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(params) - PREVIEW_KEYS)
-    if unknown:
-        raise ValueError(f"augmentation_preview: unknown key(s) {unknown}; allowed {PREVIEW_KEYS}")
-    out = {"split": "train", "index": 0, "draws": 8, "seed": 0, "scales": [], **params}
-    for key in ("index", "draws", "seed"):
-        value = out[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"augmentation_preview.{key} must be an integer >= 0, got {value!r}")
-    scales = out["scales"]
-    if not isinstance(scales, list) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in scales
-    ):
-        raise ValueError(
-            f"augmentation_preview.scales must be a list of positive integers, got {scales!r}"
-        )
-    return out
+class PreviewParams(Params):
+    """`params:augmentation_preview` (conf/base/parameters_augmentation.yml)."""
+
+    # which cached split and row to show (another split is used if the cache lacks it)
+    split: str = "train"
+    index: int = Field(0, ge=0)
+    draws: int = Field(8, ge=0)
+    seed: int = Field(0, ge=0)
+    # the image is also shown at these sizes (px)
+    scales: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+
+
+def _validate_preview(params: Mapping[str, Any] | PreviewParams) -> dict[str, Any]:
+    return check(PreviewParams, params, "augmentation_preview").model_dump()
 
 
 def preview_augmentation(
-    augmentation_policy: dict[str, Any], image_cache: ImageCache, params: dict[str, Any]
+    augmentation_policy: dict[str, Any], image_cache: ImageCache, params: PreviewParams
 ) -> Figure:
     """One training image, a grid of augmented draws, and the original at every scale.
 

@@ -1,5 +1,6 @@
-"""Pipeline `baselines`: five comparison models trained by the shared training pipeline."""
+"""Pipeline `baselines`: every model block without `role: main`, trained by the shared
+training pipeline (the list comes from the parameters, see `rare_cxr.models.roster`)."""
 
-from rare_cxr.pipelines.baselines.pipeline import BASELINES, create_pipeline
+from rare_cxr.pipelines.baselines.pipeline import create_pipeline
 
-__all__ = ["BASELINES", "create_pipeline"]
+__all__ = ["create_pipeline"]

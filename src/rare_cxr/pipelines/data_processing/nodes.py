@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
 from rare_cxr.findings import FINDINGS
 from rare_cxr.imaging import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image
+from rare_cxr.progress import progress
 from rare_cxr.stratification import iterative_stratification
 
 from .parsing import InputDataError, parse_data_entry
@@ -29,7 +29,14 @@ from .splitting import (
     patient_table,
     split_report_table,
 )
-from .validation import check_image_params, check_label_params, check_split_params
+from .validation import (
+    ImageParams,
+    LabelParams,
+    SplitParams,
+    check_image_params,
+    check_label_params,
+    check_split_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +46,7 @@ SPLIT_COLUMNS = ("image_id", "patient_id", "split")
 UNREADABLE_STATUSES = ("corrupt", "too-large", "not-a-file")
 
 
-def parse_labels(
-    raw_data_entry: str, params: dict[str, Any]
-) -> tuple[pd.DataFrame, dict[str, Any]]:
+def parse_labels(raw_data_entry: str, params: LabelParams) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Data_Entry CSV text -> (`labels` table, label-quality record for the report).
 
     Reads the original `Data_Entry_2017.csv` and the 2020 revision (plain or gzipped: the
@@ -106,7 +111,7 @@ def index_images(
     labels: pd.DataFrame,
     label_quality: dict[str, Any],
     raw_images: dict[str, str],
-    params: dict[str, Any],
+    params: ImageParams,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Check every labelled image: present, decodable, size and mode.
 
@@ -124,7 +129,7 @@ def index_images(
     paths = [raw_images.get(image_id) for image_id in image_ids]
     with ThreadPoolExecutor(max_workers=checked["workers"]) as pool:
         results = list(
-            tqdm(
+            progress(
                 # on a TransientImageError, map's iterator cancels the images not yet started
                 pool.map(
                     lambda p: _inspect(p, checked["check"], checked["max_image_pixels"]), paths
@@ -132,7 +137,7 @@ def index_images(
                 total=len(paths),
                 desc="index_images",
                 unit="img",
-                disable=not checked["progress"],
+                enabled=checked["progress"],
             )
         )
     status, width, height, mode, error = zip(*results, strict=True) if results else ([],) * 5
@@ -224,7 +229,7 @@ def split_patients(
     labels: pd.DataFrame,
     raw_train_val_list: str,
     raw_test_list: str,
-    params: dict[str, Any],
+    params: SplitParams,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Patient-disjoint train/val/test split from labels alone (no pixels needed).
 

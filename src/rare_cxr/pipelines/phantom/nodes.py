@@ -29,6 +29,7 @@ from rare_cxr.phantom import (
     split_patients,
     validate_params,
 )
+from rare_cxr.phantom.params import PhantomConfig
 from rare_cxr.phantom.writer import bbox_csv, data_entry_csv, expert_labels_csv, image_list
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def phantom_fingerprint(config: Any) -> str:
 
 
 def generate_phantom(
-    params: dict[str, Any],
+    params: PhantomConfig,
 ) -> tuple[str, str, str, str, str, dict[str, Callable[[], np.ndarray]], dict[str, Any]]:
     """Synthetic chest radiographs in the NIH layout.
 

@@ -1,5 +1,5 @@
 """Pipeline `reporting`: metrics with patient-bootstrap intervals, Table 1, figures, report.html."""
 
-from rare_cxr.pipelines.reporting.pipeline import ALL_MODELS, create_pipeline
+from rare_cxr.pipelines.reporting.pipeline import create_pipeline
 
-__all__ = ["ALL_MODELS", "create_pipeline"]
+__all__ = ["create_pipeline"]

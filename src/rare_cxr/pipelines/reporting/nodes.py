@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,128 +31,24 @@ from rare_cxr.evaluation import (
     subgroups,
 )
 from rare_cxr.findings import FINDINGS, finding_index
+from rare_cxr.parameters import check
+from rare_cxr.pipelines.reporting.params import ReportingParams
+from rare_cxr.progress import progress
 
 logger = logging.getLogger(__name__)
 
-REPORTING_KEYS = {
-    "models",
-    "min_positives",
-    "long_tail",
-    "subgroups",
-    "threshold_method",
-    "bootstrap",
-    "rare_findings",
-    "cost",
-    "gradcam",
-    "reliability_bins",
-    "data_source",
-    "title",
-}
 
-
-def validate_reporting_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Check `params:reporting` before any work; errors name the offending key."""
-    if not isinstance(params, Mapping):
-        raise ValueError("reporting: expected a mapping of parameters")
-    unknown = sorted(set(params) - REPORTING_KEYS)
-    if unknown:
-        raise ValueError(f"reporting: unknown key(s) {unknown}; known: {sorted(REPORTING_KEYS)}")
-    method = params.get("threshold_method", "f1")
-    if method not in metrics.THRESHOLD_METHODS:
-        raise ValueError(
-            f"reporting.threshold_method: expected one of "
-            f"{metrics.THRESHOLD_METHODS}, got {method!r}"
-        )
-    boot = dict(params.get("bootstrap", {}))
-    n = boot.get("n_resamples", 1000)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"reporting.bootstrap.n_resamples: expected an integer >= 1, got {n!r}")
-    conf = boot.get("confidence", 0.95)
-    if not isinstance(conf, int | float) or not 0 < conf < 1:
-        raise ValueError(f"reporting.bootstrap.confidence: expected in (0, 1), got {conf!r}")
-    rare = dict(params.get("rare_findings", {}))
-    mp = rare.get("max_prevalence")
-    if mp is not None and (not isinstance(mp, int | float) or not 0 < mp <= 1):
-        raise ValueError(
-            f"reporting.rare_findings.max_prevalence: expected null or a number in "
-            f"(0, 1], got {mp!r}"
-        )
-    nr = rare.get("n_rarest", 5)
-    if not isinstance(nr, int) or not 1 <= nr <= len(FINDINGS):
-        raise ValueError(
-            f"reporting.rare_findings.n_rarest: expected 1..{len(FINDINGS)}, got {nr!r}"
-        )
-    min_positives = params.get("min_positives", 10)
-    if not isinstance(min_positives, int) or isinstance(min_positives, bool) or min_positives < 1:
-        raise ValueError(
-            f"reporting.min_positives: expected an integer >= 1, got {min_positives!r}"
-        )
-    long_tail = {"head_min": 0.10, "tail_max": 0.036, "specificities": [0.90, 0.95]}
-    long_tail.update(_known_block(params, "long_tail", long_tail))
-    for key in ("head_min", "tail_max"):
-        value = long_tail[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise ValueError(
-                f"reporting.long_tail.{key}: expected a training prevalence in [0, 1], "
-                f"got {value!r}"
-            )
-    if not long_tail["head_min"] > long_tail["tail_max"]:
-        raise ValueError(
-            "reporting.long_tail.head_min must be greater than reporting.long_tail.tail_max, "
-            f"got {long_tail['head_min']} and {long_tail['tail_max']}"
-        )
-    specs = long_tail["specificities"]
-    if (
-        not isinstance(specs, list)
-        or not specs
-        or not all(isinstance(v, int | float) and 0 < v < 1 for v in specs)
-    ):
-        raise ValueError(
-            "reporting.long_tail.specificities: expected a list of numbers in (0, 1), "
-            f"got {specs!r}"
-        )
-    subgroup_cfg = {"age_edges": [0, 18, 40, 60, 80, 200]}
-    subgroup_cfg.update(_known_block(params, "subgroups", subgroup_cfg))
-    return {
-        "threshold_method": method,
-        "min_positives": int(min_positives),
-        "long_tail": long_tail,
-        "subgroups": subgroup_cfg,
-        "bootstrap": {
-            "n_resamples": n,
-            "seed": int(boot.get("seed", 0)),
-            "confidence": float(conf),
-        },
-        "rare_findings": {"max_prevalence": mp, "n_rarest": nr},
-        # unknown sub-keys are rejected: a typo such as `gradcam.devcie` must not be ignored
-        "cost": {**COST_DEFAULTS, **_known_block(params, "cost", COST_DEFAULTS)},
-        "gradcam": {**GRADCAM_DEFAULTS, **_known_block(params, "gradcam", GRADCAM_DEFAULTS)},
-        "reliability_bins": int(params.get("reliability_bins", 10)),
-        "data_source": str(params.get("data_source", "")),
-        "title": str(params.get("title", "rare-cxr report")),
-    }
-
-
-COST_DEFAULTS = {"batch_size": 8, "n_batches": 3, "warmup_batches": 1, "device": "cpu"}
-GRADCAM_DEFAULTS = {"examples_per_finding": 1, "device": "cpu"}
-
-
-def _known_block(params: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict:
-    """`params[name]` as a dict whose keys must all be in `defaults` (errors name the key)."""
-    block = params.get(name) or {}
-    if not isinstance(block, Mapping):
-        raise ValueError(f"reporting.{name}: expected a mapping, got {block!r}")
-    unknown = sorted(set(block) - set(defaults))
-    if unknown:
-        raise ValueError(f"reporting.{name}: unknown key(s) {unknown}; known: {sorted(defaults)}")
-    return dict(block)
+def validate_reporting_params(params: Mapping[str, Any] | ReportingParams) -> dict[str, Any]:
+    """Check `params:reporting` (a mapping, or the model Kedro built) before any work and return
+    it as a plain dict with defaults filled in; errors name the offending key."""
+    return check(ReportingParams, params, "reporting").model_dump(exclude={"models"})
 
 
 # --- shared, once per run -------------------------------------------------------------------
 
 
 def select_rare_findings(
-    labels: pd.DataFrame, splits: pd.DataFrame, reporting: Mapping[str, Any]
+    labels: pd.DataFrame, splits: pd.DataFrame, reporting: ReportingParams
 ) -> dict[str, Any]:
     """Which findings form the rare block, decided on the *training* split's prevalence."""
     cfg = validate_reporting_params(reporting)["rare_findings"]
@@ -170,7 +66,7 @@ def summarise_data(
     labels: pd.DataFrame,
     splits: pd.DataFrame,
     raw_bbox_list: str,
-    reporting: Mapping[str, Any],
+    reporting: ReportingParams,
 ) -> dict[str, Any]:
     """Source, images/patients per split, positives per finding and split, and whether
     bounding boxes exist (the report 'Data' section)."""
@@ -374,7 +270,7 @@ def select_thresholds(
     predictions: pd.DataFrame,
     labels: pd.DataFrame,
     lineage: Mapping[str, Any],
-    reporting: Mapping[str, Any],
+    reporting: ReportingParams,
 ) -> dict[str, Any]:
     """Decision thresholds per finding from the validation rows only (with the lineage of the
     predictions they were tuned on)."""
@@ -406,7 +302,7 @@ def evaluate_model(
     predictions: pd.DataFrame,
     labels: pd.DataFrame,
     thresholds: Mapping[str, Any],
-    reporting: Mapping[str, Any],
+    reporting: ReportingParams,
 ) -> dict[str, Any]:
     """Test metrics at the validation thresholds, with patient-bootstrap intervals.
 
@@ -429,8 +325,14 @@ def evaluate_model(
     test = metrics.evaluate_split(y, s, t)
     _, _, yv, sv = metrics.split_arrays(predictions, labels, "val")
     val = metrics.evaluate_split(yv, sv, t)
+    model = str((thresholds.get("lineage") or {}).get("model", "model"))
     intervals = bootstrap.bootstrap_intervals(
-        y, s, np.array([t[f] for f in FINDINGS]), patients, **cfg["bootstrap"]
+        y,
+        s,
+        np.array([t[f] for f in FINDINGS]),
+        patients,
+        **cfg["bootstrap"],
+        progress_desc=f"{model} bootstrap",
     )
     return metrics.to_jsonable(
         {
@@ -494,7 +396,7 @@ def long_tail_metrics(
     labels: pd.DataFrame,
     splits: pd.DataFrame,
     thresholds: Mapping[str, Any],
-    reporting: Mapping[str, Any],
+    reporting: ReportingParams,
 ) -> dict[str, Any]:
     """NIH-CXR-LT's view of one model: head/medium/tail groups by training prevalence (with
     patient-bootstrap intervals of the group means), balanced accuracy, specificity and
@@ -536,7 +438,7 @@ def long_tail_metrics(
 
 
 def subgroup_metrics(
-    predictions: pd.DataFrame, labels: pd.DataFrame, reporting: Mapping[str, Any]
+    predictions: pd.DataFrame, labels: pd.DataFrame, reporting: ReportingParams
 ) -> dict[str, Any]:
     """AUROC per finding and macro by sex, view and age band, with patient-bootstrap intervals
     computed within each subgroup (test split, primary seed)."""
@@ -554,7 +456,7 @@ def expert_label_metrics(
     predictions: pd.DataFrame,
     labels: pd.DataFrame,
     raw_expert_labels: str,
-    reporting: Mapping[str, Any],
+    reporting: ReportingParams,
 ) -> dict[str, Any]:
     """AUROC against NIH's text-mined labels and against the Google 2019 expert labels, on the
     same test images, with patient-bootstrap intervals (primary seed). The mapping of the 14
@@ -580,7 +482,7 @@ def localisation_metrics(
     image_cache: Any,
     image_index: pd.DataFrame,
     raw_bbox_list: str,
-    reporting: Mapping[str, Any],
+    reporting: ReportingParams,
 ) -> dict[str, Any]:
     """Grad-CAM on EVERY boxed test image (NIH's BBox_List, or the phantom's boxes), per box
     finding and per CAM layer (one per scale for the multi-scale model): is the map's maximum
@@ -601,37 +503,36 @@ def localisation_metrics(
         zip(test.table["image_id"].astype(str), test.table["patient_id"], strict=True)
     )
     records = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(boxes), desc=f"{name} localisation", unit="box", disable=len(boxes) < 50)
-    for finding, part in boxes.groupby("finding", sort=True):
-        rows = list(part.itertuples(index=False))
-        for start in range(0, len(rows), 16):  # batched Grad-CAM, one finding at a time
-            chunk = rows[start : start + 16]
-            images = np.stack([np.asarray(test.images[position[str(r.image_id)]]) for r in chunk])
-            x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None].to(device)
-            maps = cam.grad_cam(model, x, FINDINGS.index(str(finding)))
-            for k, r in enumerate(chunk):
-                width = float(sizes.loc[str(r.image_id), "width"])
-                height = float(sizes.loc[str(r.image_id), "height"])
-                box = localisation.rescale_box(
-                    (r.x, r.y, r.w, r.h), (width, height), images.shape[1:]
+    with progress(total=len(boxes), desc=f"{name} localisation Grad-CAM", unit="box") as bar:
+        for finding, part in boxes.groupby("finding", sort=True):
+            rows = list(part.itertuples(index=False))
+            for start in range(0, len(rows), 16):  # batched Grad-CAM, one finding at a time
+                chunk = rows[start : start + 16]
+                images = np.stack(
+                    [np.asarray(test.images[position[str(r.image_id)]]) for r in chunk]
                 )
-                for layer, m in maps.items():
-                    heat = m[k].detach().cpu().numpy()
-                    records.append(
-                        {
-                            "model": name,
-                            "layer": layer,
-                            "finding": str(finding),
-                            "image_id": str(r.image_id),
-                            "patient_id": patient_of[str(r.image_id)],
-                            "hit": localisation.pointing_hit(heat, box),
-                            "energy": localisation.energy_in_box(heat, box),
-                        }
+                x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None].to(device)
+                maps = cam.grad_cam(model, x, FINDINGS.index(str(finding)))
+                for k, r in enumerate(chunk):
+                    width = float(sizes.loc[str(r.image_id), "width"])
+                    height = float(sizes.loc[str(r.image_id), "height"])
+                    box = localisation.rescale_box(
+                        (r.x, r.y, r.w, r.h), (width, height), images.shape[1:]
                     )
-            bar.update(len(chunk))
-    bar.close()
+                    for layer, m in maps.items():
+                        heat = m[k].detach().cpu().numpy()
+                        records.append(
+                            {
+                                "model": name,
+                                "layer": layer,
+                                "finding": str(finding),
+                                "image_id": str(r.image_id),
+                                "patient_id": patient_of[str(r.image_id)],
+                                "hit": localisation.pointing_hit(heat, box),
+                                "energy": localisation.energy_in_box(heat, box),
+                            }
+                        )
+                bar.update(len(chunk))
     return metrics.to_jsonable({"records": records, "note": ""})
 
 
@@ -649,7 +550,7 @@ def _load_model(checkpoint: Mapping[str, Any]) -> torch.nn.Module:
 
 
 def measure_cost(
-    checkpoint: Mapping[str, Any], lineage: Mapping[str, Any], reporting: Mapping[str, Any]
+    checkpoint: Mapping[str, Any], lineage: Mapping[str, Any], reporting: ReportingParams
 ) -> dict[str, Any]:
     """Parameters, GFLOPs/image at the input size, measured img/s; plus the checkpoint's card
     (which names the verified checkpoint version)."""
@@ -702,7 +603,7 @@ def gradcam_examples(
     image_index: pd.DataFrame,
     raw_bbox_list: str,
     rare_findings: Mapping[str, Any],
-    reporting: Mapping[str, Any],
+    reporting: ReportingParams,
 ) -> Any:
     """Grad-CAM figure for the best-scored test true positives of each rare finding.
 
@@ -720,7 +621,8 @@ def gradcam_examples(
     preds["image_id"] = preds["image_id"].astype(str)
     boxes = _bbox_table(raw_bbox_list)
     sizes = image_index.set_index(image_index["image_id"].astype(str))
-    rows = []
+    name = str(checkpoint.get("metadata", {}).get("model_spec", {}).get("name", "model"))
+    selected = []  # (finding, threshold, prediction row), chosen before any Grad-CAM runs
     for finding in rare_findings["findings"]:
         t = metrics.from_json_number(thresholds["thresholds"].get(finding))
         if math.isnan(t):
@@ -730,7 +632,10 @@ def gradcam_examples(
         hits = hits[hits["image_id"].isin(position)].nlargest(
             int(cfg["examples_per_finding"]), finding
         )
-        for _, hit in hits.iterrows():
+        selected += [(finding, t, hit) for _, hit in hits.iterrows()]
+    rows = []
+    with progress(total=len(selected), desc=f"{name} Grad-CAM examples", unit="img") as bar:
+        for finding, t, hit in selected:
             k = position[hit["image_id"]]
             img = np.asarray(test.images[k])
             x = torch.from_numpy(img.astype(np.float32) / 255.0)[None, None].to(model_device)
@@ -750,8 +655,46 @@ def gradcam_examples(
                     "title": f"{finding} p={hit[finding]:.2f} (t={t:.2f})\n{hit['image_id']}",
                 }
             )
-    name = str(checkpoint.get("metadata", {}).get("model_spec", {}).get("name", "model"))
+            bar.update()
     return figures.gradcam_panel(name, rows)
+
+
+def build_model_bundle(
+    *,
+    checkpoint: Mapping[str, Any],
+    lineage: Mapping[str, Any],
+    thresholds: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    long_tail: Mapping[str, Any],
+    subgroups: Mapping[str, Any],
+    data_summary: Mapping[str, Any],
+    rare_findings: Mapping[str, Any],
+    reporting: ReportingParams,
+) -> tuple[dict[str, Any], str]:
+    """The model bundle (weights, spec, validation thresholds, data summary, metrics) and its
+    model card (Markdown): what `kedro run --pipelines inference` and a reader of the model
+    need, from the outputs `verify_lineage` checked belong together (rare_cxr.inference)."""
+    from rare_cxr.inference.bundle import make_bundle
+    from rare_cxr.inference.model_card import card_markdown
+
+    version = checkpoint.get("metadata", {}).get("checkpoint_version")
+    if version != lineage.get("checkpoint_version"):
+        raise LineageError(
+            f"build_model_bundle got checkpoint {version} but the lineage check verified "
+            f"{lineage.get('checkpoint_version')}"
+        )
+    bundle = make_bundle(
+        checkpoint=checkpoint,
+        thresholds=thresholds,
+        metrics=metrics,
+        data_summary=data_summary,
+        lineage=lineage,
+        rare_findings=rare_findings,
+        long_tail=long_tail,
+        subgroups=subgroups,
+        reporting=validate_reporting_params(reporting),
+    )
+    return bundle, card_markdown(bundle["metadata"])
 
 
 # --- combined (every model) -------------------------------------------------------------------
@@ -846,7 +789,7 @@ def build_long_tail_tables(**inputs: Mapping[str, Any]) -> tuple[pd.DataFrame, p
 
 
 def build_localisation_table(
-    reporting: Mapping[str, Any], **inputs: Mapping[str, Any]
+    reporting: ReportingParams, **inputs: Mapping[str, Any]
 ) -> pd.DataFrame:
     """`localisation.csv`: model x layer x finding pointing-game hit rate and in-box energy
     share, with patient-bootstrap intervals (inputs named `<model>__localisation`)."""
@@ -874,21 +817,6 @@ def build_subgroup_table(**inputs: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# The comparisons the study exists for: the multi-scale model against its single-scale ablation,
-# and every other baseline against the multi-scale model (delta = model - reference).
-MULTISCALE, SINGLE_SCALE = "multiscale_resnet", "resnet_single_scale"
-
-
-def comparison_pairs(models: list[str]) -> list[tuple[str, str]]:
-    """(model, reference) pairs among the models present."""
-    pairs = []
-    if MULTISCALE in models and SINGLE_SCALE in models:
-        pairs.append((MULTISCALE, SINGLE_SCALE))
-    if MULTISCALE in models:
-        pairs += [(m, MULTISCALE) for m in models if m not in (MULTISCALE, SINGLE_SCALE)]
-    return pairs
-
-
 def _seed_arrays(
     predictions: pd.DataFrame,
     thresholds: Mapping[str, Any],
@@ -913,13 +841,19 @@ def _seed_arrays(
 
 
 def paired_comparison(
-    labels: pd.DataFrame, reporting: Mapping[str, Any], **inputs: Any
+    labels: pd.DataFrame,
+    reporting: ReportingParams,
+    *,
+    pairs: Sequence[tuple[str, str]] = (),
+    **inputs: Any,
 ) -> pd.DataFrame:
     """`paired_comparison.csv`: each model against its reference on the same test patients
     and the same bootstrap resamples, seed by seed (seed s of one with seed s of the other),
     combined over seeds: macro ΔAUROC/ΔAUPRC/ΔF1 by paired patient bootstrap, per-finding
     ΔAUROC by paired DeLong with a Holm correction across findings.
 
+    `pairs` are the (model, reference) comparisons: each model block's `reference`
+    (`rare_cxr.models.roster`), among the models reported; the pipeline binds them.
     Inputs are named `<model>__predictions` and `<model>__thresholds`. Why paired: two marginal
     intervals can overlap while the paired difference excludes 0 (and the reverse), because the
     models err on the same hard images; only the paired test answers "is A better than B".
@@ -928,7 +862,12 @@ def paired_comparison(
     preds = {k.rsplit("__", 1)[0]: v for k, v in inputs.items() if k.endswith("__predictions")}
     cuts = {k.rsplit("__", 1)[0]: v for k, v in inputs.items() if k.endswith("__thresholds")}
     frames = []
-    for model, reference in comparison_pairs(list(preds)):
+    absent = sorted({m for pair in pairs for m in pair} - set(preds))
+    if absent:
+        raise ValueError(
+            f"paired comparison: no predictions for {absent} (inputs: {sorted(preds)})"
+        )
+    for model, reference in pairs:
         seeds_m = metrics.prediction_seeds(preds[model])
         seeds_r = metrics.prediction_seeds(preds[reference])
         common = [s for s in seeds_m if s in seeds_r] if None not in seeds_m + seeds_r else [None]
@@ -949,7 +888,16 @@ def paired_comparison(
                 "comparison needs the same test patients (same image cache)"
             )
         rows = paired.paired_comparison_rows(
-            model, reference, y, scores_m, scores_r, t_m, t_r, patients, **cfg["bootstrap"]
+            model,
+            reference,
+            y,
+            scores_m,
+            scores_r,
+            t_m,
+            t_r,
+            patients,
+            **cfg["bootstrap"],
+            progress_desc=f"{model} vs {reference} paired bootstrap",
         )
         rows.insert(2, "seeds", len(common))
         frames.append(rows)
@@ -981,7 +929,7 @@ def build_per_finding_auroc(all_metrics: Mapping[str, Any]) -> pd.DataFrame:
 def build_rare_findings_table(
     all_metrics: Mapping[str, Any],
     rare_findings: Mapping[str, Any],
-    reporting: Mapping[str, Any] | None = None,
+    reporting: ReportingParams | None = None,
 ) -> pd.DataFrame:
     """Rare block: AUROC/AUPRC/F1 with intervals per rare finding and model; a cell of a
     finding with fewer than `reporting.min_positives` test positives ends in † (unreliable)."""
@@ -1058,7 +1006,7 @@ def plot_pr_curves(labels: pd.DataFrame, **predictions: pd.DataFrame) -> Any:
 
 
 def plot_reliability(
-    labels: pd.DataFrame, reporting: Mapping[str, Any], **predictions: pd.DataFrame
+    labels: pd.DataFrame, reporting: ReportingParams, **predictions: pd.DataFrame
 ) -> Any:
     """Reliability diagram (calibration), all models."""
     bins = validate_reporting_params(reporting)["reliability_bins"]
@@ -1092,7 +1040,7 @@ def render_report(
     rare_findings_table: pd.DataFrame,
     rare_findings: Mapping[str, Any],
     data_summary: Mapping[str, Any],
-    reporting: Mapping[str, Any],
+    reporting: ReportingParams,
     paired_comparison: pd.DataFrame | None = None,
     expert_labels: pd.DataFrame | None = None,
     localisation: pd.DataFrame | None = None,
@@ -1104,9 +1052,15 @@ def render_report(
     """report.html: tables, every saved figure (PNG bytes of this run), definitions, data, params.
 
     `pngs` are keyword inputs named after the figure datasets; Grad-CAM ones are
-    `<model>__gradcam`.
+    `<model>__gradcam`. `<model>__model_card` inputs are the model cards (Markdown).
     """
+    from rare_cxr.inference.model_card import card_html
+
     cfg = validate_reporting_params(reporting)
+    cards = {
+        key.rsplit("__", 1)[0]: card_html(pngs.pop(key))
+        for key in [k for k in pngs if k.endswith("__model_card")]
+    }
     figs: dict[str, tuple[str, bytes]] = {}
     for key, png in pngs.items():
         if key.endswith("__gradcam"):
@@ -1143,6 +1097,7 @@ def render_report(
         sections=_paired_section(paired_comparison)
         + _analysis_sections(long_tail, long_tail_findings, subgroups, cfg["min_positives"])
         + _label_and_box_sections(expert_labels, localisation),
+        model_cards=cards,
     )
 
 

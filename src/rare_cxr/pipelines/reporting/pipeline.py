@@ -4,7 +4,9 @@ Per model (namespace `<model>`, so kedro-viz folds them into the same box as tha
 training nodes): `verify_lineage` (checkpoint, history and predictions from one training, on
 the current image cache, labels and split; everything downstream reads its verified tables)
 -> `select_thresholds` (validation only) -> `evaluate_model` (test + patient bootstrap) ;
-`measure_cost` ; `gradcam_examples`. Then, once for all models:
+`measure_cost` ; `gradcam_examples` ; `build_model_bundle` (weights + validation thresholds +
+data summary + metrics in one file, and its model card: what `kedro run --pipelines inference`
+reads, docs/inference.md). Then, once for all models:
 `combine_metrics` -> `build_table1`, `build_per_finding_auroc`, `build_rare_findings_table`,
 the figures, and `render_report`, which embeds the PNGs this run saved.
 """
@@ -12,21 +14,19 @@ the figures, and `render_report`, which embeds the PNGs this run saved.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 from kedro.pipeline import Node, Pipeline
 
 from rare_cxr.pipelines.reporting import nodes
+from rare_cxr.pipelines.reporting.params import ReportingParams
 
-ALL_MODELS: tuple[str, ...] = (
-    "multiscale_resnet",
-    "resnet_single_scale",
-    "vgg16",
-    "inception_v3",
-    "densenet121",
-    "efficientnet_b0",
-)
+if TYPE_CHECKING:
+    from rare_cxr.models.roster import Roster
+
 SHARED_INPUTS = {
     "raw_expert_labels",
     "labels",
@@ -35,6 +35,7 @@ SHARED_INPUTS = {
     "image_index",
     "raw_bbox_list",
     "rare_findings",
+    "data_summary",
 }
 FIGURES = (
     "figure2_validation_curves",
@@ -129,6 +130,28 @@ def _model_pipeline() -> Pipeline:
                 tags=["cost"],
             ),
             Node(
+                nodes.build_model_bundle,
+                {
+                    "reporting": "params:reporting",
+                    **{
+                        k: k
+                        for k in (
+                            "checkpoint",
+                            "lineage",
+                            "thresholds",
+                            "metrics",
+                            "long_tail",
+                            "subgroups",
+                            "data_summary",
+                            "rare_findings",
+                        )
+                    },
+                },
+                ["model_bundle", "model_card"],
+                name="build_model_bundle",
+                tags=["bundle"],
+            ),
+            Node(
                 nodes.gradcam_examples,
                 {
                     "predictions": "verified_predictions",
@@ -145,31 +168,28 @@ def _model_pipeline() -> Pipeline:
     )
 
 
-def trained_models(data_dir: str | Path) -> list[str]:
-    """Known models with at least one complete checkpoint version under `data_dir`."""
+def trained_models(data_dir: str | Path, models: Sequence[str]) -> list[str]:
+    """Those of `models` with at least one complete checkpoint version under `data_dir`."""
     models_dir = Path(data_dir) / "06_models"
-    return [m for m in ALL_MODELS if any(models_dir.glob(f"{m}/checkpoint.pt/*/checkpoint.pt"))]
+    return [m for m in models if any(models_dir.glob(f"{m}/checkpoint.pt/*/checkpoint.pt"))]
 
 
-def select_models(setting: Any, data_dir: str | Path | None) -> list[str]:
+def select_models(setting: Any, data_dir: str | Path | None, roster: Roster) -> list[str]:
     """The models `kedro run --pipelines reporting` reports (parameter `reporting.models`).
 
-    `trained` (the default): every model that has a checkpoint in this environment's data
-    folder — after the first GPU run trained only the multi-scale model, its report covers that
-    model instead of dying on the five missing ones. A list names the models explicitly. When
-    nothing is trained yet (or the data folder is unknown, as for kedro-viz), all six.
+    `trained` (the default): every configured model that has a checkpoint in this environment's
+    data folder -- after the first GPU run trained only the multi-scale model, its report covers
+    that model instead of dying on the five missing ones. A list names the models explicitly.
+    When nothing is trained yet (or the data folder is unknown, as for kedro-viz), all of them.
     """
     if setting is None or setting == "trained":
-        found = trained_models(data_dir) if data_dir is not None else []
-        return found or list(ALL_MODELS)
+        found = trained_models(data_dir, roster.models) if data_dir is not None else []
+        return found or list(roster.models)
     if not isinstance(setting, list | tuple) or not setting:
         raise ValueError(
             f"reporting.models: expected 'trained' or a non-empty list of models, got {setting!r}"
         )
-    unknown = sorted(set(setting) - set(ALL_MODELS))
-    if unknown:
-        raise ValueError(f"reporting.models: unknown model(s) {unknown}; known: {list(ALL_MODELS)}")
-    return [m for m in ALL_MODELS if m in setting]
+    return roster.check_names(list(setting), "reporting.models")
 
 
 def create_model_pipeline(model: str) -> Pipeline:
@@ -183,14 +203,21 @@ def create_model_pipeline(model: str) -> Pipeline:
     )
 
 
-def create_pipeline(models: list[str] | None = None, **kwargs: object) -> Pipeline:
-    """Reporting for `models` (default: all six) from `<model>.predictions|history|checkpoint`."""
-    models = list(ALL_MODELS if models is None else models)
+def create_pipeline(
+    models: Sequence[str] | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    **kwargs: object,
+) -> Pipeline:
+    """Reporting for `models` (default: every configured model) from
+    `<model>.predictions|history|checkpoint`; `pairs` are the paired comparisons (default: each
+    model against its configured `reference`, where both are reported)."""
+    from rare_cxr.pipeline_registry import current_roster
+
+    roster = current_roster()
+    models = roster.check_names(list(roster.models if models is None else models), "reporting")
     if not models:
         raise ValueError("reporting: need at least one model")
-    unknown = sorted(set(models) - set(ALL_MODELS))
-    if unknown:
-        raise ValueError(f"reporting: unknown model(s) {unknown}; known: {list(ALL_MODELS)}")
+    pairs = roster.pairs(models) if pairs is None else list(pairs)
     per_model = sum((create_model_pipeline(m) for m in models), Pipeline([]))
     histories = {m: f"{m}.verified_history" for m in models}
     predictions = {m: f"{m}.verified_predictions" for m in models}
@@ -224,6 +251,7 @@ def create_pipeline(models: list[str] | None = None, **kwargs: object) -> Pipeli
         "reporting": "params:reporting",
         **{f: f for f in FIGURES},
         **{f"{m}__gradcam": f"{m}.gradcam" for m in models},
+        **{f"{m}__model_card": f"{m}.model_card" for m in models},
     }
     with warnings.catch_warnings():
         # The combined nodes read other namespaces' datasets by their full dotted names on
@@ -254,7 +282,7 @@ def create_pipeline(models: list[str] | None = None, **kwargs: object) -> Pipeli
                     tags=["tables", "expert_labels"],
                 ),
                 Node(
-                    nodes.paired_comparison,
+                    _paired_comparison_of(pairs),
                     paired_inputs,
                     "paired_comparison",
                     name="paired_comparison",
@@ -277,6 +305,19 @@ def create_pipeline(models: list[str] | None = None, **kwargs: object) -> Pipeli
             ]
         )
     return Pipeline(per_model + combined, tags=["reporting"])
+
+
+def _paired_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.DataFrame]:
+    """`nodes.paired_comparison` with this pipeline's (model, reference) pairs bound. A plain
+    function rather than `functools.partial`, so that Kedro can read its signature and type
+    hints (typed parameters) like any node's."""
+
+    def paired_comparison(
+        labels: pd.DataFrame, reporting: ReportingParams, **inputs: Any
+    ) -> pd.DataFrame:
+        return nodes.paired_comparison(labels, reporting, pairs=pairs, **inputs)
+
+    return paired_comparison
 
 
 def _combined_pipeline(

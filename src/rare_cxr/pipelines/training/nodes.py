@@ -24,9 +24,11 @@ import torch.multiprocessing as mp
 
 from rare_cxr.findings import FINDINGS
 from rare_cxr.models import MIN_INPUT, build_model, validate_model_spec
+from rare_cxr.models.factory import ModelSpec
+from rare_cxr.parameters import plain
 from rare_cxr.training import distributed
 from rare_cxr.training.checkpointing import TrainingStateStore
-from rare_cxr.training.config import validate_training_params
+from rare_cxr.training.config import TrainingParams, merge_overrides, validate_training_params
 from rare_cxr.training.engine import (
     FitResult,
     TrainingCallbacks,
@@ -36,6 +38,7 @@ from rare_cxr.training.engine import (
     predict_probabilities,
     resolve_device,
 )
+from rare_cxr.training.listeners import with_listeners
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ def fit_spawned(
 
 
 def split_training_overrides(
-    model: Mapping[str, Any], training: Mapping[str, Any]
+    model: Mapping[str, Any] | ModelSpec, training: Mapping[str, Any] | TrainingParams | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Separate a model block's optional `training:` overrides and merge them into `training`.
 
@@ -115,22 +118,16 @@ def split_training_overrides(
     collapses to constant outputs from scratch at the shared rate). Nested blocks merge key by
     key, so `{optimizer: {lr: 1e-4}}` keeps the shared weight decay.
     """
-    model = dict(model)
-    overrides = model.pop("training", None) or {}
+    if isinstance(model, ModelSpec):  # as Kedro passes it (typed parameters)
+        overrides = model.training.model_dump(exclude_unset=True) if model.training else {}
+        model = model.as_dict()
+    else:
+        model = dict(model)
+        overrides = model.pop("training", None) or {}
     if not isinstance(overrides, Mapping):
         name = model.get("name", model.get("architecture"))
         raise ValueError(f"{name}.model.training: expected a mapping of overrides")
-
-    def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(base)
-        for key, value in extra.items():
-            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-                out[key] = merge(out[key], value)
-            else:
-                out[key] = value
-        return out
-
-    return model, merge(training or {}, overrides)
+    return model, merge_overrides(plain(training) or {}, overrides)
 
 
 def check_scales_fit_cache(spec: Mapping[str, Any], image_cache: Any) -> None:
@@ -171,8 +168,8 @@ def check_scales_fit_cache(spec: Mapping[str, Any], image_cache: Any) -> None:
 def train_model(
     image_cache: Any,
     augmentation_policy: Mapping[str, Any] | None,
-    model: Mapping[str, Any],
-    training: Mapping[str, Any],
+    model: ModelSpec,
+    training: TrainingParams,
     training_state: TrainingStateStore | None = None,
     *,
     callbacks: TrainingCallbacks | None = None,
@@ -204,6 +201,8 @@ def train_model(
         if len(seeds) > 1:
             logger.info("%s: seed %d (%d of %d)", spec["name"], seed, i + 1, len(seeds))
         one = {**cfg, "seed": seed}
+        # plus any epoch listener a hook registered (experiment tracking); unchanged without one
+        seed_callbacks = with_listeners(callbacks, spec["name"], seed)
         if torchrun:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             results.append(
@@ -212,7 +211,7 @@ def train_model(
                     image_cache,
                     augment,
                     one,
-                    callbacks=callbacks,
+                    callbacks=seed_callbacks,
                     rank=rank,
                     world=world,
                     state_store=training_state,
@@ -232,7 +231,12 @@ def train_model(
         else:
             results.append(
                 fit(
-                    spec, image_cache, augment, one, callbacks=callbacks, state_store=training_state
+                    spec,
+                    image_cache,
+                    augment,
+                    one,
+                    callbacks=seed_callbacks,
+                    state_store=training_state,
                 )
             )
     if torchrun and int(os.environ["RANK"]) != 0:
@@ -336,7 +340,7 @@ def cache_fingerprint_text(image_cache: Any) -> str:
 
 
 def predict(
-    checkpoint: Mapping[str, Any], image_cache: Any, training: Mapping[str, Any]
+    checkpoint: Mapping[str, Any], image_cache: Any, training: TrainingParams
 ) -> pd.DataFrame:
     """Probabilities for the val and test splits, for every seed of the checkpoint: image_id,
     patient_id, split, seed, 14 findings, then the lineage columns `checkpoint_version`,
@@ -344,8 +348,10 @@ def predict(
     cfg = validate_training_params(training)
     device = resolve_device(cfg["device"])
     dtype = amp_dtype(cfg, device)
+    name = checkpoint["metadata"].get("model_spec", {}).get("name", "model")
+    seeds = checkpoint_seeds(checkpoint)
     frames = []
-    for seed in checkpoint_seeds(checkpoint):
+    for seed in seeds:
         model = load_checkpoint_model(checkpoint, seed).to(device)
         for split in PREDICTION_SPLITS:
             if split not in image_cache.split_names:
@@ -360,6 +366,11 @@ def predict(
                 dtype=dtype,
                 channels_last=False,
                 tta_hflip=cfg["tta_hflip"],
+                progress_desc=(
+                    f"{name} predict {split}" + (f" seed {seed}" if len(seeds) > 1 else "")
+                    if cfg["progress_bar"]
+                    else None
+                ),
             )
             frame = pd.DataFrame(probs.astype("float64"), columns=list(FINDINGS))
             frame.insert(0, "seed", seed)

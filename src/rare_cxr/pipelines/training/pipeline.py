@@ -5,7 +5,8 @@
 `params:training`, the model's own `params:densenet121.model` and `densenet121.training_state`
 (resume / reuse folder), and writing
 `densenet121.checkpoint`, `.history` and `.predictions` (dataset factories in
-`conf/base/catalog_training.yml`). The `baselines` pipeline is this function called per model.
+`conf/base/catalog_training.yml`). The `baselines` pipeline is this function called per model;
+which models exist comes from the parameters (`rare_cxr.models.roster`).
 """
 
 from __future__ import annotations
@@ -57,5 +58,8 @@ def create_model_pipeline(model_name: str) -> Pipeline:
     )
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    return create_model_pipeline("multiscale_resnet")
+def create_pipeline(**kwargs: object) -> Pipeline:
+    """Pipeline `training`: the main model (the model block with `role: main`)."""
+    from rare_cxr.pipeline_registry import current_roster
+
+    return create_model_pipeline(current_roster().main)
