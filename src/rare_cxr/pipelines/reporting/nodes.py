@@ -359,18 +359,8 @@ def _seed_thresholds(thresholds: Mapping[str, Any], seed: int | None) -> dict[st
 
 def _seed_summary(per_seed: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Mean, sample sd and count over seeds of each macro metric (NaN seeds left out)."""
-    keys = (
-        "auroc",
-        "auprc",
-        "precision",
-        "recall",
-        "f1",
-        "specificity",
-        "accuracy",
-        "balanced_accuracy",
-    )
     out = {}
-    for key in keys:
+    for key in bootstrap.METRICS:  # the same macro metrics the intervals cover
         values = np.array([float(p["macro"][key]) for p in per_seed.values()], dtype=float)
         values = values[np.isfinite(values)]
         out[key] = {
