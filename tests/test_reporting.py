@@ -477,3 +477,35 @@ def test_several_seeds_give_per_seed_metrics_mean_sd_in_table1_and_paired_rows()
     assert rows["seeds"].unique().tolist() == [2]
     macro = rows[rows["finding"] == "macro"]
     assert (macro["delta"] == 0).all() and (macro["p_value"] == 1).all()
+
+
+def test_paired_rows_say_how_many_test_positives_and_flag_unreliable_findings():
+    """A per-finding paired DeLong row with fewer than reporting.min_positives test positives
+    is marked reliable = False (its p-value means nothing); macro rows pool all findings."""
+    import numpy as np
+
+    preds, labels = make_frames()
+    rng = np.random.default_rng(1)
+    other = preds.copy()
+    other[list(FINDINGS)] = np.clip(
+        other[list(FINDINGS)] + rng.normal(0, 0.2, (len(other), 14)), 0, 1
+    )
+    lineage = {"model": "m"}
+    rows = nodes.paired_comparison(
+        labels,
+        PARAMS,
+        pairs=[("a", "b")],
+        a__predictions=preds,
+        a__thresholds=nodes.select_thresholds(preds, labels, lineage, PARAMS),
+        b__predictions=other,
+        b__thresholds=nodes.select_thresholds(other, labels, lineage, PARAMS),
+    )
+    assert list(rows.columns) == list(nodes.PAIRED_COLUMNS)
+    test = labels.set_index("image_id").loc[preds.loc[preds["split"] == "test", "image_id"]]
+    minimum = nodes.validate_reporting_params(PARAMS)["min_positives"]
+    for finding in FINDINGS:
+        (row,) = rows[rows["finding"] == finding].to_dict("records")
+        assert row["test_positives"] == int(test[finding].sum()), finding
+        assert row["reliable"] == (row["test_positives"] >= minimum), finding
+    assert rows.loc[rows["finding"] == "macro", "reliable"].all()
+    assert not rows["reliable"].all(), "the fixture should hold a rare finding"

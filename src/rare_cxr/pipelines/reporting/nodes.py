@@ -830,6 +830,17 @@ def _seed_arrays(
     return ids, patients, y, np.stack(scores), np.asarray(cutoffs, dtype=float)
 
 
+# paired_comparison.csv: issue 10's columns, then the reliability of each per-finding row.
+PAIRED_COLUMNS = (
+    "model",
+    "reference",
+    "seeds",
+    *paired.ROW_COLUMNS[2:],
+    "test_positives",
+    "reliable",
+)
+
+
 def paired_comparison(
     labels: pd.DataFrame,
     reporting: ReportingParams,
@@ -890,10 +901,18 @@ def paired_comparison(
             progress_desc=f"{model} vs {reference} paired bootstrap",
         )
         rows.insert(2, "seeds", len(common))
+        # DeLong's normal approximation with 1-3 positives prints tiny p-values that mean
+        # nothing (2 Hernia films gave p_holm 1e-5 on the phantom): say so on the row, as
+        # Table 1's dagger does. Holm itself stays over every defined test (conservative).
+        positives = dict(zip(FINDINGS, y.sum(axis=0).astype(int).tolist(), strict=True))
+        rows["test_positives"] = [positives.get(f, pd.NA) for f in rows["finding"]]
+        rows["reliable"] = [
+            f == "macro" or positives[f] >= cfg["min_positives"] for f in rows["finding"]
+        ]
         frames.append(rows)
     if not frames:
-        return pd.DataFrame(columns=["model", "reference", "seeds", *paired.ROW_COLUMNS[2:]])
-    return pd.concat(frames, ignore_index=True)
+        return pd.DataFrame(columns=[*PAIRED_COLUMNS])
+    return pd.concat(frames, ignore_index=True)[list(PAIRED_COLUMNS)]
 
 
 def plot_paired_forest(paired_comparison: pd.DataFrame) -> Any:
@@ -1103,6 +1122,8 @@ def _paired_section(table: pd.DataFrame | None) -> list[tuple[str, str, pd.DataF
             "is paired with seed s of the other and the differences are averaged over seeds. "
             "Read a difference as real only if its interval excludes 0 (p_holm < 0.05 for a "
             "finding) — and, with several seeds, if the per-seed dots of the seed figure agree. "
+            "A finding row with reliable = False has fewer than reporting.min_positives test "
+            "positives: its DeLong p-value and interval are not to be trusted, however small. "
             "Overlapping marginal intervals in Table 1 do not mean 'no difference', and "
             "separate ones do not prove one.",
             _round(table),
