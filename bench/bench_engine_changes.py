@@ -50,13 +50,12 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import emit, format_table, machine_info  # noqa: E402
+from common import SyntheticSplit, emit, format_table, machine_info  # noqa: E402
 
 from rare_cxr.augment import BatchAugmenter  # noqa: E402
 from rare_cxr.findings import FINDINGS  # noqa: E402
@@ -90,17 +89,6 @@ def load_before(rev: str, path: str, name: str) -> ModuleType:
     return module
 
 
-class _Split:
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
-        self.table = pd.DataFrame(
-            {
-                "image_id": [f"{i:08d}_000.png" for i in range(len(images))],
-                "patient_id": np.arange(len(images)),
-            }
-        )
-
-
 class _Cache:
     """Synthetic image cache with the ImageCache API (random pixels, two learnable findings)."""
 
@@ -113,9 +101,9 @@ class _Cache:
         for name, n in (("train", n_train), ("val", n_val)):
             labels = (rng.random((n, len(FINDINGS))) < 0.3).astype(np.float32)
             images = rng.integers(0, 255, size=(n, size, size), dtype=np.uint8)
-            self._splits[name] = _Split(images, labels)
+            self._splits[name] = SyntheticSplit(images, labels)
 
-    def split(self, name: str) -> _Split:
+    def split(self, name: str) -> SyntheticSplit:
         return self._splits[name]
 
 

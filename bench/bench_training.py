@@ -33,27 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import emit, env_parameters, format_table, machine_info  # noqa: E402
+from common import SyntheticSplit, emit, env_parameters, format_table, machine_info  # noqa: E402
 from gpu_epoch import section_epoch  # noqa: E402
 
 from rare_cxr.findings import FINDINGS  # noqa: E402
 from rare_cxr.models import build_model  # noqa: E402
 from rare_cxr.training import fit, validate_training_params  # noqa: E402
-
-
-class _Split:
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
-        self.table = pd.DataFrame(
-            {
-                "image_id": [f"{i:08d}_000.png" for i in range(len(images))],
-                "patient_id": np.arange(len(images)),
-            }
-        )
 
 
 class _Cache:
@@ -66,9 +54,9 @@ class _Cache:
         for name, n in (("train", n_train), ("val", n_val)):
             imgs = rng.integers(0, 255, size=(n, size, size), dtype=np.uint8)
             labels = (rng.random((n, len(FINDINGS))) < 0.1).astype(np.float32)
-            self._splits[name] = _Split(imgs, labels)
+            self._splits[name] = SyntheticSplit(imgs, labels)
 
-    def split(self, name: str) -> _Split:
+    def split(self, name: str) -> SyntheticSplit:
         return self._splits[name]
 
 

@@ -116,3 +116,20 @@ def env_parameters(env: str) -> dict[str, Any]:
         conf_source=str(root / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": env}
     )
     return dict(loader["parameters"])
+
+
+class SyntheticSplit:
+    """One split of a synthetic in-memory image cache with `ImageCache.split()`'s API (images,
+    labels, and a table of image and patient ids): what the training benchmarks feed `fit`."""
+
+    def __init__(self, images: Any, labels: Any) -> None:
+        import numpy as np
+        import pandas as pd
+
+        self.images, self.labels = images, labels
+        self.table = pd.DataFrame(
+            {
+                "image_id": [f"{i:08d}_000.png" for i in range(len(images))],
+                "patient_id": np.arange(len(images)),
+            }
+        )

@@ -15,37 +15,20 @@ from, which `predict` stamps on every prediction so reporting can check what bel
 from __future__ import annotations
 
 import io
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
-from kedro.io import AbstractVersionedDataset, DatasetError, Version
+from kedro.io import DatasetError
 from kedro_datasets._typing import JSONPreview
 
 from rare_cxr.atomic import AtomicWriter
 from rare_cxr.datasets.previews import json_text
+from rare_cxr.datasets.versioned import LocalVersionedDataset
 
 
-class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, Any]]):
+class TorchCheckpointDataset(LocalVersionedDataset):
     """`{"state_dict", "metadata"}` ⇄ a `.pt` file; supports `versioned: true`."""
-
-    def __init__(
-        self,
-        filepath: str,
-        version: Version | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            filepath=PurePosixPath(filepath), version=version, exists_function=self._is_file
-        )
-        self.metadata = metadata
-
-    @staticmethod
-    def _is_file(path: str) -> bool:
-        return Path(path).is_file()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "version": self._version}
 
     def load(self) -> dict[str, Any]:
         path = Path(self._get_load_path())
@@ -83,10 +66,3 @@ class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, 
         return JSONPreview(
             json_text({**checkpoint["metadata"], "tensors": len(checkpoint["state_dict"])})
         )
-
-    def _exists(self) -> bool:
-        try:
-            path = self._get_load_path()
-        except DatasetError:
-            return False
-        return Path(path).is_file()

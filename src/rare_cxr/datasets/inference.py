@@ -14,10 +14,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from kedro.io import AbstractVersionedDataset, DatasetError, Version
+from kedro.io import DatasetError
 
 from rare_cxr.atomic import AtomicWriter, staging_folder
 from rare_cxr.datasets.checkpoint import TorchCheckpointDataset
+from rare_cxr.datasets.versioned import LocalVersionedDataset
 
 
 class ModelBundleDataset(TorchCheckpointDataset):
@@ -70,7 +71,7 @@ class ModelBundleDataset(TorchCheckpointDataset):
             handle.write(buffer.getbuffer())
 
 
-class PngFolderDataset(AbstractVersionedDataset[dict[str, Any], dict[str, Any]]):
+class PngFolderDataset(LocalVersionedDataset):
     """`{relative/name.png: PNG bytes}` <-> a folder of files; supports `versioned: true`.
 
     Save writes every file into a staging folder beside the destination and renames it into
@@ -79,20 +80,7 @@ class PngFolderDataset(AbstractVersionedDataset[dict[str, Any], dict[str, Any]])
     read the bytes on demand (a run can hold thousands of overlays).
     """
 
-    def __init__(
-        self, filepath: str, version: Version | None = None, metadata: dict | None = None
-    ) -> None:
-        super().__init__(
-            filepath=PurePosixPath(filepath), version=version, exists_function=self._is_dir
-        )
-        self.metadata = metadata
-
-    @staticmethod
-    def _is_dir(path: str) -> bool:
-        return Path(path).is_dir()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "version": self._version}
+    IS_FOLDER = True
 
     def load(self) -> dict[str, Callable[[], bytes]]:
         root = Path(self._get_load_path())
@@ -115,31 +103,9 @@ class PngFolderDataset(AbstractVersionedDataset[dict[str, Any], dict[str, Any]])
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(payload() if callable(payload) else payload)
 
-    def _exists(self) -> bool:
-        try:
-            path = self._get_load_path()
-        except DatasetError:
-            return False
-        return Path(path).is_dir()
 
-
-class BytesDataset(AbstractVersionedDataset[bytes, bytes]):
+class BytesDataset(LocalVersionedDataset):
     """Raw bytes <-> one file (e.g. an ONNX model), written atomically; `versioned: true`."""
-
-    def __init__(
-        self, filepath: str, version: Version | None = None, metadata: dict | None = None
-    ) -> None:
-        super().__init__(
-            filepath=PurePosixPath(filepath), version=version, exists_function=self._is_file
-        )
-        self.metadata = metadata
-
-    @staticmethod
-    def _is_file(path: str) -> bool:
-        return Path(path).is_file()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "version": self._version}
 
     def load(self) -> bytes:
         return Path(self._get_load_path()).read_bytes()
@@ -149,10 +115,3 @@ class BytesDataset(AbstractVersionedDataset[bytes, bytes]):
             raise DatasetError(f"expected bytes, got {type(data).__name__}")
         with AtomicWriter(Path(self._get_save_path()), "wb") as handle:
             handle.write(data)
-
-    def _exists(self) -> bool:
-        try:
-            path = self._get_load_path()
-        except DatasetError:
-            return False
-        return Path(path).is_file()
