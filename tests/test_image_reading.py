@@ -440,11 +440,11 @@ def test_index_cache_and_load_grayscale_agree(tmp_path, no_subprocess):
 def test_cache_limit_changes_the_fingerprint_only_when_not_default(tmp_path):
     paths = {p.name: str(p) for p in [_small_png(tmp_path / _name(1))]}
     inputs = _cache_inputs(paths)
-    default = plan_image_cache(*inputs, size=CACHE_SIZE).pixel_fingerprint()
+    default = plan_image_cache(*inputs, size=CACHE_SIZE).source_fingerprint()
     explicit = plan_image_cache(
         *inputs, size=CACHE_SIZE, max_image_pixels=imaging.DEFAULT_MAX_IMAGE_PIXELS
-    ).pixel_fingerprint()
-    other = plan_image_cache(*inputs, size=CACHE_SIZE, max_image_pixels=10).pixel_fingerprint()
+    ).source_fingerprint()
+    other = plan_image_cache(*inputs, size=CACHE_SIZE, max_image_pixels=10).source_fingerprint()
     assert default == explicit != other
     with pytest.raises(ValueError, match="max_image_pixels"):
         plan_image_cache(*inputs, size=CACHE_SIZE, max_image_pixels=0)

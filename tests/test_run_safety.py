@@ -137,14 +137,35 @@ def wait_for_line(process: subprocess.Popen, marker: str, timeout: float = 300) 
 
 
 def states(project, model: str) -> list[dict[str, Any]]:
+    """Every training state of `model`. Each must load: states are renamed into place whole
+    (a half-written one only ever exists under a temporary name, which `*.pt` does not match),
+    so an unreadable `<fingerprint>.pt`, even while the run writes, is a failure of the test."""
     folder = project.data("06_models", model, "training_state")
+    return [
+        torch.load(path, weights_only=True)
+        for path in (sorted(folder.glob("*.pt")) if folder.is_dir() else [])
+    ]
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc)."""
     out = []
-    for path in folder.glob("*.pt") if folder.is_dir() else []:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            out.append(torch.load(path, weights_only=True))
-        except Exception:  # renamed into place atomically: a half file is never seen
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
             continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
     return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
 def latest(path: Path) -> Path:
@@ -344,3 +365,77 @@ def test_two_concurrent_runs_are_serialised_and_each_is_self_consistent(kedro_pr
         assert len(by_run[run["run_id"]]) == len(versioned) > 0
         loaded = {k: v for k, v in run["loaded"].items() if v != "unversioned"}
         assert loaded and set(loaded.values()) == {run["run_id"]}, loaded
+
+
+def test_kill_during_the_default_parallel_cache_build_blocks_nothing(kedro_project, tmp_path):
+    """kill -9 of a run while the image cache is decoded by the default process pool
+    (`image_cache.workers: 0`, every core), with 05_model_input on another disk behind a link.
+
+    Before: the forked workers inherited the run lock and outlived the run, so the next run
+    waited forever on a dead pid. Now: the workers end with their parent, nothing holds the lock,
+    the next run says it takes over, sweeps the staging folder behind the link, and completes."""
+    from rare_cxr.runs import run_lock_holder
+
+    project = kedro_project
+    prepare(project, **{"image_cache.workers": 0, "phantom.n_patients": 60})
+    project.cli("run", "--pipelines", "phantom,data_processing", env=ONE_THREAD)
+    fast = tmp_path / "fast-disk"
+    fast.mkdir()
+    layer = project.data("05_model_input")
+    layer.rmdir()
+    layer.symlink_to(fast, target_is_directory=True)
+
+    process = start(project, "run", "--pipelines", "augmentation", patch=SLOW_DECODE)
+    wait_for_line(process, "DECODING")
+    workers = children(process.pid)
+    assert len(workers) >= 2, "the default build should decode in a pool of several processes"
+    kill_when(process, lambda: True)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "decode workers outlived the killed run"
+        time.sleep(0.1)
+    assert run_lock_holder(project.data()) is None
+    staging = [p for p in fast.iterdir() if leftover_owner(p) is not None]
+    assert staging, "the kill should leave the staging folder of the unfinished build"
+
+    rerun = project.cli("run", "--pipelines", "augmentation", env=ONE_THREAD, timeout=300)
+    log = rerun.stdout + rerun.stderr
+    assert "ended without releasing it" in log and f"pid {process.pid}" in log
+    assert not [p for p in fast.iterdir() if leftover_owner(p) is not None]
+    assert ImageCache(layer / "image_cache").split("train").images.shape[1] == 32
+
+
+def test_a_hook_failing_at_run_start_marks_the_run_failed_and_frees_the_lock(kedro_project):
+    """An unusable MLflow store makes the tracking hook fail before the first node. Kedro calls
+    no error hook for that; the run's manifest must still say `failed`, and the lock be free --
+    through the CLI and in a notebook-style session (which takes the lock in the hook)."""
+    from conftest import nest_dotted
+
+    from rare_cxr.runs import RunLock, run_lock_holder
+
+    project = kedro_project
+    prepare(project)
+    blocker = project.path / "not-a-folder"
+    blocker.write_text("a file where the store's folder should be")
+    broken = {"tracking.enabled": True, "tracking.store": str(blocker / "mlflow")}
+    done = project.cli(
+        "run",
+        "--pipelines",
+        "phantom",
+        "--params",
+        ",".join(f"{k}={v}" for k, v in broken.items()),
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "cannot open the MLflow store" in done.stdout + done.stderr
+    (failed,) = manifests(project)
+    assert failed["status"] == "failed" and "MLflow store" in failed["error"]
+    assert failed["finished"] is not None
+    assert run_lock_holder(project.data()) is None
+
+    with pytest.raises(RuntimeError, match="cannot open the MLflow store"):
+        project.run("phantom", params=nest_dotted({**TINY, **broken}))
+    assert RunLock.held(project.data()) is None  # this process let go of it
+    assert [m["status"] for m in manifests(project)] == ["failed", "failed"]
+    project.run("phantom", params=nest_dotted(TINY))  # the next session is not blocked
+    assert manifests(project)[-1]["status"] == "completed"

@@ -8,7 +8,7 @@ temporary copy of the project with tiny settings:
   single-process run with the same global batch.
 * a launch that would train several models (`--pipelines baselines`) is refused on every rank
   before anything is loaded, locked or written (the hook `refuse_unsupported_torchrun`).
-* a launch whose rank 0 is killed leaves no lock held (flock is released by the kernel).
+* a launch whose rank 0 is killed leaves no lock held (the kernel drops a dead process's lock).
 
 Checked on CPU with gloo only; NCCL on GPUs is not exercised here.
 """
@@ -16,7 +16,6 @@ Checked on CPU with gloo only; NCCL on GPUs is not exercised here.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ import pytest
 import torch
 
 from rare_cxr.findings import FINDINGS
-from rare_cxr.runs import LOCK_NAME
+from rare_cxr.runs import LOCK_NAME, run_lock_holder
 
 TINY: dict[str, Any] = {
     "phantom.n_patients": 40,
@@ -127,17 +126,8 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
 
 
 def lock_is_free(data_dir: Path) -> bool:
-    """True if nobody holds the data folder's run lock (checked without waiting)."""
-    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    finally:
-        os.close(fd)
+    """True if nobody holds the data folder's run lock (the kernel's answer, without waiting)."""
+    return run_lock_holder(data_dir) is None
 
 
 def version_folders(data_dir: Path) -> set[Path]:
@@ -257,7 +247,7 @@ def test_torchrun_training_rank0_alone_writes_and_matches_one_process(kedro_proj
     )
 
     # -- a launch that dies: kill -9 rank 0 while it holds the run lock; the kernel releases
-    # the flock, torchrun stops rank 1 and fails, and nothing new is saved
+    # its lock, torchrun stops rank 1 and fails, and nothing new is saved
     lock_file = data_dir / LOCK_NAME
     process = launch(
         project, "--pipelines", "training", "--params", "training.reuse_finished=false"

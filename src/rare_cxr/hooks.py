@@ -28,7 +28,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.io import AbstractVersionedDataset
 
 from rare_cxr.atomic import sweep_leftovers
-from rare_cxr.ownership import claim_data_dir
+from rare_cxr.ownership import claim_data_dir, claim_linked_layers, phantom_marker
 from rare_cxr.runs import RunLock, RunManifest, distributed_rank, later_runs
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,64 @@ def refuse_unsupported_torchrun(pipeline) -> None:
         )
 
 
+class ConfigurationMismatchError(RuntimeError):
+    """The environment's configuration does not fit the data the run would train on."""
+
+
+def check_demo_configuration(
+    pipeline, data_root: Path, configuration: str, allowed: bool, env: str | None
+) -> None:
+    """Stop a run of the CPU demo configuration that would train on data rare-cxr did not
+    generate (say `kedro run --pipelines nih --params data_root=/data/nih`, `--env nih`
+    forgotten): it would train resnet18 at 64+128 px without pretrained weights on the real
+    download, into data/base, and look like a study. Nothing has run when this stops."""
+    if configuration != "demo" or allowed or not any(_is_train_node(n) for n in pipeline.nodes):
+        return
+    if not data_root.is_dir() or phantom_marker(data_root) is not None:
+        return  # the phantom (or a folder the phantom node is about to create)
+    raise ConfigurationMismatchError(
+        f"this run would train the CPU demo configuration (environment {env or 'local'!r}: "
+        f"resnet18 at 64+128 px, no pretrained weights) on {data_root}, which is not a phantom "
+        "rare-cxr generated. Nothing was run. For the study on a real download add "
+        f"`--env nih`: kedro run --env nih --pipelines nih --params data_root={data_root}. "
+        "To train the demo models on this data on purpose (a quick smoke test), add "
+        "`--params allow_demo_on_real_data=true` (documented in conf/base/globals.yml)."
+    )
+
+
+def check_raw_data_location(data_root: Path, data_dir: Path) -> None:
+    """A download left at the old default place (`data/nih/01_raw`, inside the derived-data
+    folder) while `data_root` now points elsewhere: say how to move it, instead of the
+    "file not found" that the first node would give."""
+    if data_root.exists():
+        return
+    old = data_dir / "01_raw"
+    tables = sorted(old.glob("Data_Entry_2017*")) if old.is_dir() else []
+    if not tables or phantom_marker(old) is not None:
+        return
+    raise FileNotFoundError(
+        f"data_root {data_root} does not exist, but {old} holds a download ({tables[0].name}). "
+        "The raw data no longer lives inside the derived-data folder (where cleaning it could "
+        f"reach it); move it: `mkdir -p {data_root} && mv {old}/* {data_root}/`, or point at "
+        f"it with --params data_root=/path/to/nih. Nothing was run."
+    )
+
+
+def sweep_data_dir(data_dir: Path, data_root: Path) -> list[Path]:
+    """Remove dead processes' temporaries in `data_dir`, including layer folders that are
+    symbolic links to another disk (`os.walk` does not follow links), never inside data_root:
+    a half-built image cache left by a full disk must not keep the next run's disk full."""
+    root = data_root.resolve()
+    removed = sweep_leftovers(data_dir, skip=(str(data_root),))
+    if data_dir.is_dir():
+        for entry in sorted(data_dir.iterdir()):
+            if entry.is_symlink() and entry.is_dir():
+                target = entry.resolve()
+                if target != root and root not in target.parents and target not in root.parents:
+                    removed += sweep_leftovers(target)
+    return removed
+
+
 def check_parameters(context) -> None:
     """Validate every parameter block of the context's configuration (all pipelines, all model
     namespaces) with `rare_cxr.parameters.validate_parameters`; raises ParameterError naming
@@ -155,15 +213,55 @@ class RunSafetyHooks:
         configured = Path(str(self._context.config_loader["globals"].get("data_dir", "data")))
         return configured if configured.is_absolute() else project_path / configured
 
-    @hook_impl
-    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+    def _globals(self) -> dict[str, Any]:
+        return dict(self._context.config_loader["globals"]) if self._context is not None else {}
+
+    def _data_root(self, project_path: Path, run_params: dict[str, Any]) -> Path:
+        runtime = run_params.get("runtime_params") or {}
+        configured = Path(str(runtime.get("data_root") or self._globals().get("data_root", "")))
+        return configured if configured.is_absolute() else project_path / configured
+
+    @hook_impl(wrapper=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog):
+        """Checks, lock, claim, sweep and manifest, then every other hook's start (MLflow...).
+
+        A hook wrapper: the other `before_pipeline_run` hooks run at the `yield`, so a failure in
+        any of them (an unusable MLflow store, say) reaches this code, which marks the manifest
+        failed and releases the lock. Kedro calls neither `on_pipeline_error` nor
+        `after_pipeline_run` for a failure at run start.
+        """
+        self._start(run_params, pipeline, catalog)
+        try:
+            return (yield)
+        except BaseException as error:
+            try:
+                if self._manifest is not None:
+                    self._manifest.finish(error)
+            finally:
+                self._release()
+            raise
+
+    def _start(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self._reset()
         # first, on every rank: nothing is locked, written or trained yet (the CLI's lock, taken
         # by rank 0 before the session, is released as the error leaves the `kedro run` command)
         refuse_unsupported_torchrun(pipeline)
         if distributed_rank() != 0 or self._context is None:
             return
-        data_dir = self._data_dir(Path(run_params["project_path"]))
+        project_path = Path(run_params["project_path"])
+        data_dir = self._data_dir(project_path)
+        data_root = self._data_root(project_path, run_params)
+        settings = self._globals()
+        runtime = run_params.get("runtime_params") or {}
+        allowed = runtime.get("allow_demo_on_real_data", settings.get("allow_demo_on_real_data"))
+        check_raw_data_location(data_root, data_dir)
+        check_demo_configuration(
+            pipeline,
+            data_root,
+            str(settings.get("configuration", "study")),
+            str(allowed).strip().lower() in ("true", "1", "yes"),
+            run_params.get("env"),
+        )
         run_id = str(run_params["run_id"])
         if RunLock.held(data_dir) is None:
             # started without the project CLI (KedroSession, notebook): lock now, and refuse if
@@ -182,7 +280,8 @@ class RunSafetyHooks:
             self._lock = lock
         try:
             claim_data_dir(data_dir, run_params.get("env"))
-            sweep_leftovers(data_dir)
+            claim_linked_layers(data_dir, run_params.get("env"))
+            sweep_data_dir(data_dir, data_root)
             self._manifest = RunManifest(data_dir, run_params)
             self._manifest.write()
         except BaseException:

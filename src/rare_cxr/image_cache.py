@@ -10,8 +10,18 @@ On-disk layout of a cache folder (all written atomically, see `ImageCachePlan.bu
     <path>/meta.json          size, findings, counts, fingerprints, format version
     <path>/<split>.npy        uint8 [N, size, size], rows in the order of <split>.parquet
     <path>/<split>.parquet    image_id, patient_id, then the 14 findings (int8 0/1)
+    <path>/checksums.parquet  split, image_id, pixel_blake2b: a checksum of each cached image's
+                              decoded pixels, computed while building
     <path>/skipped.csv        image_id, split, reason (missing/corrupt/too-large/not-a-file/
                               not-indexed), detail
+
+Two fingerprints, for two questions. *Is this cache still a faithful copy of the files?*
+(`source_fingerprint`: ids, paths relative to the images' common folder, file sizes and
+modification times) decides whether the cache is rebuilt. *What pixels does it hold?*
+(`fingerprint`, the content fingerprint: the pixel checksums in row order) is what a training's
+fingerprint and the predictions' lineage use. So a download that is moved, mounted at another
+path or copied without its modification times may cost a cache rebuild, but never a retraining:
+the rebuilt cache holds the same pixels, hence the same content fingerprint.
 
 Why a plan object: the Kedro node (`build_image_cache`) stays a pure function of its inputs
 (which images, which labels, which size) and returns an `ImageCachePlan`; the catalog's
@@ -22,6 +32,7 @@ an existing cache with the same fingerprint is reused without decoding anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -45,16 +56,20 @@ from rare_cxr.atomic import staging_folder, sweep_leftovers
 from rare_cxr.findings import FINDINGS
 from rare_cxr.imaging import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError
 from rare_cxr.parameters import Params, check
+from rare_cxr.processes import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: content fingerprint from per-image pixel checksums (1 hashed absolute paths and mtimes)
+FORMAT_VERSION = 2
 RESAMPLE = Image.Resampling.BILINEAR  # Pillow's bilinear is antialiased when it downsamples
 RESAMPLE_NAME = "PIL.BILINEAR (antialiased)"
 SPLIT_ORDER = ("train", "val", "test")
 SKIPPED_COLUMNS = ["image_id", "split", "reason", "detail"]
 TABLE_ID_COLUMNS = ["image_id", "patient_id"]
 _CHUNK = 64  # max images per task sent to a worker: amortises IPC, keeps the bar live
+CHECKSUM_BYTES = 16  # blake2b digest size of one image's pixels (collisions: ~2^-64)
+CHECKSUMS_FILE = "checksums.parquet"
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +150,10 @@ class ImageCache:
     def skipped(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "skipped.csv", dtype=str, keep_default_na=False)
 
+    def checksums(self) -> pd.DataFrame:
+        """split, image_id, pixel_blake2b (hex) of every cached image, in row order."""
+        return pd.read_parquet(self.path / CHECKSUMS_FILE).astype(str)
+
     def split(self, name: str) -> CacheSplit:
         """Open one split (memory-mapped, read-only); cached per ImageCache object."""
         if name not in self.meta["counts"]:
@@ -186,16 +205,34 @@ _worker_max_pixels = DEFAULT_MAX_IMAGE_PIXELS
 Failure = tuple[str, str]
 
 
-def _worker_init(npy_path: str, size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+def _worker_init(
+    npy_path: str,
+    size: int,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    watch_parent: bool = False,
+) -> None:
     """Each worker maps the output file once and writes its rows in place (no big pickles)."""
     global _worker_array, _worker_size, _worker_max_pixels  # noqa: PLW0603 - per-process state
     _worker_array = np.load(npy_path, mmap_mode="r+")
     _worker_size = size
     _worker_max_pixels = max_pixels
+    if watch_parent:
+        exit_with_parent()
 
 
-def _decode_chunk(tasks: Sequence[tuple[int, str]]) -> list[tuple[int, Failure | None]]:
-    """Decode rows into the worker's memmap; return (row, (reason, detail) or None) per task.
+# (row, failure or None, blake2b digest of the stored pixels or None)
+RowResult = tuple[int, Failure | None, bytes | None]
+
+
+def pixel_checksum(pixels: np.ndarray) -> bytes:
+    """blake2b of one cached image's bytes: the unit of the cache's content fingerprint."""
+    return hashlib.blake2b(
+        np.ascontiguousarray(pixels).tobytes(), digest_size=CHECKSUM_BYTES
+    ).digest()
+
+
+def _decode_chunk(tasks: Sequence[tuple[int, str]]) -> list[RowResult]:
+    """Decode rows into the worker's memmap; return (row, failure, checksum) per task.
 
     Only a problem *of the file* (`ImageReadError`: corrupt, too-large, not-a-file, missing)
     is recorded. A `TransientImageError` (EIO, EACCES, MemoryError... after retries) or any
@@ -203,13 +240,14 @@ def _decode_chunk(tasks: Sequence[tuple[int, str]]) -> list[tuple[int, Failure |
     image as bad in `skipped.csv`, and a reused cache would keep that row forever.
     """
     assert _worker_array is not None
-    results: list[tuple[int, Failure | None]] = []
+    results: list[RowResult] = []
     for row, path in tasks:
         try:
-            _worker_array[row] = decode_resized(path, _worker_size, max_pixels=_worker_max_pixels)
-            results.append((row, None))
+            pixels = decode_resized(path, _worker_size, max_pixels=_worker_max_pixels)
+            _worker_array[row] = pixels
+            results.append((row, None, pixel_checksum(_worker_array[row])))
         except ImageReadError as exc:  # a bad file is recorded, never fatal
-            results.append((row, (exc.status, exc.reason)))
+            results.append((row, (exc.status, exc.reason), None))
         except Exception as exc:
             exc.add_note(f"while decoding {path} for the image cache (build aborted)")
             raise
@@ -243,28 +281,38 @@ def decode_into(
     desc: str = "decode",
     *,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> dict[int, Failure]:
-    """Fill rows 0..len(paths)-1 of the `.npy` at `npy_path`; return {row: (reason, detail)}.
+) -> tuple[dict[int, Failure], np.ndarray]:
+    """Fill rows 0..len(paths)-1 of the `.npy` at `npy_path`; return ({row: (reason, detail)},
+    checksums uint8 [N, CHECKSUM_BYTES] (zeros for failed rows)).
 
     `workers == 1` decodes in this process (tests, tiny caches); otherwise a process pool
     (fork where available: the workers only need numpy and PIL) writes straight into the
-    shared memmap, and only (row, failure) tuples travel back. Images above `max_pixels`
-    are refused before decoding (reason `too-large`). A transient read error raises
-    `TransientImageError` (remaining work is cancelled) instead of becoming a failure.
+    shared memmap, and only (row, failure, checksum) tuples travel back. The workers hold no
+    lock of the run (`rare_cxr.runs` uses process-owned record locks) and end by themselves
+    when the run's process dies (`exit_with_parent`). Images above `max_pixels` are refused
+    before decoding (reason `too-large`). A transient read error raises `TransientImageError`
+    (remaining work is cancelled) instead of becoming a failure.
     """
     from rare_cxr.progress import progress
 
     tasks = list(enumerate(paths))
     n_workers = resolve_workers(workers, len(tasks))
     failures: dict[int, Failure] = {}
+    checksums = np.zeros((len(tasks), CHECKSUM_BYTES), np.uint8)
+
+    def collect(results: list[RowResult]) -> None:
+        for row, error, digest in results:
+            if error:
+                failures[row] = error
+            else:
+                checksums[row] = np.frombuffer(digest or b"", np.uint8)
+
     bar = progress(total=len(tasks), desc=desc, unit="img", smoothing=0.1)
     try:
         if n_workers == 1:
             _worker_init(str(npy_path), size, max_pixels)
             for chunk in _chunks(tasks, chunk_size(len(tasks), 1)):
-                for row, error in _decode_chunk(chunk):
-                    if error:
-                        failures[row] = error
+                collect(_decode_chunk(chunk))
                 bar.update(len(chunk))
         else:
             methods = mp.get_all_start_methods()
@@ -273,18 +321,16 @@ def decode_into(
                 n_workers,
                 mp_context=context,
                 initializer=_worker_init,
-                initargs=(str(npy_path), size, max_pixels),
+                initargs=(str(npy_path), size, max_pixels, True),
             ) as pool:
                 chunks = _chunks(tasks, chunk_size(len(tasks), n_workers))
                 for results in pool.map(_decode_chunk, chunks):
-                    for row, error in results:
-                        if error:
-                            failures[row] = error
+                    collect(results)
                     bar.update(len(results))
     finally:
         bar.close()
         _reset_worker_state()
-    return failures
+    return failures, checksums
 
 
 def _reset_worker_state() -> None:
@@ -319,18 +365,34 @@ class ImageCachePlan:
 
     # -- fingerprints ------------------------------------------------------------------------
 
-    def pixel_fingerprint(self) -> str:
-        """Hash of what determines the pixels: ids, paths, file size+mtime, size, split.
+    def source_root(self) -> str:
+        """The deepest folder holding every planned image (the download's root, in practice).
 
-        File stats are read here (at build time, not in the node) so that a replaced PNG
-        invalidates the cache even when its name did not change.
+        Paths are fingerprinted relative to it, so the same download moved or mounted elsewhere
+        (`/data/nih` -> `/nih` in the Docker image) is still recognised as the same files.
+        """
+        folders = [os.path.dirname(p) for split in self.splits for p in split.paths]
+        if not folders:
+            return ""
+        try:
+            return os.path.commonpath(folders)
+        except ValueError:  # mixed absolute/relative paths, or several drives: no common root
+            return ""
+
+    def source_fingerprint(self) -> str:
+        """Hash of what the cache is a copy of: ids, paths relative to `source_root()`, file
+        size and modification time, cache size, resampling, split.
+
+        It decides only whether an existing cache is reused or rebuilt. File stats are read here
+        (at build time, not in the node) so that a replaced PNG invalidates the cache even when
+        its name did not change; a copy without modification times is rebuilt, which costs a
+        decode but no training (a training depends on `content_fingerprint`, the pixels).
         """
         digest = hashlib.sha256()
         digest.update(f"v{FORMAT_VERSION}|size={self.size}|{RESAMPLE_NAME}|".encode())
         if self.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS:
-            # a changed limit changes which images are kept; the default is left out so that
-            # caches built before the limit existed keep their fingerprint (no 30-min rebuild)
             digest.update(f"max_pixels={self.max_image_pixels}|".encode())
+        root = self.source_root()
         for split in self.splits:
             digest.update(f"[{split.name}]".encode())
             for image_id, path in zip(split.table["image_id"], split.paths, strict=True):
@@ -339,7 +401,8 @@ class ImageCachePlan:
                     sig = f"{stat.st_size}:{stat.st_mtime_ns}"
                 except OSError:
                     sig = "missing"
-                digest.update(f"{image_id}|{path}|{sig}\n".encode())
+                relative = os.path.relpath(path, root) if root else path
+                digest.update(f"{image_id}|{relative}|{sig}\n".encode())
         return digest.hexdigest()
 
     def table_fingerprint(self) -> str:
@@ -364,30 +427,50 @@ class ImageCachePlan:
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_staging(final)
-        pixel_fp = self.pixel_fingerprint()
+        source_fp = self.source_fingerprint()
         table_fp = self.table_fingerprint()
         existing = _try_open(final)
-        if existing is not None and existing.meta.get("fingerprint") == pixel_fp:
+        same_files = existing is not None and existing.meta.get("source_fingerprint") == source_fp
+        if same_files and existing is not None:
             if existing.meta.get("table_fingerprint") == table_fp:
                 logger.info(
-                    "image cache %s is up to date (fingerprint %s): reusing it, no decoding",
+                    "image cache %s is up to date (content %s): reusing it, no decoding",
                     final,
-                    pixel_fp[:12],
+                    existing.fingerprint[:12],
                 )
                 return existing
             logger.info("image cache %s: same pixels, new labels; rewriting tables only", final)
+        elif existing is not None:
+            logger.info(
+                "image cache %s: the image files changed (or moved without their modification "
+                "times); decoding again. Trainings are keyed on the pixels' content, so finished "
+                "models are reused if the pixels come out the same.",
+                final,
+            )
 
+        reuse = existing if same_files else None
+        self._check_free_space(final.parent, reuse)
         with staging_folder(final) as staging:  # fsynced and swapped in only on success
-            reuse = existing if existing is not None and existing.fingerprint == pixel_fp else None
             meta = self._build_into(staging, reuse)
-            meta["fingerprint"] = pixel_fp
+            meta["source_fingerprint"] = source_fp
             meta["table_fingerprint"] = table_fp
             (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         return ImageCache(final)
 
+    def _check_free_space(self, folder: Path, reuse: ImageCache | None) -> None:
+        """Stop before decoding anything if the folder cannot hold the cache (a clear error,
+        not a `SIGBUS` half-way through a 30-minute build)."""
+        if reuse is not None:
+            return  # pixels are hard-linked from the existing cache
+        needed = sum(len(s.paths) for s in self.splits) * self.size * self.size
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            raise ImageCacheSpaceError(folder, needed, free)
+
     def _build_into(self, folder: Path, reuse: ImageCache | None) -> dict[str, Any]:
         skipped = [self.skipped]
         counts: dict[str, int] = {}
+        checksum_tables: list[pd.DataFrame] = []
         started = time.perf_counter()
         decoded = 0
         for split in self.splits:
@@ -411,13 +494,12 @@ class ImageCachePlan:
                     ]
                 )
                 table = table.set_index("image_id").loc[kept_ids].reset_index()
+                old_sums = reuse.checksums()
+                checksum_tables.append(old_sums[old_sums["split"] == split.name])
             else:
                 n = len(split.paths)
-                array = np.lib.format.open_memmap(
-                    npy, mode="w+", dtype=np.uint8, shape=(n, self.size, self.size)
-                )
-                del array  # workers reopen it; closing here flushes the header
-                failures = decode_into(
+                allocate_npy(npy, n, self.size)
+                failures, sums = decode_into(
                     npy,
                     split.paths,
                     self.size,
@@ -435,6 +517,7 @@ class ImageCachePlan:
                     )
                     keep = np.array([i for i in range(n) if i not in failures], dtype=np.int64)
                     _compact(npy, keep, self.size)
+                    sums = sums[keep]
                     bad = table.iloc[sorted(failures)]
                     skipped.append(
                         pd.DataFrame(
@@ -447,6 +530,15 @@ class ImageCachePlan:
                         )
                     )
                     table = table.iloc[keep].reset_index(drop=True)
+                checksum_tables.append(
+                    pd.DataFrame(
+                        {
+                            "split": split.name,
+                            "image_id": table["image_id"].astype(str).to_numpy(),
+                            "pixel_blake2b": [bytes(row).hex() for row in sums],
+                        }
+                    )
+                )
             table.to_parquet(folder / f"{split.name}.parquet", index=False)
             counts[split.name] = len(table)
         all_skipped = (
@@ -455,6 +547,8 @@ class ImageCachePlan:
             else pd.DataFrame(columns=SKIPPED_COLUMNS)
         )
         all_skipped[SKIPPED_COLUMNS].to_csv(folder / "skipped.csv", index=False)
+        checksums = pd.concat(checksum_tables, ignore_index=True).astype(str)
+        checksums.to_parquet(folder / CHECKSUMS_FILE, index=False)
         seconds = time.perf_counter() - started
         if decoded:
             logger.info(
@@ -473,7 +567,66 @@ class ImageCachePlan:
             "build_seconds": round(seconds, 3),
             "decoded_images": decoded,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "fingerprint": content_fingerprint(self.size, checksums),
         }
+
+
+def content_fingerprint(size: int, checksums: pd.DataFrame) -> str:
+    """Hash of the pixels a cache holds: per split, in row order, each image id and the checksum
+    of its stored pixels. No path, no file date: where the files came from does not matter."""
+    digest = hashlib.sha256()
+    digest.update(f"content-v1|size={size}|".encode())
+    for split, part in checksums.groupby("split", sort=False):
+        digest.update(f"[{split}]".encode())
+        for image_id, checksum in zip(part["image_id"], part["pixel_blake2b"], strict=True):
+            digest.update(f"{image_id}|{checksum}\n".encode())
+    return digest.hexdigest()
+
+
+class ImageCacheSpaceError(OSError):
+    """The cache's folder has no room for it: raised before decoding, naming folder and bytes."""
+
+    def __init__(self, folder: Path, needed: int, free: int | None, detail: str = "") -> None:
+        free_text = f", {free / 1e9:,.2f} GB free" if free is not None else ""
+        super().__init__(
+            errno.ENOSPC,
+            f"not enough space for the image cache in {folder}: it needs {needed / 1e9:,.2f} GB "
+            f"({needed:,} bytes){free_text}{detail}. Free some space, lower image_cache.size, "
+            "or put the 05_model_input folder on a larger disk (a symbolic link works).",
+        )
+        self.folder, self.needed, self.free = folder, needed, free
+
+
+def allocate_npy(npy: Path, n: int, size: int) -> None:
+    """Create the `.npy` of `n` images of `size`² and reserve its blocks on disk.
+
+    Why: `np.lib.format.open_memmap` makes a sparse file; the disk blocks are only claimed when
+    a page of the memory map is first written, and a full disk at that moment kills the process
+    with SIGBUS (no exception, no message, a staging folder left behind). `posix_fallocate`
+    claims every block now, so a full disk is an `ImageCacheSpaceError` naming the folder and
+    the bytes needed, raised before any decoding.
+    """
+    array = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, size, size))
+    del array  # workers reopen it; closing here flushes the header
+    length = npy.stat().st_size
+    with open(npy, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, length)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                npy.unlink(missing_ok=True)
+                free = shutil.disk_usage(npy.parent).free
+                raise ImageCacheSpaceError(
+                    npy.parent, length, free, f" (while reserving {npy.name})"
+                ) from err
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            logger.warning(  # e.g. a filesystem without fallocate: writes stay unreserved
+                "could not reserve disk space for %s (%s); a full disk during the build would "
+                "end the process",
+                npy,
+                err,
+            )
 
 
 def plan_image_cache(
@@ -593,7 +746,8 @@ def _compact(npy: Path, keep: np.ndarray, size: int) -> None:
     """Drop failed rows: rewrite the split without them (rare: the index missed a bad file)."""
     source = np.load(npy, mmap_mode="r")
     tmp = npy.with_suffix(".compact.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keep), size, size))
+    allocate_npy(tmp, len(keep), size)
+    out = np.load(tmp, mmap_mode="r+")
     for start in range(0, len(keep), 1024):
         out[start : start + 1024] = source[keep[start : start + 1024]]
     out.flush()

@@ -130,6 +130,44 @@ def update_phantom_marker(root: str | os.PathLike, **fields: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def marked_for_env(folder: str | os.PathLike, owner: str) -> bool:
+    """True if `folder` carries the environment marker of `owner` (a data_dir, or a layer
+    folder of it that lives elsewhere behind a symbolic link)."""
+    content = _read_json(Path(folder) / ENV_MARKER)
+    return content is not None and content.get("env") == owner
+
+
+def claim_linked_layers(data_dir: str | os.PathLike, env: str | None) -> list[Path]:
+    """Mark the targets of symbolic links in `data_dir` (say `05_model_input -> /fast/cache`)
+    as this environment's, so `clean-data` may later clean inside them; return those marked.
+
+    Only a target that is empty or already this environment's is marked: a link to a folder
+    holding files of someone else's stays unmarked, and clean-data never deletes in it.
+    """
+    data_dir, owner = Path(data_dir), env_owner(env)
+    marked = []
+    if not data_dir.is_dir():
+        return marked
+    for entry in sorted(data_dir.iterdir()):
+        if not entry.is_symlink() or not entry.is_dir():
+            continue
+        target = entry.resolve()
+        if marked_for_env(target, owner):
+            continue
+        if any(target.iterdir()):
+            continue  # someone else's files: never claimed
+        content = {
+            "env": owner,
+            "layer": entry.name,
+            "data_dir": str(data_dir),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "note": "A folder of rare-cxr derived data (reached through a link in data_dir).",
+        }
+        write_atomic_text(target / ENV_MARKER, json.dumps(content, indent=2) + "\n")
+        marked.append(target)
+    return marked
+
+
 def claim_data_dir(data_dir: str | os.PathLike, env: str | None) -> None:
     """Mark `data_dir` as `env`'s, or stop if another environment (or a stranger) holds it."""
     data_dir = Path(data_dir)

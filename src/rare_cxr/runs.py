@@ -7,21 +7,25 @@
   version it got) and saved. A versioned output's folder name leads to its manifest.
 * **Lock.** Two runs on one data folder would interleave versions: the second run's nodes
   would load the first run's newer outputs as "latest" and mix them with their own. So a run
-  holds `<data_dir>/.rare-cxr.lock` (an `flock`, released by the kernel even on `kill -9`) from
-  before its session is created to its end; a second run waits, saying who holds the lock.
+  holds `<data_dir>/.rare-cxr.lock` (a POSIX record lock: owned by the run's process alone,
+  never by its workers, and dropped by the kernel when that process dies, even on `kill -9`)
+  from before its session is created to its end; a second run waits, naming the holder.
   Runs of different environments use different data folders and run side by side.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,9 +37,12 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".rare-cxr.lock"
 RUNS_FOLDER = "runs"
-# Locks this process holds, by data folder: a nested acquire (the CLI, then the session's
+# Run locks this process holds, by data folder: a nested acquire (the CLI, then the session's
 # hook) must not wait on itself.
 _HELD: dict[Path, RunLock] = {}
+# Every lock file this process holds, by path -> descriptor. A second descriptor of a held lock
+# file must never be opened and closed here: closing it would drop the lock (POSIX semantics).
+_LOCK_FDS: dict[Path, int] = {}
 
 
 def _now() -> str:
@@ -48,10 +55,26 @@ def distributed_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def data_dir_for(
-    project_path: str | os.PathLike, env: str | None, conf_source: str | None = None
-) -> Path:
-    """The environment's `data_dir` global (see conf/<env>/globals.yml), made absolute."""
+@dataclass(frozen=True)
+class RunConfig:
+    """The folders a configuration environment uses, as absolute paths."""
+
+    data_dir: Path  # everything the runs derive (`data_dir` global)
+    data_root: Path  # the raw data, read only (`data_root` global; the phantom in `base`)
+    configuration: str  # `demo` (conf/base: CPU models for the phantom) or `study` (conf/nih)
+
+
+def run_config(
+    project_path: str | os.PathLike,
+    env: str | None,
+    conf_source: str | None = None,
+    runtime_params: dict[str, Any] | None = None,
+) -> RunConfig:
+    """The environment's folders, read exactly as `kedro run --env <env>` reads them.
+
+    `env=None` is `kedro run` without `--env`: conf/base + conf/local. `runtime_params` may
+    override `data_root` as `--params data_root=...` does in the catalog.
+    """
     from kedro.framework.project import settings
 
     project_path = Path(project_path)
@@ -60,72 +83,223 @@ def data_dir_for(
         env=env,
         **settings.CONFIG_LOADER_ARGS,
     )
-    data_dir = Path(str(loader["globals"].get("data_dir", "data")))
-    return data_dir if data_dir.is_absolute() else project_path / data_dir
+    found = loader["globals"]
+
+    def absolute(value: Any) -> Path:
+        path = Path(str(value)).expanduser()
+        return path if path.is_absolute() else project_path / path
+
+    runtime_root = (runtime_params or {}).get("data_root")
+    return RunConfig(
+        data_dir=absolute(found.get("data_dir", "data")),
+        data_root=absolute(runtime_root or found.get("data_root", "data")),
+        configuration=str(found.get("configuration", "study")),
+    )
 
 
-class RunLock:
-    """An exclusive `flock` on `<data_dir>/.rare-cxr.lock`; waits, announcing the holder."""
+def data_dir_for(
+    project_path: str | os.PathLike, env: str | None, conf_source: str | None = None
+) -> Path:
+    """The environment's `data_dir` global (see conf/<env>/globals.yml), made absolute."""
+    return run_config(project_path, env, conf_source).data_dir
+
+
+def _describe_pid(pid: int) -> str:
+    """`pid 123: kedro run --env nih` from /proc (Linux), or just the pid elsewhere."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"pid {pid}"
+    command = " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    return f"pid {pid}: `{command}`" if command else f"pid {pid}"
+
+
+class ProcessLock:
+    """A POSIX record lock (`fcntl(F_SETLK)`) on one file, exclusive or shared.
+
+    Why POSIX record locks and not `flock`: a `flock` belongs to the open file description, so
+    every process forked while it is held (the image cache's decode pool, a DataLoader worker)
+    holds it too, and a run killed with `kill -9` left orphaned workers that kept the lock and
+    made every later run wait forever. A record lock belongs to the *process*: children never
+    inherit it, and the kernel drops it the moment the process dies, however it dies. The
+    kernel also names the holder (`F_GETLK` gives its pid), so a waiting run says who it waits
+    for instead of trusting a file that a dead process may have left behind.
+
+    The one trap of record locks (closing *any* descriptor of the file in the holding process
+    releases the lock) is avoided by never opening a lock file twice in one process:
+    `_HELD` maps each held path to its lock, and nested acquires reuse it.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, *, shared: bool = False, announce_every_s: float = 60.0
+    ) -> None:
+        self.path = Path(path).absolute()
+        self.shared = shared
+        self.announce_every_s = announce_every_s
+        self._fd: int | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self._fd is not None
+
+    def _open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _try(self, fd: int) -> bool:
+        kind = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
+        try:
+            fcntl.lockf(fd, kind | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+    def holder_pid(self, fd: int | None = None) -> int | None:
+        """The pid of a process whose lock conflicts with ours (the kernel's answer), or None."""
+        if fd is None and self.path in _LOCK_FDS:
+            fd = _LOCK_FDS[self.path]  # held here: reuse it, never open (and close) a second one
+        own = fd is None
+        if own:
+            if not self.path.exists():
+                return None
+            fd = os.open(self.path, os.O_RDONLY if self.shared else os.O_RDWR)
+        try:
+            wanted = fcntl.F_RDLCK if self.shared else fcntl.F_WRLCK
+            request = struct.pack(_FLOCK, wanted, os.SEEK_SET, 0, 0, 0) + _FLOCK_PAD
+            answer = fcntl.fcntl(fd, fcntl.F_GETLK, request)
+            kind, _whence, _start, _length, pid = struct.unpack(_FLOCK, answer[:_FLOCK_SIZE])
+        except OSError:
+            return None
+        finally:
+            if own:
+                os.close(fd)
+        return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+
+    def describe_holder(self, fd: int | None = None) -> str:
+        pid = self.holder_pid(fd)
+        return _describe_pid(pid) if pid else "another process"
+
+    def acquire(self, poll_s: float = 0.5, *, wait: bool = True, what: str = "") -> bool:
+        """Take the lock; wait (announcing the holder every `announce_every_s`) or, with
+        `wait=False`, return False at once if it is held. Returns True when held."""
+        if self._fd is not None:
+            return True
+        if self.path in _LOCK_FDS:
+            raise RuntimeError(
+                f"{self.path} is already locked by this process; a second lock object on it "
+                "would release the first when it closes (POSIX record locks)"
+            )
+        fd = self._open()
+        waited_since, announced = time.monotonic(), 0.0
+        try:
+            while not self._try(fd):
+                if not wait:
+                    os.close(fd)
+                    return False
+                waited = time.monotonic() - waited_since
+                if announced == 0.0 or waited - announced >= self.announce_every_s:
+                    self._announce(fd, waited, what)
+                    announced = max(waited, 1e-9)
+                time.sleep(poll_s)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        _LOCK_FDS[self.path] = fd
+        if time.monotonic() - waited_since > 1.0:
+            logger.info("%s: lock acquired; this run starts now", what or self.path)
+        return True
+
+    def _announce(self, fd: int, waited: float, what: str) -> None:
+        logger.warning(
+            "%s is in use by %s; waiting for it to finish (waited %.0f s; Ctrl-C to give up -- "
+            "nothing of this run has started yet)",
+            what or self.path,
+            self.describe_holder(fd),
+            waited,
+        )
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        _LOCK_FDS.pop(self.path, None)
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+# struct flock on Linux/BSD: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t
+# l_pid (+ padding); F_GETLK writes the answer back into the same buffer.
+_FLOCK = "@hhqqi"
+_FLOCK_SIZE = struct.calcsize(_FLOCK)
+_FLOCK_PAD = b"\0" * 8
+
+
+class RunLock(ProcessLock):
+    """The data folder's run lock: `<data_dir>/.rare-cxr.lock`, exclusive, held from before the
+    session is created to the end of the run.
+
+    The file holds the holder's pid, host, start and command while it is held and is emptied on
+    release; a run that finds it non-empty when it gets the lock knows the previous holder died
+    without releasing it (the kernel already dropped its lock), says so, and takes over.
+    """
 
     def __init__(self, data_dir: str | os.PathLike, announce_every_s: float = 60.0) -> None:
         self.data_dir = Path(data_dir).resolve()
-        self.path = self.data_dir / LOCK_NAME
-        self.announce_every_s = announce_every_s
-        self._fd: int | None = None
+        super().__init__(self.data_dir / LOCK_NAME, announce_every_s=announce_every_s)
 
     @classmethod
     def held(cls, data_dir: str | os.PathLike) -> RunLock | None:
         return _HELD.get(Path(data_dir).resolve())
 
-    def _holder(self) -> str:
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return "another process"
-        return (
-            f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}: "
-            f"`{info.get('command')}`"
+    def _announce(self, fd: int, waited: float, what: str) -> None:
+        logger.warning(
+            "another kedro run is using %s (%s); waiting for it to finish (waited %.0f s; "
+            "Ctrl-C to give up -- nothing of this run has started yet)",
+            self.data_dir,
+            self.describe_holder(fd),
+            waited,
         )
 
-    def acquire(self, poll_s: float = 0.5) -> None:
-        if self._fd is not None:
-            return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        waited_since, announced = time.monotonic(), 0.0
+    def _recorded_holder(self, fd: int) -> dict[str, Any] | None:
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    waited = time.monotonic() - waited_since
-                    if announced == 0.0 or waited - announced >= self.announce_every_s:
-                        logger.warning(
-                            "another kedro run is using %s (%s); waiting for it to finish "
-                            "(waited %.0f s; Ctrl-C to give up — nothing of this run has "
-                            "started yet)",
-                            self.data_dir,
-                            self._holder(),
-                            waited,
-                        )
-                        announced = max(waited, 1e-9)
-                    time.sleep(poll_s)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
+            text = os.pread(fd, 65536, 0).decode(errors="replace").strip()
+            info = json.loads(text) if text else None
+        except (OSError, ValueError):
+            return {"pid": "?", "command": "unreadable lock record"}
+        return info if isinstance(info, dict) else None
+
+    def acquire(self, poll_s: float = 0.5, *, wait: bool = True, what: str = "") -> bool:
+        if self._fd is not None:
+            return True
+        if not super().acquire(poll_s, wait=wait, what=what):
+            return False
+        assert self._fd is not None
+        stale = self._recorded_holder(self._fd)
+        if stale:
+            logger.warning(
+                "the previous holder of %s (pid %s on %s, started %s: `%s`) ended without "
+                "releasing it (killed?); the kernel has dropped its lock, this run takes over",
+                self.path,
+                stale.get("pid"),
+                stale.get("host"),
+                stale.get("started"),
+                stale.get("command"),
+            )
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": _now(),
             "command": " ".join(sys.argv),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(info).encode(), 0)
         _HELD[self.data_dir] = self
-        if time.monotonic() - waited_since > 1.0:
-            logger.info("lock on %s acquired; this run starts now", self.data_dir)
+        return True
 
     def release(self) -> None:
         if self._fd is None:
@@ -133,10 +307,8 @@ class RunLock:
         _HELD.pop(self.data_dir, None)
         try:
             os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
-            os.close(self._fd)
-            self._fd = None
+            super().release()
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -144,6 +316,13 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def run_lock_holder(data_dir: str | os.PathLike) -> int | None:
+    """The pid holding `data_dir`'s run lock (kernel's answer), or None when it is free."""
+    if RunLock.held(data_dir) is not None:
+        return os.getpid()
+    return RunLock(data_dir).holder_pid()
 
 
 def _git_commit(project_path: Path) -> str | None:

@@ -328,15 +328,23 @@ NON_RESULT_KEYS = frozenset(
         "loader_threads",
         "resume_dir",
         "n_seeds",  # each seed is its own training; `seed` itself is fingerprinted
+        # prediction-only: test-time flipping is applied by `predict`, never during validation,
+        # and the evaluation batch only sets how many images go through the (eval-mode) network
+        # at once. Turning TTA on, or lowering the batch after an out-of-memory error, re-runs
+        # prediction (the `predict` node always runs) and retrains nothing.
+        "tta_hflip",
+        "eval_batch_size",
     }
 )
 
 
 def data_fingerprint(cache: Any) -> dict[str, Any]:
-    """What the training data is: the image cache's pixel and label fingerprints.
+    """What the training data is: the image cache's content and label fingerprints.
 
-    A built `ImageCache` records both (hashes of file names, sizes, mtimes and label tables);
-    other cache-like objects (tests, benchmarks) are hashed from their train/val arrays.
+    A built `ImageCache` records both: the content fingerprint hashes the checksums of the
+    decoded pixels (never a path or a file date, so a moved or re-mounted download reuses every
+    finished training), the label fingerprint the label tables. Other cache-like objects
+    (tests, benchmarks) are hashed from their train/val arrays.
     """
     meta = getattr(cache, "meta", None)
     if isinstance(meta, Mapping) and meta.get("fingerprint"):
@@ -489,7 +497,7 @@ def _fit(
     state = store.load(fp, settings) if store is not None else None
     if store is not None and state is not None and state.get("finished"):
         if cfg["reuse_finished"]:
-            return _reuse_finished(name, state, store.path(fp), rank)
+            return _reuse_finished(name, state, store.path(fp), rank, cfg)
         logger.info("%s: training.reuse_finished is false: training again", name)
         state = None
 
@@ -567,8 +575,16 @@ def _state_store(
     return state_store
 
 
-def _reuse_finished(name: str, state: Mapping[str, Any], path: Path, rank: int) -> FitResult | None:
-    """The result of a finished training of the same fingerprint; no epoch is trained."""
+def _reuse_finished(
+    name: str, state: Mapping[str, Any], path: Path, rank: int, cfg: Mapping[str, Any]
+) -> FitResult | None:
+    """The result of a finished training of the same fingerprint; no epoch is trained.
+
+    The settings that do not change what is learned (`NON_RESULT_KEYS`: device, test-time
+    flipping, evaluation batch...) may differ from the run that trained it: the metadata
+    records this run's values, so the checkpoint and the model bundle describe how its
+    predictions are made now (e.g. `tta_hflip: true` after a training without it).
+    """
     if rank == 0:
         logger.info(
             "%s: training already finished for this configuration (%s, best epoch %s): "
@@ -582,7 +598,10 @@ def _reuse_finished(name: str, state: Mapping[str, Any], path: Path, rank: int) 
         return None
     history_frame = pd.DataFrame(state["history"])
     history_frame["training_id"] = state["metadata"].get("training_id")
-    return FitResult(dict(state["best_state"]), dict(state["metadata"]), history_frame)
+    metadata = dict(state["metadata"])
+    now = {k: copy.deepcopy(v) for k, v in cfg.items() if k in NON_RESULT_KEYS}
+    metadata["train_params"] = {**dict(metadata.get("train_params") or {}), **now}
+    return FitResult(dict(state["best_state"]), metadata, history_frame)
 
 
 def _metric_name(stage: Stage) -> str:

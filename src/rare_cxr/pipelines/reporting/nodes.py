@@ -577,8 +577,18 @@ def _bbox_table(raw_bbox_list: str | None) -> pd.DataFrame:
     Empty text (the optional file is absent) gives an empty table: no boxes are drawn."""
     if not raw_bbox_list or not raw_bbox_list.strip():
         return pd.DataFrame(columns=["image_id", "finding", "x", "y", "w", "h"])
-    raw = pd.read_csv(io.StringIO(raw_bbox_list), header=None, skiprows=1, usecols=range(6))
+    # image ids and names as written (`NA` or `0001` must not become missing or a number)
+    raw = pd.read_csv(
+        io.StringIO(raw_bbox_list),
+        header=None,
+        skiprows=1,
+        usecols=range(6),
+        dtype={0: str, 1: str},
+        keep_default_na=False,
+    )
     raw.columns = ["image_id", "finding", "x", "y", "w", "h"]
+    for column in ("x", "y", "w", "h"):
+        raw[column] = pd.to_numeric(raw[column], errors="coerce")
     raw["finding"] = raw["finding"].map(lambda n: FINDINGS[finding_index(str(n).strip())])
     return raw
 

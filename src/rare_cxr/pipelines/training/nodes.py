@@ -26,6 +26,7 @@ from rare_cxr.findings import FINDINGS
 from rare_cxr.models import MIN_INPUT, build_model, validate_model_spec
 from rare_cxr.models.factory import ModelSpec
 from rare_cxr.parameters import plain
+from rare_cxr.processes import exit_with_parent
 from rare_cxr.training import distributed
 from rare_cxr.training.checkpointing import TrainingStateStore
 from rare_cxr.training.config import TrainingParams, merge_overrides, validate_training_params
@@ -60,6 +61,7 @@ def _ddp_worker(rank: int, job: dict[str, Any]) -> None:
     world, spec, cache = job["world"], job["spec"], job["cache"]
     policy, params, out_path = job["policy"], job["params"], job["out_path"]
     store = TrainingStateStore(job["state_dir"]) if job["state_dir"] else None
+    exit_with_parent()  # a killed run must not leave DDP workers training (and saving) on
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     try:
         result = fit(
