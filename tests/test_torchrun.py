@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from rare_cxr.findings import FINDINGS
-from rare_cxr.runs import LOCK_NAME, run_lock_holder
+from rare_cxr.runs import LOCK_NAME, LOCKS_FOLDER, run_lock_holder
 
 TINY: dict[str, Any] = {
     "phantom.n_patients": 40,
@@ -248,7 +248,6 @@ def test_torchrun_training_rank0_alone_writes_and_matches_one_process(kedro_proj
 
     # -- a launch that dies: kill -9 rank 0 while it holds the run lock; the kernel releases
     # its lock, torchrun stops rank 1 and fails, and nothing new is saved
-    lock_file = data_dir / LOCK_NAME
     process = launch(
         project, "--pipelines", "training", "--params", "training.reuse_finished=false"
     )
@@ -258,10 +257,7 @@ def test_torchrun_training_rank0_alone_writes_and_matches_one_process(kedro_proj
         while holder is None:
             assert process.poll() is None, "the launch ended before rank 0 took the lock"
             assert time.monotonic() < deadline, "rank 0 never took the lock"
-            try:
-                holder = int(json.loads(lock_file.read_text() or "{}").get("pid") or 0) or None
-            except ValueError:  # written at that moment
-                holder = None
+            holder = run_lock_holder(data_dir)  # the kernel's answer: the lock's owner
             time.sleep(0.05)
         assert holder in _children(process.pid)  # a torchrun worker holds it: rank 0
         assert not lock_is_free(data_dir)
@@ -306,11 +302,13 @@ def test_torchrun_of_several_models_is_refused_on_every_rank_before_anything(tmp
         # listed in torchrun's failure summary: no rank exited 0 (a rank that printed its
         # refusal may still be stopped by torchrun's SIGTERM while it exits)
         assert re.search(rf"rank\s+: {rank} \(local_rank: {rank}\)\n\s+exitcode\s+: ", out)
-    # nothing written: no manifest, no environment marker, no output; the lock file rank 0
-    # created before its session is empty and free
+    # nothing written: no manifest, no environment marker, no output; only the lock files rank 0
+    # took before its session (the folder's, shared, and one per model), all empty and free
     after = sorted(data_dir.rglob("*"))
-    assert [p for p in after if p not in before] == [data_dir / LOCK_NAME]
-    assert (data_dir / LOCK_NAME).read_text() == ""
+    new = [p for p in after if p not in before]
+    assert data_dir / LOCK_NAME in new
+    assert all(p == data_dir / LOCK_NAME or LOCKS_FOLDER in p.parts for p in new), new
+    assert all(p.read_text() == "" for p in new if p.is_file())
     assert lock_is_free(data_dir)
     print(f"refused torchrun launch: {elapsed:.1f} s")
 

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rare_cxr.ownership import ENV_MARKER, PHANTOM_MARKER, env_owner, marked_for_env
-from rare_cxr.runs import LOCK_NAME, RunLock, run_config
+from rare_cxr.runs import LOCK_NAME, LOCKS_FOLDER, RunLock, run_config
 
 KEEP = ".gitkeep"
-NEVER_DELETED = (KEEP, LOCK_NAME, ENV_MARKER)
+NEVER_DELETED = (KEEP, LOCK_NAME, LOCKS_FOLDER, ENV_MARKER)
 # What a raw NIH ChestX-ray14 download holds at its top level (any revision, gzipped or not).
 RAW_LABEL_TABLE = "Data_Entry_2017*"
 

@@ -13,9 +13,11 @@ knob) failed with "Item `128` must contain a key and a value". Here commas insid
 `{...}` or quotes belong to the value; the items are then parsed by OmegaConf exactly as Kedro
 does.
 
-The run also takes the data folder's run lock (`rare_cxr.runs.RunLock`) *before* Kedro creates
-its session: the session id is the run id and every output's version, so a run that waited for
-another must get its id after that run ends, or its outputs would sort before what it loads.
+The run also takes the data folder's run locks (`rare_cxr.runs.RunLocks`: the whole folder for
+a run that writes the shared stages, else one lock per model it trains or reports, so runs of
+different models proceed side by side) *before* Kedro creates its session: the session id is
+the run id and every output's version, so a run that waited for another must get its id after
+that run ends, or its outputs would sort before what it loads.
 Every other option, and every other command, is Kedro's, unchanged.
 """
 
@@ -33,7 +35,7 @@ from kedro.framework.cli.project import run as kedro_run
 from omegaconf import OmegaConf
 
 from rare_cxr.pipeline_registry import ALL_MODELS_PIPELINE
-from rare_cxr.runs import RunLock, data_dir_for, distributed_rank
+from rare_cxr.runs import LockPlan, RunLocks, data_dir_for, distributed_rank, plan_locks
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +139,10 @@ def run(**kwargs: Any) -> dict[str, Any]:
         raise click.ClickException(str(error)) from None
 
 
-def _run_lock(kwargs: dict[str, Any]) -> RunLock | None:
-    """The lock of the data folder this run will write, or None (torchrun rank > 0, or a
-    configuration that cannot be read here: the session's hook then locks, and reports)."""
+def _run_lock(kwargs: dict[str, Any]) -> RunLocks | None:
+    """The locks of the data folder this run will write (`rare_cxr.runs.plan_locks`), or None
+    (torchrun rank > 0, or a configuration that cannot be read here: the session's hook then
+    locks, and reports the configuration error properly)."""
     if distributed_rank() != 0:
         return None
     try:
@@ -147,7 +150,46 @@ def _run_lock(kwargs: dict[str, Any]) -> RunLock | None:
 
         project = find_kedro_project(Path.cwd()) or Path.cwd()
         env = kwargs.get("env") or os.environ.get("KEDRO_ENV")
-        return RunLock(data_dir_for(project, env, kwargs.get("conf_source")))
+        data_dir = data_dir_for(project, env, kwargs.get("conf_source"))
+        return RunLocks(data_dir, _probe_lock_plan(project, kwargs))
     except Exception as err:  # the session reports configuration errors properly
         logger.debug("run lock deferred to the session hook: %s", err)
         return None
+
+
+def _probe_lock_plan(project: Path, kwargs: dict[str, Any]) -> LockPlan:
+    """Which locks the run needs, from the pipeline it will run, before its session exists.
+
+    The run id (Kedro's session id) must be drawn *after* the locks are held, or a run that
+    waited would write versions older than those it loads; so the pipeline is resolved here in
+    a probe session (the same selection and filters as `KedroSession.run`), which runs no node
+    and writes nothing.
+    """
+    from kedro.framework.project import pipelines
+    from kedro.framework.session import KedroSession
+    from kedro.pipeline import Pipeline
+
+    from rare_cxr.pipeline_registry import current_roster
+
+    names = list(kwargs.get("pipelines") or [])
+    if kwargs.get("pipeline"):  # the deprecated singular option
+        names = [kwargs["pipeline"]]
+    with KedroSession.create(
+        project_path=project,
+        env=kwargs.get("env"),
+        conf_source=kwargs.get("conf_source"),
+        runtime_params=kwargs.get("params") or {},
+    ) as probe:
+        pipelines.set_requested(names or None)
+        probe.load_context()
+        combined = sum((pipelines[name] for name in names or ["__default__"]), Pipeline([]))
+        selected = combined.filter(
+            tags=tuple(kwargs.get("tags") or ()),
+            from_nodes=kwargs.get("from_nodes"),
+            to_nodes=kwargs.get("to_nodes"),
+            node_names=tuple(kwargs.get("node_names") or ()),
+            from_inputs=kwargs.get("from_inputs"),
+            to_outputs=kwargs.get("to_outputs"),
+            node_namespaces=kwargs.get("namespaces"),
+        )
+        return plan_locks(selected, current_roster().models)

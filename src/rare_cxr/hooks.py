@@ -29,7 +29,7 @@ from kedro.io import AbstractVersionedDataset
 
 from rare_cxr.atomic import sweep_leftovers
 from rare_cxr.ownership import claim_data_dir, claim_linked_layers, phantom_marker
-from rare_cxr.runs import RunLock, RunManifest, distributed_rank, later_runs
+from rare_cxr.runs import RunLock, RunLocks, RunManifest, distributed_rank, later_runs, plan_locks
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class RunSafetyHooks:
 
     def _reset(self) -> None:
         self._catalog: Any = None
-        self._lock: RunLock | None = None
+        self._lock: RunLocks | None = None
         self._manifest: RunManifest | None = None
 
     @hook_impl(tryfirst=True)
@@ -265,11 +265,14 @@ class RunSafetyHooks:
         run_id = str(run_params["run_id"])
         if RunLock.held(data_dir) is None:
             # started without the project CLI (KedroSession, notebook): lock now, and refuse if
-            # a run that started later got the folder first (its newer versions would be
-            # loaded as "latest" by this run's nodes)
-            lock = RunLock(data_dir)
+            # a run that started later wrote what this run reads or writes first (its newer
+            # versions would be loaded as "latest" by this run's nodes)
+            from rare_cxr.pipeline_registry import current_roster
+
+            lock = RunLocks(data_dir, plan_locks(pipeline, current_roster().models))
             lock.acquire()
-            newer = later_runs(data_dir, run_id)
+            touched = {n for node in pipeline.nodes for n in (*node.inputs, *node.outputs)}
+            newer = later_runs(data_dir, run_id, None if lock.plan.exclusive else touched)
             if newer:
                 lock.release()
                 raise RuntimeError(

@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,9 +38,10 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".rare-cxr.lock"
 RUNS_FOLDER = "runs"
+LOCKS_FOLDER = ".rare-cxr-locks"  # per-model and combined-output locks (see RunLocks)
 # Run locks this process holds, by data folder: a nested acquire (the CLI, then the session's
 # hook) must not wait on itself.
-_HELD: dict[Path, RunLock] = {}
+_HELD: dict[Path, RunLocks] = {}
 # Every lock file this process holds, by path -> descriptor. A second descriptor of a held lock
 # file must never be opened and closed here: closing it would drop the lock (POSIX semantics).
 _LOCK_FDS: dict[Path, int] = {}
@@ -240,27 +242,44 @@ _FLOCK_PAD = b"\0" * 8
 
 
 class RunLock(ProcessLock):
-    """The data folder's run lock: `<data_dir>/.rare-cxr.lock`, exclusive, held from before the
-    session is created to the end of the run.
+    """One lock file of a data folder, held from before the session is created to the run's end.
 
-    The file holds the holder's pid, host, start and command while it is held and is emptied on
-    release; a run that finds it non-empty when it gets the lock knows the previous holder died
+    `name=None` is the environment's lock `<data_dir>/.rare-cxr.lock`: exclusive for a run that
+    writes the shared stages (phantom, labels, split, image cache), shared for runs that only
+    train, predict or report models. `name="<model>"` is one model's lock
+    (`<data_dir>/.rare-cxr-locks/<model>.lock`) and `name="combined"` the lock of the outputs
+    that combine models (report.html, inference). See `RunLocks`.
+
+    An exclusive holder writes its pid, host, start and command into the file and empties it on
+    release; a run that finds a record when it gets the lock knows the previous holder died
     without releasing it (the kernel already dropped its lock), says so, and takes over.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, announce_every_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        announce_every_s: float = 60.0,
+        *,
+        name: str | None = None,
+        shared: bool = False,
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
-        super().__init__(self.data_dir / LOCK_NAME, announce_every_s=announce_every_s)
+        self.name = name
+        path = self.data_dir / (LOCK_NAME if name is None else f"{LOCKS_FOLDER}/{name}.lock")
+        super().__init__(path, shared=shared, announce_every_s=announce_every_s)
 
     @classmethod
-    def held(cls, data_dir: str | os.PathLike) -> RunLock | None:
+    def held(cls, data_dir: str | os.PathLike) -> RunLocks | None:
+        """The locks this process holds on `data_dir` (taken by the CLI or the run's hook)."""
         return _HELD.get(Path(data_dir).resolve())
 
     def _announce(self, fd: int, waited: float, what: str) -> None:
+        scope = "" if self.name is None else f" for {self.name}"
         logger.warning(
-            "another kedro run is using %s (%s); waiting for it to finish (waited %.0f s; "
+            "another kedro run is using %s%s (%s); waiting for it to finish (waited %.0f s; "
             "Ctrl-C to give up -- nothing of this run has started yet)",
             self.data_dir,
+            scope,
             self.describe_holder(fd),
             waited,
         )
@@ -280,7 +299,7 @@ class RunLock(ProcessLock):
             return False
         assert self._fd is not None
         stale = self._recorded_holder(self._fd)
-        if stale:
+        if stale:  # only an exclusive holder writes one, and no exclusive holder is alive now
             logger.warning(
                 "the previous holder of %s (pid %s on %s, started %s: `%s`) ended without "
                 "releasing it (killed?); the kernel has dropped its lock, this run takes over",
@@ -290,23 +309,23 @@ class RunLock(ProcessLock):
                 stale.get("started"),
                 stale.get("command"),
             )
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": _now(),
-            "command": " ".join(sys.argv),
-        }
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps(info).encode(), 0)
-        _HELD[self.data_dir] = self
+            os.ftruncate(self._fd, 0)
+        if not self.shared:
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": _now(),
+                "command": " ".join(sys.argv),
+            }
+            os.pwrite(self._fd, json.dumps(info).encode(), 0)
         return True
 
     def release(self) -> None:
         if self._fd is None:
             return
-        _HELD.pop(self.data_dir, None)
         try:
-            os.ftruncate(self._fd, 0)
+            if not self.shared:
+                os.ftruncate(self._fd, 0)
         finally:
             super().release()
 
@@ -318,8 +337,112 @@ class RunLock(ProcessLock):
         self.release()
 
 
+# Tag of nodes that only read models' outputs and write outputs of their own (combined reports,
+# inference): they run beside trainings of other models (see `plan_locks`).
+DOWNSTREAM_TAG = "downstream"
+COMBINED_LOCK = "combined"
+
+
+@dataclass(frozen=True)
+class LockPlan:
+    """Which locks a run takes: the environment's lock (exclusive when the run writes the shared
+    stages), each model's lock (exclusive when it trains, predicts or reports that model, shared
+    when it only reads its outputs), and the lock of the combined outputs."""
+
+    exclusive: bool
+    models: tuple[tuple[str, bool], ...] = ()  # (model, exclusive), sorted by name
+    combined: bool = False
+
+    def describe(self) -> str:
+        if self.exclusive:
+            return "the whole data folder (it writes the shared stages)"
+        parts = [f"{m} ({'writes' if ex else 'reads'})" for m, ex in self.models]
+        if self.combined:
+            parts.append("the combined reports")
+        return ", ".join(parts) or "nothing but the shared stages (read)"
+
+
+EXCLUSIVE_PLAN = LockPlan(exclusive=True)
+
+
+def plan_locks(pipeline: Any, models: Iterable[str]) -> LockPlan:
+    """The locks of a run of `pipeline`, from its nodes alone.
+
+    * a node in a model's namespace (training, prediction, that model's reporting) locks that
+      model exclusively: two runs of one model wait for each other;
+    * a node tagged `downstream` (combined reports, inference) locks the combined outputs
+      exclusively and every model whose datasets it reads shared: it waits for a model that is
+      being trained now, and for nothing that is not running;
+    * any other node (phantom, labels, split, image cache -- what every model reads) makes the
+      environment's lock exclusive: the run waits for every other run, and they for it.
+
+    Anything not recognised falls to the exclusive case: a new pipeline is safe by default.
+    """
+    models = set(models)
+    exclusive: dict[str, bool] = {}
+    combined = False
+    for node in pipeline.nodes:
+        namespace = (node.namespace or "").split(".")[0]
+        if namespace in models:
+            exclusive[namespace] = True
+        elif DOWNSTREAM_TAG in node.tags:
+            combined = True
+            for name in node.inputs:
+                model = name.split(".")[0]
+                if "." in name and model in models:
+                    exclusive.setdefault(model, False)
+        else:
+            return EXCLUSIVE_PLAN
+    return LockPlan(False, tuple(sorted(exclusive.items())), combined)
+
+
+class RunLocks:
+    """The locks of one run on one data folder (a `LockPlan`), taken in one fixed order
+    (environment, models by name, combined) so that runs waiting for each other never deadlock,
+    and released in reverse."""
+
+    def __init__(self, data_dir: str | os.PathLike, plan: LockPlan = EXCLUSIVE_PLAN) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.plan = plan
+        self.locks = [RunLock(self.data_dir, shared=not plan.exclusive)]
+        if not plan.exclusive:
+            self.locks += [RunLock(self.data_dir, name=m, shared=not ex) for m, ex in plan.models]
+            if plan.combined:
+                self.locks.append(RunLock(self.data_dir, name=COMBINED_LOCK))
+
+    def acquire(self) -> None:
+        if _HELD.get(self.data_dir) is self:
+            return
+        try:
+            for lock in self.locks:
+                lock.acquire()
+        except BaseException:
+            self._release_all()
+            raise
+        _HELD[self.data_dir] = self
+        if not self.plan.exclusive:
+            logger.info("run locks on %s: %s", self.data_dir, self.plan.describe())
+
+    def _release_all(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+    def release(self) -> None:
+        if _HELD.get(self.data_dir) is self:
+            del _HELD[self.data_dir]
+        self._release_all()
+
+    def __enter__(self) -> RunLocks:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 def run_lock_holder(data_dir: str | os.PathLike) -> int | None:
-    """The pid holding `data_dir`'s run lock (kernel's answer), or None when it is free."""
+    """The pid of a process holding any part of `data_dir`'s environment lock (kernel's
+    answer), or None when it is free (nobody runs there)."""
     if RunLock.held(data_dir) is not None:
         return os.getpid()
     return RunLock(data_dir).holder_pid()
@@ -384,9 +507,23 @@ class RunManifest:
         self.write()
 
 
-def later_runs(data_dir: Path, run_id: str) -> list[str]:
-    """Ids of runs recorded in `data_dir` that started after `run_id` (ids sort by time)."""
+def later_runs(data_dir: Path, run_id: str, datasets: Iterable[str] | None = None) -> list[str]:
+    """Ids of runs recorded in `data_dir` that started after `run_id` (ids sort by time); with
+    `datasets`, only those that saved one of them (runs of other models may run alongside)."""
     folder = Path(data_dir) / RUNS_FOLDER
     if not folder.is_dir():
         return []
-    return sorted(p.stem for p in folder.glob("*.json") if p.stem > run_id)
+    later = sorted(p for p in folder.glob("*.json") if p.stem > run_id)
+    if datasets is None:
+        return [p.stem for p in later]
+    wanted, touching = set(datasets), []
+    for path in later:
+        try:
+            saved = json.loads(path.read_text()).get("saved") or {}
+        except (OSError, ValueError):
+            saved = {}  # unreadable: the run is counted, to be safe
+            touching.append(path.stem)
+            continue
+        if wanted & set(saved):
+            touching.append(path.stem)
+    return touching

@@ -19,6 +19,7 @@ import warnings
 from kedro.pipeline import Node, Pipeline
 
 from rare_cxr.pipelines.inference import nodes
+from rare_cxr.runs import DOWNSTREAM_TAG
 
 DEFAULT_MODEL = "multiscale_resnet"
 EXTERNAL_BUNDLE = "model_bundle_file"
@@ -41,7 +42,9 @@ def _build(nodes_: list[Node]) -> Pipeline:
     with warnings.catch_warnings():
         # `<model>.model_bundle` is read by its full dotted name on purpose (no namespace)
         warnings.filterwarnings("ignore", message="One or more dataset names contain")
-        return Pipeline(nodes_, tags=["inference"])
+        # `downstream`: reads a model's bundle, writes its own outputs: it runs beside
+        # trainings of other models (rare_cxr.runs.plan_locks)
+        return Pipeline(nodes_, tags=["inference", DOWNSTREAM_TAG])
 
 
 def create_pipeline(

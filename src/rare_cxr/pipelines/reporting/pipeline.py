@@ -23,6 +23,7 @@ from kedro.pipeline import Node, Pipeline
 
 from rare_cxr.pipelines.reporting import nodes
 from rare_cxr.pipelines.reporting.params import ReportingParams
+from rare_cxr.runs import DOWNSTREAM_TAG
 
 if TYPE_CHECKING:
     from rare_cxr.models.roster import Roster
@@ -304,6 +305,9 @@ def create_pipeline(
                 ),
             ]
         )
+    # `downstream`: these nodes only read models' outputs and write their own, so a reporting
+    # run waits only for the models being trained right now (rare_cxr.runs.plan_locks)
+    combined = Pipeline(combined, tags=[DOWNSTREAM_TAG])
     return Pipeline(per_model + combined, tags=["reporting"])
 
 
