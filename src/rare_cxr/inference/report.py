@@ -14,7 +14,6 @@ import html
 import io
 import json
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,9 +24,9 @@ from PIL import Image
 from rare_cxr.evaluation.report_html import STYLE, png_data_uri
 from rare_cxr.findings import FINDINGS
 from rare_cxr.inference.bundle import bundle_thresholds
-from rare_cxr.inference.images import STATUSES, InputFile, is_inside, read_for_model
+from rare_cxr.inference.images import STATUSES, InputFile, read_for_model, scan_folder
 from rare_cxr.inference.model_card import NOT_FOR_CLINICAL_USE, card_html, card_markdown
-from rare_cxr.inference.predict import DECISION_SUFFIX, overlay_paths
+from rare_cxr.inference.predict import DECISION_SUFFIX, row_overlays
 
 EXTRA_STYLE = """
 .img{display:flex;gap:1em;align-items:flex-start;border-top:1px solid #ddd;padding:.6em 0}
@@ -57,6 +56,27 @@ def _text(value: Any) -> str:
 
 def _bytes(value: Any) -> bytes:
     return value() if callable(value) else value
+
+
+def input_files(input_root: str, paths: pd.Series) -> dict[Any, InputFile]:
+    """The file behind each predictions row (by index), found by scanning the input folder as
+    the prediction did: a row's `path` is the printable name, which for a name that is not
+    UTF-8 is not the file system's; the k-th row of a path is the k-th file scanned with it.
+    Rows whose file is gone are left out; a folder that is gone gives no file at all."""
+    try:
+        scanned = scan_folder(input_root)
+    except OSError:
+        return {}
+    by_path: dict[str, list[InputFile]] = {}
+    for entry in scanned:
+        by_path.setdefault(entry.relpath, []).append(entry)
+    seen: dict[str, int] = {}
+    out = {}
+    for index, path in paths.items():
+        k = seen[path] = seen.get(path, -1) + 1
+        if k < len(by_path.get(path, ())):
+            out[index] = by_path[path][k]
+    return out
 
 
 def _order(table: pd.DataFrame) -> pd.DataFrame:
@@ -129,15 +149,10 @@ def render_inference_report(
         shown = shown.head(limit)
     if len(shown):
         parts.append("<h2>Predicted images</h2>")
-    real_root = os.path.realpath(input_root)
-    for _, row in shown.iterrows():
-        # the file predicted, re-read for its thumbnail; never outside the input folder
-        target = os.path.realpath(os.path.join(input_root, str(row["path"])))
-        entry = (
-            InputFile(str(row["path"]), target)
-            if is_inside(target, real_root)
-            else InputFile(str(row["path"]), "", "outside-input", "now links outside the folder")
-        )
+    files = input_files(input_root, predictions["path"]) if len(shown) else {}
+    for index, row in shown.iterrows():
+        # the file predicted, re-read for its thumbnail (found as the scan found it)
+        entry = files.get(index) or InputFile(str(row["path"]), "", "missing", "no longer there")
         thumb = read_for_model(entry, size, cfg["max_image_pixels"], cfg["dicom"]["without_voi"])
         top = sorted(FINDINGS, key=lambda f: -float(row[f]))[: int(report["top_findings"])]
         items = []
@@ -164,10 +179,10 @@ def render_inference_report(
         )
         cams = []
         order = {f: i for i, f in enumerate(_text(row["positive_findings"]).split("|"))}
-        mine = overlay_paths(overlays, str(row["path"]))
-        for key in sorted(mine, key=lambda k: (order.get(k.split("__")[0], 99), k)):
+        mine = row_overlays(overlays, row)
+        for key in sorted(mine, key=lambda k: (order.get(k.split("__")[1], 99), k)):
             value = mine[key]
-            finding, layer = key.split("__", 1)
+            finding, layer = key.removesuffix(".png").split("__")[1:3]
             b64 = base64.b64encode(_bytes(value)).decode("ascii")
             cams.append(
                 f"<figure><img alt='{e(key)}' width='{report['thumbnail_size']}' "

@@ -1,0 +1,219 @@
+"""Inference against hostile input folders and bundles (issue 17, items 7 and 8).
+
+A security review attacked `kedro run --pipelines inference --params input_dir=...`: file
+names that are not UTF-8, that look like missing values or numbers (`NA`, `0001`), that a
+spreadsheet runs (`=HYPERLINK(...)`), folders named like overlay files, decompression bombs,
+bundle metadata that injects Markdown into the model card, malformed bundles. Each test here
+builds such an input (tiny images) and checks what the user gets. The decompression bombs of
+each DICOM transfer syntax are in tests/test_dicom.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageFile
+from test_dicom import jpeg_declaring, make_dicom
+from test_inference import FAST, SIZE, png, radiograph, read_predictions, tiny_bundle
+
+from rare_cxr.datasets.inference import PngFolderDataset, PredictionsCSVDataset
+from rare_cxr.findings import FINDINGS
+from rare_cxr.inference.predict import overlay_name, run_inference, validate_inference_params
+from rare_cxr.inference.report import render_inference_report
+from rare_cxr.inference.table import (
+    TEXT_COLUMNS,
+    csv_load_args,
+    from_csv_frame,
+    neutralise,
+    printable,
+    restore,
+    to_csv_frame,
+)
+
+NON_UTF8 = b"bad\xffname.png"  # a Latin-1 export: the byte 0xFF is not UTF-8
+NON_UTF8_SHOWN = "bad\\xffname.png"
+# names that pandas' defaults turn into a missing value or a number, or a spreadsheet runs
+TRICKY = ("NA", "0001", "0010", "1e5", "=cmd", '=HYPERLINK("evil.example","y")', "+1", "@sum")
+
+
+@pytest.fixture(scope="module")
+def bundle() -> dict:
+    return tiny_bundle()
+
+
+def all_positive(bundle: dict) -> dict:
+    """The bundle with every threshold at 0: every finding of every image is positive, so
+    every image gets overlays."""
+    out = copy.deepcopy(bundle)
+    out["metadata"]["thresholds"] = dict.fromkeys(FINDINGS, 0.0)
+    return out
+
+
+def png_as(path: Path, array: np.ndarray) -> None:
+    """A PNG whatever the name's extension says (names here are chosen, not descriptive)."""
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def hostile_folder(folder: Path) -> dict[str, str]:
+    """Tiny images under hostile names; returns {name as shown: format}."""
+    folder.mkdir(parents=True)
+    shown = {}
+    for k, name in enumerate(TRICKY[:-1]):
+        if name == "1e5":
+            make_dicom(folder / name, radiograph(k), bits_stored=8)
+            shown[name] = "dicom"
+        else:
+            png_as(folder / name, radiograph(k))
+            shown[name] = "png"
+    with open(os.path.join(os.fsencode(folder), NON_UTF8), "wb") as handle:
+        Image.fromarray(radiograph(20)).save(handle, format="PNG")
+    shown[NON_UTF8_SHOWN] = "png"
+    png_as(folder / "tab\there.png", radiograph(21))
+    shown["tab\\x09here.png"] = "png"
+    png_as(folder / "rtl\u202egnp.exe", radiograph(22))  # a right-to-left override
+    shown["rtl\\u202egnp.exe"] = "png"
+    return shown
+
+
+# --------------------------------------------------------------------- names as text
+
+
+def test_printable_escapes_what_cannot_be_written_or_seen_and_nothing_else():
+    assert printable(os.fsdecode(NON_UTF8)) == NON_UTF8_SHOWN
+    assert printable("a\nb\x1b[31m") == "a\\x0ab\\x1b[31m"
+    assert printable("rtl\u202etxt") == "rtl\\u202etxt"
+    for plain in ("NA", "0001", "café.png", "x-ray 1.dcm", "=cmd", "a\\xffb"):
+        assert printable(plain) == plain
+
+
+def test_text_cells_are_neutralised_reversibly_and_numbers_stay_numbers():
+    for cell in (*TRICKY, "-x", "\tx", "\rx", "'", "'=x", "''", "plain", ""):
+        assert restore(neutralise(cell)) == cell
+        assert not neutralise(cell).startswith(("=", "+", "-", "@", "\t", "\r"))
+    table = pd.DataFrame(
+        {"path": ["=cmd", "-1", "NA"], "Atelectasis": [-0.5, np.nan, 1e-9], "width": [1, 2, 3]}
+    ).astype({"path": "string", "width": "Int64"})
+    text = io.StringIO()
+    to_csv_frame(table).to_csv(text, index=False)
+    assert text.getvalue().splitlines() == [
+        "path,Atelectasis,width",
+        "'=cmd,-0.5,1",
+        "'-1,,2",
+        "NA,1e-09,3",
+    ]
+    back = from_csv_frame(pd.read_csv(io.StringIO(text.getvalue()), **csv_load_args()))
+    pd.testing.assert_frame_equal(back, table)
+
+
+def test_hostile_names_are_predicted_written_read_back_and_reported_as_themselves(tmp_path, bundle):
+    from kedro.io import Version
+
+    folder = tmp_path / "in"
+    shown = hostile_folder(folder)
+    params = {**FAST, "input_dir": str(folder)}
+    table, overlays = run_inference(bundle, params)
+    assert sorted(table["path"]) == sorted(shown)
+    assert (table["status"] == "ok").all(), table[["path", "reason"]]
+    assert dict(zip(table["path"], table["format"], strict=True)) == shown
+
+    dataset = PredictionsCSVDataset(filepath=str(tmp_path / "p.csv"), version=Version(None, "v"))
+    dataset.save(table)
+    saved = tmp_path / "p.csv" / "v" / "p.csv"
+    raw = saved.read_bytes()
+    raw.decode("utf-8")  # the file is UTF-8 throughout
+    with saved.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:  # a spreadsheet sees no formula in any text cell
+        for column in TEXT_COLUMNS:
+            assert not row[column].startswith(("=", "+", "-", "@", "\t", "\r")), row[column]
+    paths = [row["path"] for row in rows]
+    assert {"NA", "0001", "0010", "1e5", "'=cmd", "'+1", NON_UTF8_SHOWN} <= set(paths)
+    loaded = PredictionsCSVDataset(
+        filepath=str(tmp_path / "p.csv"), version=Version(None, None)
+    ).load()
+    assert loaded["path"].tolist() == table["path"].tolist()  # every name, as it was
+    pd.testing.assert_frame_equal(loaded[list(FINDINGS)], table[list(FINDINGS)])
+    assert read_predictions(saved)["path"].tolist() == table["path"].tolist()
+
+    html = render_inference_report(
+        predictions=loaded,
+        overlays=overlays,
+        bundle=bundle,
+        cfg=validate_inference_params(params),
+        input_root=str(folder),
+    )
+    assert "no longer readable" not in html
+    assert html.count("<img alt='input'") == len(shown)  # every thumbnail found its file
+    for name in ("NA", "0001", "0010", "1e5", NON_UTF8_SHOWN, "tab\\x09here.png"):
+        assert f"<b>{name}</b>" in html, name
+    assert "<b>=cmd</b>" in html and "&#x27;=cmd" not in html
+    for wrong in ("nan", "1", "10", "100000.0", "'=cmd"):  # what pandas' defaults made of them
+        assert f"<b>{wrong}</b>" not in html
+
+
+def test_a_header_that_claims_more_pixels_than_allowed_is_refused_before_decoding(
+    tmp_path, bundle, monkeypatch
+):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "bomb.jpg").write_bytes(jpeg_declaring(8000, 8000))  # 64 M px in 700 bytes
+    png(folder / "fine.png", radiograph())
+
+    def refuse(self):
+        raise AssertionError("pixels of an over-limit image were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    params = {**FAST, "input_dir": str(folder), "gradcam": {"enabled": False}}
+    table, _ = run_inference(bundle, params)
+    rows = table.set_index("path")
+    assert rows.loc["bomb.jpg", "status"] == "too-large"
+    assert (
+        "8000x8000 = 64,000,000 pixels exceeds inference.max_image_pixels"
+        in (rows.loc["bomb.jpg", "reason"])
+    )
+    assert rows.loc["fine.png", "status"] == "corrupt"  # load() refuses: proves it is patched
+
+
+# --------------------------------------------------------------------- overlays
+
+
+def test_overlay_names_are_unique_flat_and_safe_whatever_the_input_names(tmp_path, bundle):
+    folder = tmp_path / "in"
+    png(folder / "a.png", radiograph(1))
+    for finding in FINDINGS:  # folders named as the old scheme named a.png's overlays
+        for layer in ("scale_16", "scale_32"):
+            png(folder / f"a.png__{finding}__{layer}.png" / "b.png", radiograph(2))
+    for name in ("x y.png", "x_y.png", "x?y.png", "x\\y.png"):
+        png(folder / "sub" / name, radiograph(3))
+    with open(os.path.join(os.fsencode(folder), b"x\xffy.png"), "wb") as handle:
+        Image.fromarray(radiograph(4)).save(handle, format="PNG")
+
+    table, overlays = run_inference(all_positive(bundle), {**FAST, "input_dir": str(folder)})
+    assert (table["status"] == "ok").all()
+    per_image = 3 * 2  # max_findings_per_image x scales
+    assert len(overlays) == len(table) * per_image  # no two overlays share a name
+    listed = [name for cell in table["overlays"] for name in cell.split("|")]
+    assert sorted(listed) == sorted(overlays)
+    for number, row in table.iterrows():
+        names = row["overlays"].split("|")
+        assert len(names) == per_image
+        assert all(name.startswith(f"{number + 1:06d}_") for name in names)
+    for name in overlays:
+        assert "/" not in name and not name.startswith(".")
+        assert all(c.isascii() and (c.isalnum() or c in "._-") for c in name), name
+
+    target = PngFolderDataset(str(tmp_path / "overlays"))
+    target.save(overlays)  # the save that used to crash
+    written = sorted(p.name for p in (tmp_path / "overlays").iterdir())
+    assert written == sorted(overlays)
+    with Image.open(tmp_path / "overlays" / written[0]) as image:
+        assert image.size == (SIZE, SIZE)
+    expected = "000007_x_y.png__Mass__scale_32.png"
+    assert overlay_name(7, "sub/x?y.png", "Mass", "scale_32") == expected
