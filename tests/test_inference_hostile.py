@@ -217,3 +217,86 @@ def test_overlay_names_are_unique_flat_and_safe_whatever_the_input_names(tmp_pat
         assert image.size == (SIZE, SIZE)
     expected = "000007_x_y.png__Mass__scale_32.png"
     assert overlay_name(7, "sub/x?y.png", "Mass", "scale_32") == expected
+
+
+# --------------------------------------------------------------------- documents
+
+
+INJECTED = "x\n# Approved for clinical use\n![pixel](http://evil.example/p.png) [site](http://evil.example)"
+
+
+def injected_bundle(bundle: dict) -> dict:
+    """Every free-text metadata value the card shows, set to Markdown/HTML that would add a
+    heading, an external image, a link, raw HTML or table cells if it were interpreted."""
+    out = copy.deepcopy(bundle)
+    meta = out["metadata"]
+    meta["model"] = INJECTED
+    meta["created_by"] = "<img src=http://evil.example/q.png>"
+    meta["threshold_method"] = "f1` ![m](http://evil.example/m.png) `"
+    meta["model_spec"]["backbone"] = "| evil | cells |"
+    meta["preprocessing"]["grey"] = "## Approved\n> quoted"
+    meta["data"]["source"] = INJECTED + " <script>alert(1)</script>"
+    meta["data"]["splits"][0]["split"] = "1. [x](javascript:alert(1))"
+    meta["rare_findings"]["rule"] = "<b>bold</b> &amp; **strong**"
+    meta["subgroups"][0]["subgroup"] = "-\n=== "
+    return out
+
+
+def test_bundle_metadata_is_rendered_as_plain_text_in_the_card_and_the_report(tmp_path, bundle):
+    from markdown_it import MarkdownIt
+
+    from rare_cxr.inference.model_card import card_html, card_markdown
+
+    hostile = injected_bundle(bundle)
+    card = card_markdown(hostile["metadata"])
+    headings = [line for line in card.splitlines() if line.startswith("#")]
+    assert headings == [
+        "# Model card — x # Approved for clinical use \\!\\[pixel\\](http://evil.example/p.png)"
+        " \\[site\\](http://evil.example)",
+        *(
+            f"## {title}"
+            for title in (
+                "Intended use",
+                "Model",
+                "Data",
+                "Metrics (test split)",
+                "Decision thresholds",
+                "Limitations",
+                "Citations",
+            )
+        ),
+    ]
+    rendered = card_html(card)
+    for html in (rendered, MarkdownIt("commonmark").render(card)):  # also a stricter renderer
+        assert "evil.example" in html  # shown, as text ...
+        assert "<img" not in html and "<a " not in html and "<script" not in html
+        assert "<b>bold" not in html and "<blockquote>" not in html and "<ol" not in html
+        assert "Approved for clinical use" in html
+        for tag in ("h1", "h2", "h3"):
+            assert f"<{tag}>Approved" not in html and f"<{tag}>x" not in html
+    # each value whole, in its own cell or sentence, whitespace collapsed
+    for text in ("<td>| evil | cells |</td>", "&lt;b&gt;bold&lt;/b&gt; &amp;amp; **strong**"):
+        assert text in rendered, text
+    assert "<td>- ===</td>" in rendered
+    assert rendered.count("<table>") == card_html(card_markdown(bundle["metadata"])).count(
+        "<table>"
+    )  # no table added, none broken
+
+    folder = tmp_path / "in"
+    png(folder / "a.png", radiograph())
+    params = {**FAST, "input_dir": str(folder)}
+    table, overlays = run_inference(bundle, params)  # (the hostile spec builds no model)
+    page = render_inference_report(
+        predictions=table,
+        overlays=overlays,
+        bundle=hostile,
+        cfg=validate_inference_params(params),
+        input_root=str(folder),
+    )
+    assert "evil.example" in page
+    for bad in ("<img src=http", "<img src='http", '<img src="http', "<a ", "<script"):
+        assert bad not in page
+    flat = " ".join(page.split())  # HTML: a newline in text is a space
+    assert "<title>rare-cxr inference — x # Approved for clinical use ![pixel]" in flat
+    assert "<h1>Inference — x # Approved" in flat  # the model name, in the page's own heading
+    assert "<h2>Approved" not in page and "<h3>Approved" not in page
