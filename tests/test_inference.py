@@ -393,7 +393,7 @@ def test_bundle_round_trip_loads_weights_only_and_refuses_what_is_not_one(tmp_pa
     with pytest.raises(DatasetError, match="no model bundle at .*kedro run --pipelines reporting"):
         ModelBundleDataset(str(tmp_path / "none.pt"), version=Version(None, None)).load()
     broken = {**bundle, "metadata": {**bundle["metadata"], "thresholds": {}}}
-    with pytest.raises(BundleError, match="thresholds lack"):
+    with pytest.raises(BundleError, match="metadata.thresholds: expected one threshold per"):
         validate_bundle(broken)
 
 

@@ -300,3 +300,98 @@ def test_bundle_metadata_is_rendered_as_plain_text_in_the_card_and_the_report(tm
     assert "<title>rare-cxr inference — x # Approved for clinical use ![pixel]" in flat
     assert "<h1>Inference — x # Approved" in flat  # the model name, in the page's own heading
     assert "<h2>Approved" not in page and "<h3>Approved" not in page
+
+
+# --------------------------------------------------------------------- malformed bundles
+
+
+def _set(path: str, value):
+    """A mutation of the bundle: `metadata.a.b` or `state_dict.<name>` set to `value`
+    (`DROP` removes the key)."""
+
+    def mutate(bundle: dict) -> None:
+        *parents, leaf = path.split(".", 1) if path.startswith("state_dict") else path.split(".")
+        node = bundle
+        for part in parents:
+            node = node[part]
+        if value is DROP:
+            del node[leaf]
+        else:
+            node[leaf] = value(node[leaf]) if callable(value) else value
+
+    return mutate
+
+
+DROP = object()
+FIRST_WEIGHT = "trunks.0.conv1.weight"
+MALFORMED = {
+    "input size 0": (_set("metadata.input_size", 0), "metadata.input_size: expected a value >= 1"),
+    "input size huge": (
+        _set("metadata.input_size", 10**6),
+        "metadata.input_size: expected a value <= 4096, got 1000000",
+    ),
+    "threshold abc": (
+        _set("metadata.thresholds.Mass", "abc"),
+        "metadata.thresholds.Mass: expected a number, got 'abc'",
+    ),
+    "threshold above 1": (
+        _set("metadata.thresholds.Edema", 1.5),
+        "metadata.thresholds.Edema: expected a value <= 1.0, got 1.5",
+    ),
+    "threshold missing": (
+        _set("metadata.thresholds.Mass", DROP),
+        "metadata.thresholds: expected one threshold per finding; missing ['Mass']",
+    ),
+    "key missing": (_set("metadata.scales", DROP), "metadata.scales: required key is missing"),
+    "unknown architecture": (
+        _set("metadata.model_spec.architecture", "evil"),
+        "metadata.model_spec.architecture: expected one of 'multiscale_resnet'",
+    ),
+    "flip not a bool": (
+        _set("metadata.preprocessing.tta_hflip", "yes"),
+        "metadata.preprocessing.tta_hflip: expected true or false, got 'yes'",
+    ),
+    "weights of another shape": (
+        _set(f"state_dict.{FIRST_WEIGHT}", lambda t: t[:, :, :3, :3].clone()),
+        f"state_dict does not fit metadata.model_spec (architecture 'multiscale_resnet', "
+        f"backbone 'resnet18', scales [16, 32]): 1 shape mismatch(es): '{FIRST_WEIGHT}: "
+        "[64, 1, 3, 3] in the bundle, [64, 1, 7, 7] in the model'",
+    ),
+    "weights of another backbone": (
+        _set("metadata.model_spec.backbone", "resnet34"),
+        "state_dict does not fit metadata.model_spec (architecture 'multiscale_resnet', "
+        "backbone 'resnet34', scales [16, 32]): missing 96 key(s)",
+    ),
+    "weight missing": (
+        _set(f"state_dict.{FIRST_WEIGHT}", DROP),
+        f"missing 1 key(s) '{FIRST_WEIGHT}'",
+    ),
+    "not a tensor": (
+        _set(f"state_dict.{FIRST_WEIGHT}", [1.0, 2.0]),
+        f"state_dict values of '{FIRST_WEIGHT}' are not tensors",
+    ),
+    "other normalisation": (
+        _set("metadata.normalisation.mean", 0.5),
+        "metadata.normalisation.mean is 0.5, but this rare-cxr feeds mean=0.449",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_bundle_is_refused_naming_the_file_and_the_key(tmp_path, bundle, case):
+    import torch
+    from kedro.io import DatasetError
+
+    from rare_cxr.datasets.inference import ModelBundleDataset
+
+    mutate, message = MALFORMED[case]
+    broken = copy.deepcopy(bundle)
+    mutate(broken)
+    path = tmp_path / "shared" / "model_bundle.pt"
+    path.parent.mkdir()
+    torch.save(broken, path)
+    torch.load(path, weights_only=True)  # a plain bundle: only its content is wrong
+    with pytest.raises(DatasetError) as caught:
+        ModelBundleDataset(str(path)).load()
+    assert str(caught.value).startswith(f"{path}: "), str(caught.value)
+    assert message in str(caught.value)

@@ -28,8 +28,9 @@ from rare_cxr.datasets.versioned import LocalVersionedDataset
 class ModelBundleDataset(TorchCheckpointDataset):
     """A model bundle (`rare_cxr.inference.bundle`) as a `.pt` file, versioned or a plain path.
 
-    Loading checks the format (the error names the file and what is wrong) and adds
-    `metadata["bundle_version"]`: the catalog version (the run id that wrote it), or
+    Loading checks the bundle key by key and its weights against the architecture its spec
+    builds (`rare_cxr.inference.bundle.validate_bundle`: every error names the file and the
+    key) and adds `metadata["bundle_version"]`: the catalog version (the run id that wrote it), or
     `"unversioned"` for a plain file such as one handed over by a colleague.
     Loaded with `torch.load(weights_only=True)`: tensors and plain containers only.
     """
