@@ -395,3 +395,77 @@ def test_a_malformed_bundle_is_refused_naming_the_file_and_the_key(tmp_path, bun
         ModelBundleDataset(str(path)).load()
     assert str(caught.value).startswith(f"{path}: "), str(caught.value)
     assert message in str(caught.value)
+
+
+# --------------------------------------------------------------------- the real command line
+
+
+@pytest.mark.slow
+def test_hostile_folder_and_bundles_through_the_kedro_command_line(tmp_path, bundle):
+    """`kedro run --pipelines inference --params bundle=...,input_dir=...` on a folder of
+    hostile names, a deflate bomb and a folder named like an overlay file: the run finishes,
+    predictions.csv on disk holds every name as text (neutralised against CSV injection), the
+    report shows every name as it is, and a malformed bundle stops the run naming file and key."""
+    import torch
+    from conftest import make_project
+    from test_dicom import deflated_dicom
+
+    from rare_cxr.datasets.inference import ModelBundleDataset
+
+    project = make_project(tmp_path / "project")
+    project.write_local_params({"inference.device": "cpu", "inference.progress_bar": False})
+    bundle_file = tmp_path / "shared" / "model_bundle.pt"
+    ModelBundleDataset(str(bundle_file)).save(all_positive(bundle))
+    images = tmp_path / "images"
+    shown = hostile_folder(images)
+    deflated_dicom(images / "bomb.dcm", 24 * 2**20)  # inflates past the 16 MiB allowance
+    png(images / "000001_NA__Mass__scale_16.png" / "x.png", radiograph(30))
+
+    done = project.cli("run", "--pipelines", "inference", "--params",
+                       f"bundle={bundle_file},input_dir={images}")  # fmt: skip
+    assert "Pipeline execution completed successfully" in done.stdout + done.stderr
+    data = project.data()
+    saved = sorted(data.glob("07_model_output/inference/predictions.csv/*/predictions.csv"))[-1]
+    with saved.open(newline="", encoding="utf-8") as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    on_disk = {
+        "NA",
+        "0001",
+        "0010",
+        "1e5",
+        "'=cmd",
+        '\'=HYPERLINK("evil.example","y")',
+        "'+1",
+        NON_UTF8_SHOWN,
+        "tab\\x09here.png",
+        "rtl\\u202egnp.exe",
+    }
+    assert set(rows) == on_disk | {"bomb.dcm", "000001_NA__Mass__scale_16.png/x.png"}
+    assert {p: rows[p]["status"] for p in on_disk} == dict.fromkeys(on_disk, "ok")
+    assert rows["bomb.dcm"]["status"] == "too-large"
+    assert "deflated dataset inflates beyond" in rows["bomb.dcm"]["reason"]
+    table = read_predictions(saved)  # read as text, then typed: every name as it was
+    assert set(table["path"]) == set(shown) | {"bomb.dcm", "000001_NA__Mass__scale_16.png/x.png"}
+    overlays = sorted(data.glob("08_reporting/inference/overlays/*/overlays"))[-1]
+    listed = [n for cell in table["overlays"] for n in cell.split("|") if n]
+    assert sorted(listed) == sorted(p.name for p in overlays.iterdir())
+    assert len(listed) == 6 * (len(shown) + 1)  # 3 findings x 2 scales per predicted image
+
+    html = sorted(data.glob("08_reporting/inference/inference_report.html/*/*.html"))[-1]
+    page = html.read_text(encoding="utf-8")
+    assert "no longer readable" not in page
+    assert page.count("<img alt='input'") == len(shown) + 1
+    for name in ("NA", "0001", "0010", "1e5", "=cmd", NON_UTF8_SHOWN, "rtl\\u202egnp.exe"):
+        assert f"<b>{name}</b>" in page, name
+    for wrong in ("nan", "1", "10", "100000.0", "'=cmd"):
+        assert f"<b>{wrong}</b>" not in page
+
+    broken = copy.deepcopy(bundle)
+    broken["metadata"]["thresholds"]["Mass"] = "abc"
+    bad_file = tmp_path / "shared" / "broken_bundle.pt"
+    torch.save(broken, bad_file)
+    failed = project.cli("run", "--pipelines", "inference", "--params",
+                         f"bundle={bad_file},input_dir={images}", check=False)  # fmt: skip
+    assert failed.returncode != 0
+    output = " ".join((failed.stdout + failed.stderr).split())  # rich wraps long lines
+    assert f"{bad_file}: metadata.thresholds.Mass: expected a number, got 'abc'" in output
