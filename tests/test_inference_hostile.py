@@ -469,3 +469,44 @@ def test_hostile_folder_and_bundles_through_the_kedro_command_line(tmp_path, bun
     assert failed.returncode != 0
     output = " ".join((failed.stdout + failed.stderr).split())  # rich wraps long lines
     assert f"{bad_file}: metadata.thresholds.Mass: expected a number, got 'abc'" in output
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "# Approved for clinical use",
+        "x\n# Approved\n\n> quoted\n\n    code",
+        "![pixel](http://evil.example/p.png)",
+        "[site](http://evil.example) <http://evil.example>",
+        "<img src=x onerror=alert(1)> <b>bold</b> &amp;",
+        "| a | b |",
+        "1. one",
+        "12) twelve",
+        "- item",
+        "+ item",
+        "* item",
+        "=== ",
+        "---",
+        "```fence",
+        "~~strike~~ **strong** _em_ `code`",
+        "a\\b \\*",
+        "[ref]: http://evil.example",
+    ],
+)
+def test_a_markdown_escaped_value_renders_as_exactly_its_text(value):
+    """The card's escaping, alone: rendered as a whole document by markdown-it (CommonMark and
+    the js-default preset the reports use), an escaped value is one paragraph of its own text
+    (whitespace collapsed); as a code span, one code element."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    from rare_cxr.inference.templating import md_code, md_escape
+
+    text = " ".join(value.split())
+    for preset in ("commonmark", "js-default"):
+        renderer = MarkdownIt(preset)
+        assert renderer.render(md_escape(value)) == f"<p>{html.escape(text, quote=False)}</p>\n"
+        assert renderer.render(f"x {md_code(value)}") == (
+            f"<p>x <code>{html.escape(text, quote=False)}</code></p>\n"
+        )

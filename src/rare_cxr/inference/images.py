@@ -44,9 +44,12 @@ logger = logging.getLogger(__name__)
 STATUSES = {
     "ok": "read and predicted (see `flags`, e.g. lateral-view)",
     "not-an-image": "not a PNG, JPEG or DICOM file (recognised by content, not by name)",
-    "corrupt": "a damaged or unreadable PNG/JPEG/DICOM",
-    "too-large": "width x height above inference.max_image_pixels (refused before decoding)",
-    "unsupported": "a multi-frame or colour DICOM, or a compression without a pixel handler",
+    "corrupt": "a damaged or unreadable PNG/JPEG/DICOM (or a codestream whose size disagrees "
+    "with its DICOM header)",
+    "too-large": "width x height above inference.max_image_pixels, or more bytes than the "
+    "declared image justifies (refused before decoding or inflating)",
+    "unsupported": "a multi-frame or colour DICOM, or a compression without a pixel handler or "
+    "whose decoded size cannot be checked first",
     "no-pixel-data": "a DICOM object without an image",
     "not-a-file": "a FIFO, device or socket (never read)",
     "missing": "vanished while the folder was read, or a broken symbolic link",
