@@ -50,19 +50,6 @@ from rare_cxr.parameters import KeyProblem
 
 BUNDLE_FORMAT = "rare-cxr-model-bundle"
 BUNDLE_FORMAT_VERSION = 1
-# Keys inference reads (BundleMetadata); a bundle without one of them is refused naming it.
-REQUIRED_METADATA = (
-    "format",
-    "format_version",
-    "model",
-    "model_spec",
-    "findings",
-    "normalisation",
-    "scales",
-    "input_size",
-    "preprocessing",
-    "thresholds",
-)
 
 
 class BundleError(ValueError):
