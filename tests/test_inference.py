@@ -30,7 +30,12 @@ from rare_cxr.findings import FINDINGS
 from rare_cxr.image_cache import decode_resized
 from rare_cxr.inference.bundle import BundleError, load_bundle_model, make_bundle, validate_bundle
 from rare_cxr.inference.model_card import card_html, card_markdown
-from rare_cxr.inference.predict import DECISION_SUFFIX, prediction_columns, run_inference
+from rare_cxr.inference.predict import (
+    DECISION_SUFFIX,
+    overlay_name,
+    prediction_columns,
+    run_inference,
+)
 from rare_cxr.inference.report import render_inference_report
 from rare_cxr.models import build_model
 from rare_cxr.training.engine import predict_probabilities
@@ -209,10 +214,13 @@ def test_png_jpeg_and_monochrome1_dicom_give_the_cache_pixels_and_probabilities(
             if pd.notna(row[f + DECISION_SUFFIX]) and row[f + DECISION_SUFFIX] == 1
         ]
         assert sorted(str(row["positive_findings"]).split("|")) == sorted(positives)
-        # one overlay per scale for the (at most 3) most probable positive findings
+        # one overlay per scale for the (at most 3) most probable positive findings, named
+        # after the row (from 1) and listed in its `overlays` column
         top = sorted(positives, key=lambda f: -row[f])[:3]
-        names = {k for k in overlays if k.startswith(f"{path}__")}
-        assert names == {f"{path}__{f}__scale_{s}.png" for f in top for s in (16, 32)}
+        number = table.index[table["path"] == path][0] + 1
+        names = set(filter(None, row["overlays"].split("|")))
+        assert names == {overlay_name(number, path, f, f"scale_{s}") for f in top for s in (16, 32)}
+        assert names <= set(overlays)
     assert any(overlays)
     with Image.open(io.BytesIO(next(iter(overlays.values()))())) as overlay:
         assert overlay.size == (SIZE, SIZE) and overlay.mode == "RGB"
@@ -385,7 +393,7 @@ def test_bundle_round_trip_loads_weights_only_and_refuses_what_is_not_one(tmp_pa
     with pytest.raises(DatasetError, match="no model bundle at .*kedro run --pipelines reporting"):
         ModelBundleDataset(str(tmp_path / "none.pt"), version=Version(None, None)).load()
     broken = {**bundle, "metadata": {**bundle["metadata"], "thresholds": {}}}
-    with pytest.raises(BundleError, match="thresholds lack"):
+    with pytest.raises(BundleError, match="metadata.thresholds: expected one threshold per"):
         validate_bundle(broken)
 
 
@@ -447,6 +455,14 @@ def test_inference_runs_on_demand_only_and_reads_the_chosen_bundle(kedro_project
 # --------------------------------------------------------------------- the real command line
 
 
+def read_predictions(path: Path) -> pd.DataFrame:
+    """predictions.csv as a reader outside Kedro should read it: every cell as text (file names
+    such as `NA` or `0001` stay names), then the numeric columns typed."""
+    from rare_cxr.inference.table import from_csv_frame
+
+    return from_csv_frame(pd.read_csv(path, dtype=str, keep_default_na=False))
+
+
 def _one(folder: Path, pattern: str) -> Path:
     found = sorted(folder.glob(pattern))
     assert found, f"no {pattern} under {folder}"
@@ -483,15 +499,15 @@ def test_a_bundle_file_and_a_folder_give_predictions_report_and_a_checked_onnx(t
     assert "Pipeline execution completed successfully" in done.stdout + done.stderr
 
     data = project.data()
-    predictions = pd.read_csv(_one(data, "07_model_output/inference/predictions.csv/*/*.csv"))
+    predictions = read_predictions(_one(data, "07_model_output/inference/predictions.csv/*/*.csv"))
     assert predictions["path"].tolist() == ["a.png", "b/c.dcm", "readme.txt"]
     assert predictions["status"].tolist() == ["ok", "ok", "not-an-image"]
     assert (predictions["bundle_version"] == "unversioned").all()
     overlays = _one(data, "08_reporting/inference/overlays/*/overlays")
     positives = predictions.loc[0, "positive_findings"]
-    if isinstance(positives, str):
+    if positives:
         first = positives.split("|")[0]
-        assert (overlays / f"a.png__{first}__scale_32.png").is_file()
+        assert (overlays / overlay_name(1, "a.png", first, "scale_32")).is_file()
     html = _one(data, "08_reporting/inference/inference_report.html/*/*.html").read_text()
     assert "a.png" in html and "readme.txt" in html and "Model card" in html
 
@@ -537,7 +553,7 @@ def check_inference_on_trained_model(project, tmp_path: Path) -> None:
     (images / "notes.txt").write_text("not an image")
     command = COMMAND_ENV_MODEL.replace("/path/to/images", str(images))
     project.cli(*command.split(" ")[1:])
-    predictions = pd.read_csv(_one(data, "07_model_output/inference/predictions.csv/*/*.csv"))
+    predictions = read_predictions(_one(data, "07_model_output/inference/predictions.csv/*/*.csv"))
     rows = predictions.set_index("path")
     assert rows["status"].to_dict() == {
         **{p.name: "ok" for p in raw},
@@ -553,11 +569,14 @@ def check_inference_on_trained_model(project, tmp_path: Path) -> None:
     assert len(scales) > 1
     overlays = _one(data, "08_reporting/inference/overlays/*/overlays")
     n_overlays = 0
-    for path, row in rows[rows["status"] == "ok"].iterrows():
-        positives = row["positive_findings"] if isinstance(row["positive_findings"], str) else ""
-        for f in [f for f in positives.split("|") if f][:3]:
+    for number, row in predictions.iterrows():
+        if row["status"] != "ok":
+            continue
+        for f in [f for f in row["positive_findings"].split("|") if f][:3]:
             for s in scales:  # one overlay per scale of the multi-scale model
-                assert (overlays / f"{path}__{f}__scale_{s}.png").is_file(), (path, f, s)
+                name = overlay_name(number + 1, row["path"], f, f"scale_{s}")
+                assert (overlays / name).is_file(), (row["path"], f, s)
+                assert name in row["overlays"].split("|")
                 n_overlays += 1
     assert n_overlays == len(list(overlays.rglob("*.png")))
     html = _one(data, "08_reporting/inference/inference_report.html/*/*.html").read_text()

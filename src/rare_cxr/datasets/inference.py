@@ -1,13 +1,16 @@
-"""Kedro datasets of the inference side: the model bundle, a folder of PNG overlays, raw bytes.
+"""Kedro datasets of the inference side: the model bundle, the predictions CSV, a folder of
+PNG overlays, raw bytes.
 
 Why not kedro-datasets' own: `PyTorchDataset` stores weights without metadata;
 `PartitionedDataset` cannot be versioned (`versioned: true` is refused), and a run's overlays
 must be one versioned folder, written whole or not at all; there is no versioned bytes dataset
-with atomic writes (the ONNX file).
+with atomic writes (the ONNX file); `pandas.CSVDataset` reads a file named `NA` as a missing
+value and `0001` as 1, and writes `=HYPERLINK(...)` for a spreadsheet to run.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
@@ -17,6 +20,7 @@ import torch
 from kedro.io import DatasetError
 
 from rare_cxr.atomic import AtomicWriter, staging_folder
+from rare_cxr.datasets.atomic import CSVDataset
 from rare_cxr.datasets.checkpoint import TorchCheckpointDataset
 from rare_cxr.datasets.versioned import LocalVersionedDataset
 
@@ -24,8 +28,9 @@ from rare_cxr.datasets.versioned import LocalVersionedDataset
 class ModelBundleDataset(TorchCheckpointDataset):
     """A model bundle (`rare_cxr.inference.bundle`) as a `.pt` file, versioned or a plain path.
 
-    Loading checks the format (the error names the file and what is wrong) and adds
-    `metadata["bundle_version"]`: the catalog version (the run id that wrote it), or
+    Loading checks the bundle key by key and its weights against the architecture its spec
+    builds (`rare_cxr.inference.bundle.validate_bundle`: every error names the file and the
+    key) and adds `metadata["bundle_version"]`: the catalog version (the run id that wrote it), or
     `"unversioned"` for a plain file such as one handed over by a colleague.
     Loaded with `torch.load(weights_only=True)`: tensors and plain containers only.
     """
@@ -69,6 +74,47 @@ class ModelBundleDataset(TorchCheckpointDataset):
         torch.save({"state_dict": dict(bundle["state_dict"]), "metadata": metadata}, buffer)
         with AtomicWriter(Path(self._get_save_path()), "wb") as handle:
             handle.write(buffer.getbuffer())
+
+
+class PredictionsCSVDataset(CSVDataset):
+    """predictions.csv of the inference pipeline (`rare_cxr.inference.table`): the atomic
+    `CSVDataset` whose text columns are written neutralised against CSV injection and read
+    back as the same text (`NA`, `0001`, `=cmd` included), numbers as numbers.
+
+    `load_args`/`save_args` given in the catalog are applied on top of these defaults.
+    """
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        load_args: dict[str, Any] | None = None,
+        save_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from rare_cxr.inference.table import csv_load_args
+
+        super().__init__(
+            filepath=filepath,
+            load_args={**csv_load_args(), **(load_args or {})},
+            save_args={"index": False, **(save_args or {})},
+            **kwargs,
+        )
+
+    def load(self) -> Any:
+        from rare_cxr.inference.table import from_csv_frame
+
+        # kedro-datasets' own load, without Kedro's wrappers (this method gets its own)
+        table = inspect.unwrap(CSVDataset.load)(self)
+        try:
+            return from_csv_frame(table)
+        except ValueError as exc:
+            raise DatasetError(f"{self._get_load_path()}: {exc}") from exc
+
+    def save(self, data: Any) -> None:
+        from rare_cxr.inference.table import to_csv_frame
+
+        inspect.unwrap(CSVDataset.save)(self, to_csv_frame(data))
 
 
 class PngFolderDataset(LocalVersionedDataset):

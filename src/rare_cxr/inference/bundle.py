@@ -30,27 +30,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from rare_cxr.findings import FINDINGS
+from rare_cxr.parameters import KeyProblem
 
 BUNDLE_FORMAT = "rare-cxr-model-bundle"
 BUNDLE_FORMAT_VERSION = 1
-# Keys inference reads; a bundle without one of them is refused with the key named.
-REQUIRED_METADATA = (
-    "format",
-    "format_version",
-    "model",
-    "model_spec",
-    "findings",
-    "normalisation",
-    "scales",
-    "input_size",
-    "preprocessing",
-    "thresholds",
-)
 
 
 class BundleError(ValueError):
@@ -177,13 +176,67 @@ def make_bundle(
     return {"state_dict": state, "metadata": _plain(metadata)}
 
 
-def validate_bundle(obj: Any, source: str = "model bundle") -> dict[str, Any]:
-    """Check that `obj` is a bundle this rare-cxr can use; errors name `source` and the key."""
-    if not isinstance(obj, Mapping) or "state_dict" not in obj or "metadata" not in obj:
-        raise BundleError(f"{source} is not a rare-cxr model bundle (needs state_dict, metadata)")
-    meta = obj["metadata"]
-    if not isinstance(meta, Mapping):
-        raise BundleError(f"{source}: metadata is {type(meta).__name__}, expected a mapping")
+# Largest input_size and scale a bundle may ask for: inference resizes every image to
+# input_size x input_size, so a hostile bundle could otherwise make each image gigapixels.
+# 4096 is 4x the NIH films' side and above every configured model (<= 512).
+MAX_INPUT_SIZE = 4096
+
+
+class _Normalisation(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    mean: StrictFloat
+    std: StrictFloat = Field(gt=0.0)
+
+
+class _Preprocessing(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tta_hflip: StrictBool = False
+
+
+class BundleMetadata(BaseModel):
+    """What inference reads from a bundle's metadata, key by key (other keys are kept as they
+    are: the card shows them, and escapes them). Validated with `rare_cxr.parameters.check`,
+    so each problem is one sentence naming the file and the key."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model: StrictStr = Field(min_length=1)
+    model_spec: dict[str, Any]
+    findings: list[StrictStr]
+    normalisation: _Normalisation
+    scales: list[Annotated[StrictInt, Field(ge=1, le=MAX_INPUT_SIZE)]] = Field(min_length=1)
+    input_size: StrictInt = Field(ge=1, le=MAX_INPUT_SIZE)
+    preprocessing: _Preprocessing
+    thresholds: dict[str, Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None]
+
+    @field_validator("findings")
+    @classmethod
+    def _same_findings(cls, value: list[str]) -> list[str]:
+        if value != list(FINDINGS):
+            raise ValueError(f"{value} differ from rare_cxr.findings.FINDINGS {list(FINDINGS)}")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _one_per_finding(cls, value: dict[str, Any]) -> dict[str, Any]:
+        missing = [f for f in FINDINGS if f not in value]
+        unknown = [k for k in value if k not in FINDINGS]
+        if missing or unknown:
+            raise ValueError(
+                f"expected one threshold per finding; missing {missing}, unknown {unknown}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _scales_fit(self) -> BundleMetadata:
+        if max(self.scales) > self.input_size:
+            raise KeyProblem(
+                "scales", f"{self.scales} exceed input_size {self.input_size} (the model input)"
+            )
+        return self
+
+
+def _check_format(meta: Mapping[str, Any], source: str) -> None:
+    """format and format_version first: a checkpoint or a future bundle is told apart."""
     if meta.get("format") != BUNDLE_FORMAT:
         hint = (
             " (it is a training checkpoint: run `kedro run --pipelines reporting` to make the "
@@ -196,22 +249,86 @@ def validate_bundle(obj: Any, source: str = "model bundle") -> dict[str, Any]:
         )
     if meta.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleError(
-            f"{source}: bundle format_version {meta.get('format_version')!r}; this rare-cxr "
-            f"reads version {BUNDLE_FORMAT_VERSION}"
+            f"{source}: metadata.format_version is {meta.get('format_version')!r}; this "
+            f"rare-cxr reads version {BUNDLE_FORMAT_VERSION}"
         )
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise BundleError(f"{source}: metadata lacks {missing}")
-    if list(meta["findings"]) != list(FINDINGS):
-        raise BundleError(f"{source}: findings {meta['findings']} differ from FINDINGS")
-    bad = [f for f in FINDINGS if f not in meta["thresholds"]]
-    if bad:
-        raise BundleError(f"{source}: thresholds lack {bad}")
+
+
+def _check_weights(obj: Mapping[str, Any], source: str) -> None:
+    """The state_dict against the architecture its model_spec builds: every parameter and
+    buffer present, none extra, each of the model's shape; the input normalisation it was
+    trained with equal to this rare-cxr's for that architecture."""
+    from rare_cxr.models import build_model
+    from rare_cxr.models.factory import validate_model_spec
+
+    meta = obj["metadata"]
+    spec = validate_model_spec(meta["model_spec"])  # with its defaults (backbone...)
+    model = build_model(spec, load_weights=False)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = obj["state_dict"]
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise BundleError(f"{source}: state_dict must map names to tensors")
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        problems.append(f"missing {len(missing)} key(s) {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s) {_few(unexpected)}")
+    shapes = [
+        f"{k}: {list(state[k].shape)} in the bundle, {list(v)} in the model"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != v
+    ]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es): {_few(shapes)}")
+    if problems:
+        raise BundleError(
+            f"{source}: state_dict does not fit metadata.model_spec (architecture "
+            f"{spec.get('architecture')!r}, backbone {spec.get('backbone')!r}, scales "
+            f"{spec.get('scales')}): " + "; ".join(problems)
+        )
+    now = getattr(model, "normalisation", None) or {}
+    for key in ("mean", "std"):
+        if key in now and float(meta["normalisation"][key]) != float(now[key]):
+            raise BundleError(
+                f"{source}: metadata.normalisation.{key} is {meta['normalisation'][key]}, but "
+                f"this rare-cxr feeds {key}={now[key]} to a {spec['architecture']}: its "
+                "predictions would be wrong; retrain the model with this version"
+            )
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(repr(i) for i in items[:n]) + (", ..." if len(items) > n else "")
+
+
+def validate_bundle(
+    obj: Any, source: str = "model bundle", check_weights: bool = True
+) -> dict[str, Any]:
+    """Check that `obj` is a bundle this rare-cxr can use, key by key; every error names
+    `source` (the file) and the key (`metadata.input_size`, `metadata.thresholds.Mass`,
+    `state_dict`...). `check_weights` builds the architecture (no pretrained download) and
+    compares the state_dict's keys and shapes with it (`_check_weights`)."""
+    from rare_cxr.models.factory import ModelSpec
+    from rare_cxr.parameters import ParameterError, check
+
+    if not isinstance(obj, Mapping) or "state_dict" not in obj or "metadata" not in obj:
+        raise BundleError(f"{source} is not a rare-cxr model bundle (needs state_dict, metadata)")
+    meta = obj["metadata"]
+    if not isinstance(meta, Mapping):
+        raise BundleError(f"{source}: metadata is {type(meta).__name__}, expected a mapping")
+    _check_format(meta, source)
+    try:
+        check(BundleMetadata, meta, f"{source}: metadata")
+        check(ModelSpec, meta["model_spec"], f"{source}: metadata.model_spec")
+    except ParameterError as exc:
+        raise BundleError(str(exc)) from None
+    state = obj["state_dict"]
+    if not isinstance(state, Mapping) or not state:
+        raise BundleError(f"{source}: state_dict must map parameter names to tensors")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise BundleError(f"{source}: state_dict values of {_few(bad)} are not tensors")
+    if check_weights:
+        _check_weights(obj, source)
     return dict(obj)
 
 

@@ -15,6 +15,10 @@ The steps, in order:
    pixel handler installed for a compressed transfer syntax (pydicom's own JPEG/JPEG 2000/RLE
    handlers through Pillow and numpy; JPEG-LS and others need the optional extra
    `rare-cxr[dicom-compressed]` (pylibjpeg), else the reason names the missing packages).
+   Then what the bytes may become (`rare_cxr.inference.dicom_limits`): a deflated dataset is
+   inflated only within the budget its header justifies, a file larger than that budget is not
+   read, and a compressed frame's own codestream size must be within the limit and equal
+   Rows/Columns before a decoder runs.
 2. `pixel_array` (BitsStored 12 in BitsAllocated 16 and plain 16-bit are masked/decoded by
    pydicom), then `apply_modality_lut` (RescaleSlope/RescaleIntercept or a Modality LUT).
 3. `apply_voi_lut`: the VOI LUT Sequence when present, else WindowCenter/WindowWidth (the first
@@ -34,9 +38,10 @@ trained on frontal PA/AP films); the image is still predicted.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -47,6 +52,17 @@ from rare_cxr.imaging import (
     classify_read_error,
     open_regular_file,
 )
+from rare_cxr.inference import dicom_limits
+from rare_cxr.inference.dicom_limits import (
+    ALLOWED_BITS_ALLOCATED,
+    BoundedInflater,
+    UnsupportedImageError,
+    budget_reason,
+    byte_budget,
+    check_codestream,
+)
+
+__all__ = ["DicomImage", "NoPixelDataError", "UnsupportedImageError", "read_dicom"]
 
 # What a DICOM Part 10 file carries after its 128-byte preamble.
 DICM_MAGIC = b"DICM"
@@ -57,13 +73,6 @@ WITHOUT_VOI_MODES = ("full_range", "min_max")
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 # The optional extra that brings pylibjpeg's decoders (pyproject.toml).
 COMPRESSED_EXTRA = "rare-cxr[dicom-compressed]"
-
-
-class UnsupportedImageError(ImageReadError):
-    """A valid file this reader deliberately does not turn into a radiograph (multi-frame,
-    colour, no pixel handler for its compression)."""
-
-    status = "unsupported"
 
 
 class NoPixelDataError(ImageReadError):
@@ -176,6 +185,11 @@ def _check_header(ds: Any, name: str, max_pixels: int, limit_name: str) -> None:
         return  # no image module: an object without pixels (told apart after the full read)
     samples = int(ds.get("SamplesPerPixel") or 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    bits = int(ds.get("BitsAllocated") or 8)
+    if bits not in ALLOWED_BITS_ALLOCATED:
+        raise UnsupportedImageError(
+            name, f"BitsAllocated {bits}: expected one of {ALLOWED_BITS_ALLOCATED}"
+        )
     if samples != 1 or photometric not in SUPPORTED_PHOTOMETRIC:
         raise UnsupportedImageError(
             name,
@@ -200,6 +214,88 @@ def _check_header(ds: Any, name: str, max_pixels: int, limit_name: str) -> None:
             )
 
 
+def _at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
+    return int(tag) in _PIXEL_TAGS
+
+
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+# Elements larger than this are skipped, not read, while the header is checked.
+_HEADER_DEFER = "1 MB"
+
+
+def _file_meta(handle: BinaryIO) -> Any:
+    """The preamble and File Meta group (0002,xxxx), read without touching the dataset (which
+    pydicom would inflate in full for a deflated transfer syntax)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset, read_preamble
+
+    read_preamble(handle, False)
+    return FileMetaDataset(
+        read_dataset(
+            handle,
+            is_implicit_VR=False,
+            is_little_endian=True,
+            stop_when=lambda tag, vr, length: tag >> 16 != 2,
+        )
+    )
+
+
+def _read_deflated(
+    handle: BinaryIO, meta: Any, name: str, max_pixels: int, limit_name: str
+) -> tuple[Any, Any]:
+    """(header, dataset) of a Deflated Explicit VR Little Endian file, inflated through
+    `BoundedInflater`: the header within `HEADER_ALLOWANCE_BYTES`, then the rest within the
+    budget the header justifies (see `rare_cxr.inference.dicom_limits`)."""
+    from pydicom.dataset import FileDataset
+    from pydicom.filereader import read_dataset
+
+    allowance = dicom_limits.HEADER_ALLOWANCE_BYTES
+    stream = BoundedInflater(
+        handle, name, allowance, f"the header allowance of {allowance:,} bytes before the pixels"
+    )
+    header = read_dataset(stream, False, True, stop_when=_at_pixel_data)
+    header.file_meta = meta
+    _check_header(header, name, max_pixels, limit_name)
+    stream.limit, stream.why = byte_budget(header, False), budget_reason(header, False)
+    stream.seek(0)
+    dataset = read_dataset(stream, False, True)
+    ds = FileDataset(name, dataset, None, meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return header, ds
+
+
+def _read_bounded(handle: BinaryIO, name: str, max_pixels: int, limit_name: str) -> tuple[Any, Any]:
+    """(header, dataset) of a DICOM file, after every check that needs no pixel: the header
+    (`_check_header`), the bytes the file may hold, a compressed frame's own size."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = _file_meta(handle)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        header, ds = _read_deflated(handle, meta, name, max_pixels, limit_name)
+    else:
+        handle.seek(0)
+        header = pydicom.dcmread(handle, stop_before_pixels=True, defer_size=_HEADER_DEFER)
+        _check_header(header, name, max_pixels, limit_name)
+        syntax = getattr(header.file_meta, "TransferSyntaxUID", None)
+        encapsulated = bool(syntax is not None and syntax.is_compressed)
+        size = os.fstat(handle.fileno()).st_size
+        if size > byte_budget(header, encapsulated):
+            raise ImageTooLargeError(
+                name,
+                f"the file is {size:,} bytes, more than {budget_reason(header, encapsulated)} "
+                "justify; refused before reading it",
+            )
+        handle.seek(0)
+        # from memory: an element's declared length can then never make a read allocate more
+        # than the file (checked above) holds
+        ds = pydicom.dcmread(io.BytesIO(handle.read(size)))
+    syntax = getattr(ds.file_meta, "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed and "PixelData" in ds and "Rows" in ds:
+        check_codestream(ds, name, max_pixels, limit_name)
+    return header, ds
+
+
 def read_dicom(
     path: str | os.PathLike,
     max_pixels: int,
@@ -212,17 +308,13 @@ def read_dicom(
     (`status`: corrupt, too-large, unsupported, no-pixel-data, not-a-file, missing), or
     `TransientImageError` for a system error (an I/O error, not a property of the file).
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     name = os.fspath(path)
     try:
         with open_regular_file(name) as handle:
             try:
-                header = pydicom.dcmread(handle, stop_before_pixels=True)
-                _check_header(header, name, max_pixels, limit_name)
-                handle.seek(0)
-                ds = pydicom.dcmread(handle)
+                _, ds = _read_bounded(handle, name, max_pixels, limit_name)
             except InvalidDicomError as exc:
                 raise CorruptImageError(name, f"not a readable DICOM file: {exc}") from exc
             if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):

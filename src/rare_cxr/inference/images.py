@@ -4,10 +4,12 @@ Why this module: the model never sees a file, only the image cache's pixels (gre
 square, `input_size` px). Inference must produce exactly those pixels from a PNG, a JPEG or a
 DICOM, and must say, for every other file in the folder, why it was not predicted.
 
-* `scan_folder` lists every file under the input folder, recursively, sorted. Nothing outside
-  the folder is read: symbolic links whose target lies outside it are recorded
-  (`outside-input`) and not followed, and linked folders are recorded (`not-followed`) and not
-  entered (a link loop cannot trap the walk).
+* `scan_folder` lists every file under the input folder, recursively, sorted by its name as
+  predictions.csv shows it (`rare_cxr.inference.table.printable`: a name that is not UTF-8 or
+  holds control characters is shown with `\\xNN` escapes; the file itself is opened by its
+  real name). Nothing outside the folder is read: symbolic links whose target lies outside it
+  are recorded (`outside-input`) and not followed, and linked folders are recorded
+  (`not-followed`) and not entered (a link loop cannot trap the walk).
 * `read_for_model` recognises the format by content (PNG and JPEG signatures, the DICOM
   preamble), never by extension, and decodes with the project's readers:
   `rare_cxr.imaging.load_grayscale` (PNG and JPEG; the same grey rules as the image cache) or
@@ -16,6 +18,7 @@ DICOM, and must say, for every other file in the folder, why it was not predicte
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,14 +36,20 @@ from rare_cxr.imaging import (
     open_regular_file,
 )
 from rare_cxr.inference.dicom import looks_like_dicom, read_dicom
+from rare_cxr.inference.table import printable
+
+logger = logging.getLogger(__name__)
 
 # Every value of predictions.csv's `status` column; only "ok" rows carry probabilities.
 STATUSES = {
     "ok": "read and predicted (see `flags`, e.g. lateral-view)",
     "not-an-image": "not a PNG, JPEG or DICOM file (recognised by content, not by name)",
-    "corrupt": "a damaged or unreadable PNG/JPEG/DICOM",
-    "too-large": "width x height above inference.max_image_pixels (refused before decoding)",
-    "unsupported": "a multi-frame or colour DICOM, or a compression without a pixel handler",
+    "corrupt": "a damaged or unreadable PNG/JPEG/DICOM (or a codestream whose size disagrees "
+    "with its DICOM header)",
+    "too-large": "width x height above inference.max_image_pixels, or more bytes than the "
+    "declared image justifies (refused before decoding or inflating)",
+    "unsupported": "a multi-frame or colour DICOM, or a compression without a pixel handler or "
+    "whose decoded size cannot be checked first",
     "no-pixel-data": "a DICOM object without an image",
     "not-a-file": "a FIFO, device or socket (never read)",
     "missing": "vanished while the folder was read, or a broken symbolic link",
@@ -59,8 +68,8 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 class InputFile:
     """One entry of the input folder: where it is, and a status if it is not to be read."""
 
-    relpath: str  # POSIX path relative to the input folder (what predictions.csv shows)
-    path: str  # what is opened
+    relpath: str  # POSIX path relative to the input folder, printable (what predictions.csv shows)
+    path: str  # what is opened (the file system's name, undecodable bytes included)
     status: str = ""  # set for entries refused without reading (links)
     reason: str = ""
 
@@ -104,16 +113,19 @@ def scan_folder(input_dir: str | os.PathLike) -> list[InputFile]:
     real_root = os.path.realpath(root)
     entries: list[InputFile] = []
 
+    def relative(full: str) -> str:
+        return printable(Path(os.path.relpath(full, root)).as_posix())
+
     def unreadable_folder(exc: OSError) -> None:
-        rel = Path(os.path.relpath(exc.filename or str(root), root)).as_posix()
-        entries.append(InputFile(rel, str(exc.filename), "unreadable", f"folder: {exc}"))
+        rel = relative(exc.filename or str(root))
+        entries.append(InputFile(rel, str(exc.filename), "unreadable", printable(f"folder: {exc}")))
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable_folder):
         dirnames.sort()
         for name in list(dirnames):
             full = os.path.join(dirpath, name)
             if os.path.islink(full):
-                rel = Path(os.path.relpath(full, root)).as_posix()
+                rel = relative(full)
                 target = os.path.realpath(full)
                 where = "inside" if is_inside(target, real_root) else "outside"
                 entries.append(
@@ -121,13 +133,14 @@ def scan_folder(input_dir: str | os.PathLike) -> list[InputFile]:
                         rel,
                         full,
                         "not-followed",
-                        f"symbolic link to the folder {target} ({where} the input folder): "
+                        f"symbolic link to the folder {printable(target)} ({where} the input "
+                        "folder): "
                         "linked folders are not entered",
                     )
                 )
         for name in filenames:
             full = os.path.join(dirpath, name)
-            rel = Path(os.path.relpath(full, root)).as_posix()
+            rel = relative(full)
             if os.path.islink(full):
                 target = os.path.realpath(full)
                 if not is_inside(target, real_root):
@@ -136,7 +149,8 @@ def scan_folder(input_dir: str | os.PathLike) -> list[InputFile]:
                             rel,
                             full,
                             "outside-input",
-                            f"symbolic link to {target}, outside the input folder: not followed",
+                            f"symbolic link to {printable(target)}, outside the input folder: "
+                            "not followed",
                         )
                     )
                     continue
@@ -221,6 +235,16 @@ def read_for_model(
         return ReadResult(exc.status, exc.reason, kind, image_id=image_id)
     except TransientImageError as exc:
         return ReadResult("unreadable", exc.message, kind, image_id=image_id)
+    except Exception as exc:
+        # A decoder failing in a way no reader classifies: one hostile file must not end the
+        # run (and leave no predictions.csv); the traceback is logged for a bug report.
+        logger.warning("inference: unexpected error reading %s", entry.relpath, exc_info=True)
+        return ReadResult(
+            "corrupt",
+            f"unexpected {type(exc).__name__} while decoding: {exc}",
+            kind,
+            image_id=image_id,
+        )
     height, width = grey.shape
     return ReadResult(
         "ok",

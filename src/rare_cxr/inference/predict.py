@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -26,7 +27,22 @@ from rare_cxr.imaging import DEFAULT_MAX_IMAGE_PIXELS
 from rare_cxr.inference.bundle import bundle_thresholds, load_bundle_model
 from rare_cxr.inference.dicom import WITHOUT_VOI_MODES
 from rare_cxr.inference.images import ReadResult, read_for_model, scan_folder
+from rare_cxr.inference.table import (
+    DECISION_SUFFIX,
+    column_types,
+    prediction_columns,
+    printable,
+)
 from rare_cxr.parameters import Params, check
+
+__all__ = [
+    "DECISION_SUFFIX",
+    "InferenceParams",
+    "overlay_name",
+    "prediction_columns",
+    "row_overlays",
+    "run_inference",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,33 +94,6 @@ class InferenceParams(Params):
         if name in ("auto", "cpu", "mps", "cuda") or name.startswith("cuda:"):
             return name
         raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {name!r}")
-
-
-DECISION_SUFFIX = "_positive"
-ID_COLUMNS = (
-    "path",
-    "image_id",
-    "format",
-    "status",
-    "reason",
-    "flags",
-    "view_position",
-    "width",
-    "height",
-)
-TRAILING_COLUMNS = ("positive_findings", "model", "bundle_version")
-
-
-def prediction_columns() -> list[str]:
-    """predictions.csv: ids and status, 14 probabilities (FINDINGS names), 14 decisions
-    (`<finding>_positive`, 1/0, empty where the finding has no threshold), then
-    `positive_findings` (`|`-joined), `model` and `bundle_version`."""
-    return [
-        *ID_COLUMNS,
-        *FINDINGS,
-        *(f + DECISION_SUFFIX for f in FINDINGS),
-        *TRAILING_COLUMNS,
-    ]
 
 
 def validate_inference_params(params: Mapping[str, Any] | InferenceParams | None) -> dict:
@@ -180,22 +169,39 @@ class LazyOverlay:
         return _overlay_png(pixels, np.asarray(cam, dtype=np.float64) / 255.0, self.alpha)
 
 
-def overlay_name(relpath: str, finding: str, layer: str) -> str:
-    """Where the overlay of one file, finding and CAM layer lives inside the overlays folder:
-    beside the file's own relative path (`sub/x.dcm__Mass__scale_448.png`), so the overlays
-    folder mirrors the input folder."""
-    return f"{relpath}__{finding}__{layer}.png"
+# Characters kept from an input's name in its overlay's file name (everything else -> "_").
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_STEM_CHARS = 60
+
+
+def _safe(text: str, limit: int) -> str:
+    return _UNSAFE.sub("_", text).strip("._")[:limit] or "x"
+
+
+def overlay_name(row: int, relpath: str, finding: str, layer: str) -> str:
+    """The overlay file of one table row, finding and CAM layer:
+    `000012_x.dcm__Mass__scale_448.png` (row number from 1, then the input's file name with
+    anything but letters, digits, `.`, `_` and `-` replaced).
+
+    Why not the input's own relative path: the overlays would mirror the input folder, so a
+    folder named like an overlay file, or two inputs whose names reduce to the same safe text,
+    would collide. The row number makes every name unique, and a flat folder of names made
+    of safe characters only cannot hold a path that clashes with another (predictions.csv's
+    `overlays` column lists each row's files)."""
+    stem = _safe(relpath.rsplit("/", 1)[-1], _STEM_CHARS)
+    return f"{row:06d}_{stem}__{_safe(finding, 40)}__{_safe(layer, 40)}.png"
 
 
 def _row(result: ReadResult, relpath: str) -> dict[str, Any]:
+    """The text columns of one file's row, every one `printable` (see rare_cxr.inference.table)."""
     return {
-        "path": relpath,
-        "image_id": result.image_id,
+        "path": printable(relpath),
+        "image_id": printable(result.image_id),
         "format": result.format,
         "status": result.status,
-        "reason": result.reason,
+        "reason": printable(result.reason),
         "flags": "|".join(result.flags),
-        "view_position": result.view_position,
+        "view_position": printable(result.view_position),
         "width": result.width,
         "height": result.height,
     }
@@ -233,7 +239,7 @@ def run_inference(
     cam_cfg = cfg["gradcam"]
     rows: list[dict[str, Any]] = []
     overlays: dict[str, LazyOverlay] = {}
-    cam_jobs: list[tuple[Any, np.ndarray, str]] = []
+    cam_jobs: list[tuple[int, Any, np.ndarray, str]] = []  # (row number, entry, pixels, finding)
     last_read: dict[str, Any] = {}  # the image the overlays being rendered belong to
     logger.info(
         "inference: %d file(s) under %s with %s (bundle %s) on %s",
@@ -278,22 +284,26 @@ def run_inference(
                             positives.append(f)
                 positives.sort(key=lambda f: -row[f])
                 row["positive_findings"] = "|".join(positives)
-                row["model"] = meta["model"]
-                row["bundle_version"] = meta.get("bundle_version", "unversioned")
+                row["overlays"] = ""
+                row["model"] = printable(str(meta["model"]))
+                row["bundle_version"] = printable(str(meta.get("bundle_version", "unversioned")))
                 rows.append(row)
                 if p is not None and cam_cfg["enabled"]:
                     cam_jobs += [
-                        (entry, result.pixels, f)
+                        (len(rows), entry, result.pixels, f)
                         for f in positives[: cam_cfg["max_findings_per_image"]]
                     ]
             # Grad-CAM of every (image, positive finding) pair of the chunk, batched
             for first in range(0, len(cam_jobs), batch):
                 jobs = cam_jobs[first : first + batch]
-                x = torch.from_numpy(np.stack([j[1] for j in jobs]).astype(np.float32) / 255.0)
-                maps = grad_cam(model, x[:, None].to(device), [FINDINGS.index(j[2]) for j in jobs])
+                x = torch.from_numpy(np.stack([j[2] for j in jobs]).astype(np.float32) / 255.0)
+                maps = grad_cam(model, x[:, None].to(device), [FINDINGS.index(j[3]) for j in jobs])
                 for layer, cams in maps.items():
-                    for (job_entry, _, finding), cam in zip(jobs, cams, strict=True):
-                        overlays[overlay_name(job_entry.relpath, finding, layer)] = LazyOverlay(
+                    for (number, job_entry, _, finding), cam in zip(jobs, cams, strict=True):
+                        name = overlay_name(number, job_entry.relpath, finding, layer)
+                        row = rows[number - 1]
+                        row["overlays"] = "|".join(filter(None, [row["overlays"], name]))
+                        overlays[name] = LazyOverlay(
                             job_entry, read, cam.float().cpu().numpy(), cam_cfg["alpha"], last_read
                         )
             cam_jobs.clear()
@@ -302,11 +312,7 @@ def run_inference(
         bar.close()
         if pool:
             pool.shutdown()
-    table = pd.DataFrame(rows, columns=prediction_columns())
-    for f in FINDINGS:
-        table[f + DECISION_SUFFIX] = table[f + DECISION_SUFFIX].astype("Int8")
-    table[list(FINDINGS)] = table[list(FINDINGS)].astype("float64")
-    table[["width", "height"]] = table[["width", "height"]].astype("Int64")
+    table = pd.DataFrame(rows, columns=prediction_columns()).astype(column_types())
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     logger.info("inference: statuses %s; %d overlay(s)", counts, len(overlays))
     if not len(table):
@@ -314,11 +320,8 @@ def run_inference(
     return table, overlays
 
 
-def overlay_paths(overlays: Mapping[str, Any], relpath: str) -> dict[str, Any]:
-    """The overlays of one input file: `{"<finding>__<layer>": value}`."""
-    prefix, out = relpath + "__", {}
-    for key, value in overlays.items():
-        rest = key[len(prefix) : -len(".png")] if key.startswith(prefix) else ""
-        if rest.split("__", 1)[0] in FINDINGS:  # not another file whose name extends this one
-            out[rest] = value
-    return out
+def row_overlays(overlays: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
+    """The overlays of one predictions row (its `overlays` column): `{file name: value}`;
+    files absent from `overlays` are left out."""
+    names = str(row.get("overlays") or "").split("|")
+    return {name: overlays[name] for name in names if name in overlays}
