@@ -120,7 +120,7 @@ def from_csv_frame(table: pd.DataFrame) -> pd.DataFrame:
     out = table.copy()
     types = column_types()
     for column in out.columns:
-        text = out[column].fillna("").astype(str)
+        text = out[column].astype("string").fillna("")
         if column in TEXT_COLUMNS:
             out[column] = text.map(restore).astype("string")
         elif column in types:
