@@ -191,7 +191,8 @@ def card_markdown(metadata: Mapping[str, Any]) -> str:
     rows = []
     for f in FINDINGS:
         p, ci = per.get(f) or {}, per_ci.get(f) or {}
-        few = (p.get("positives") or 0) < min_positives
+        # distinct positive patients (older bundles: films), and never a single one
+        few = (p.get("positive_patients", p.get("positives")) or 0) < max(min_positives, 2)
         mark = " †" if few else ""
         rows.append(
             (
@@ -205,7 +206,8 @@ def card_markdown(metadata: Mapping[str, Any]) -> str:
         )
     lines += _table(["finding", "test positives", "AUROC", "AUPRC", "F1", "threshold"], rows)
     lines += [
-        f"† fewer than {min_positives} test positives: the interval is not to be trusted. "
+        f"† fewer than {min_positives} positive test patients: the interval is not to be "
+        "trusted. "
         f"Rare findings ({rare.get('rule', 'n/a')}): {', '.join(sorted(rare_set)) or 'n/a'}.",
         "",
     ]
