@@ -17,8 +17,8 @@ patient resample to both models (and to every training seed).
 * Patients, not films, are the unit: NIH has many follow-up films per patient, and two films of
   one patient are not independent evidence. Plain DeLong treats every film as independent and
   understates the variance (tests/test_paired.py's simulation, 60 patients with ~9 films each:
-  median SE 0.027 against 0.060 clustered, and two equal models "differ" at alpha 0.05 in 37%
-  of 200 test sets, 6.5% clustered). The
+  median SE 0.027 against 0.059 clustered, and two equal models "differ" at alpha 0.05 in
+  37.5% of 200 test sets, 4.0% clustered). The
   per-finding test therefore uses Obuchowski's clustered DeLong (1997, Biometrics 53:567,
   "Nonparametric analysis of clustered ROC curve data"): the same per-film structural
   components, summed per patient, with the variance taken over patients --
