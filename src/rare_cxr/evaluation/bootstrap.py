@@ -10,6 +10,11 @@ matrices `W [R, N]` (AUROC by the weighted Mann-Whitney statistic over tied-scor
 weighted cumulative TP/FP), so 1,000 resamples x 14 findings x 6 models takes seconds.
 Thresholds stay the validation ones: the interval describes the test-set sampling error of the
 deployed rule, not a re-tuned one.
+
+Two places where a plain percentile interval would mislead (issue 18): a macro mean averages ONE
+set of findings in every resample (`fixed_set_mean`; resamples that lost one are dropped and
+counted), and a per-finding proportion whose bootstrap degenerates (0 or 1, a handful of
+positive patients) gets a binomial interval on patient-scaled counts (`proportions.py`).
 """
 
 from __future__ import annotations

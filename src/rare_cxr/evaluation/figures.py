@@ -306,10 +306,11 @@ def paired_forest(table: pd.DataFrame) -> Figure:
             ax.plot(r["delta"], y, "o", ms=5, mfc=style["face"], mec=style["edge"])
         ax.axvline(0, color="0.5", ls=":", lw=1)
         ax.set_yticks(ypos, labels, fontsize=7)
-        ax.set(
-            title=f"{model} − {reference}",
-            xlabel="Δ (model − reference), unadjusted 95% CI\n"
-            "filled: CI excludes 0 · *: p_holm < 0.05 · grey †: unreliable",
+        ax.set_title(f"{model} − {reference}")
+        ax.set_xlabel(
+            "Δ (model − reference), unadjusted 95% CI\n"
+            "filled: excludes 0 · *: p_holm < 0.05 · grey †: unreliable",
+            fontsize=8,
         )
         ax.grid(alpha=0.3, axis="x")
     return fig
