@@ -422,3 +422,15 @@ def test_bench_phantom_quick(tmp_path: Path) -> None:
     assert [r["finding"] for r in linear] == list(FINDINGS)
     scored = [r["auroc"] for r in linear if r["auroc"] == r["auroc"]]  # NaN: one class only
     assert scored and all(0.0 <= a <= 1.0 for a in scored)
+
+
+@pytest.mark.slow
+def test_bench_pos_weight_quick(tmp_path: Path) -> None:
+    out = tmp_path / "pos_weight.jsonl"
+    done = run_bench("bench_pos_weight.py", "--quick", "--seeds", "0", "--output", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["case"] for r in records] == ["cap 100", "uncapped"]
+    assert records[0]["rare_pos_weight"] == 100.0 < records[1]["rare_pos_weight"]
+    assert all(0.0 <= r["auroc_rare"] <= 1.0 and r["quick"] for r in records)
+    assert "| case" in done.stderr

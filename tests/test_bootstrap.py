@@ -117,3 +117,87 @@ def test_bootstrap_samples_equal_expanded_rows_scored_by_sklearn_and_intervals_n
             np.testing.assert_allclose(ci["per_finding"][f]["auroc"], want)
     macro = np.nanmean(auroc, axis=1)
     np.testing.assert_allclose(ci["macro"]["auroc"], np.nanquantile(macro, [0.025, 0.975]))
+
+
+# --- issue 18: one set of findings per macro resample; binomial intervals where it degenerates
+
+
+def test_macro_interval_averages_one_set_and_counts_the_dropped_resamples():
+    y, s, patients = data(n=120, seed=5)
+    rare = FINDINGS.index("Pneumonia")
+    y[:, rare] = False
+    y[[3, 4], rare] = True  # two films of one patient (patient 1): missed by ~37% of resamples
+    t = np.full(len(FINDINGS), 0.5)
+    samples = bootstrap.bootstrap_samples(y, s, t, patients, n_resamples=300, seed=2)
+    out = bootstrap.bootstrap_intervals(y, s, t, patients, n_resamples=300, seed=2)
+    lost = np.isnan(samples["auroc"][:, rare])
+    assert 0.25 < lost.mean() < 0.5
+    # the set: findings with an AUROC on the test set as is (Hernia has no positive: not in it)
+    keep = [i for i in range(len(FINDINGS)) if i != FINDINGS.index("Hernia")]
+    kept = samples["auroc"][~lost][:, keep].mean(axis=1)
+    want = np.quantile(kept, [0.025, 0.975])
+    np.testing.assert_allclose(out["macro"]["auroc"], want)
+    assert out["macro_resamples_dropped"]["auroc"] == int(lost.sum())
+    assert out["macro_resamples_dropped"]["accuracy"] == 0  # defined whatever is drawn
+    means, dropped = bootstrap.fixed_set_mean(np.array([[1.0, np.nan], [2.0, 4.0]]), [0.5, 0.5])
+    assert dropped == 1 and np.isnan(means[0]) and means[1] == 3.0
+    means, dropped = bootstrap.fixed_set_mean(np.array([[1.0, np.nan], [2.0, 4.0]]), [0.5, np.nan])
+    np.testing.assert_array_equal(means, [1.0, 2.0])
+    assert dropped == 0
+
+
+def test_degenerate_proportions_get_a_clopper_pearson_interval_on_patients():
+    from scipy.stats import binomtest
+
+    y, s, patients = data(n=150, seed=8)  # 50 patients of 3 films
+    t = np.full(len(FINDINGS), 0.5)
+    few = FINDINGS.index("Edema")
+    y[:, few] = False
+    y[[0, 3, 6, 9], few] = True  # 4 films of 4 patients ...
+    s[[0, 3, 6, 9], few] = 0.9  # ... all detected: recall 4/4
+    clustered = FINDINGS.index("Fibrosis")
+    y[:, clustered] = False
+    y[[12, 13, 14, 15], clustered] = True  # 4 films of 2 patients (4 and 5)
+    s[[12, 13, 14, 15], clustered] = 0.9
+    out = bootstrap.bootstrap_intervals(y, s, t, patients, n_resamples=100, seed=0)
+    per, how = out["per_finding"], out["per_finding_method"]
+    exact = binomtest(4, 4).proportion_ci(0.95, "exact")
+    assert per["Edema"]["recall"] == pytest.approx([exact.low, 1.0])  # [0.398, 1], not [1, 1]
+    assert how["Edema"]["recall"] == "Clopper-Pearson (patients)"
+    two = binomtest(2, 2).proportion_ci(0.95, "exact")  # 4 films of 2 patients: 2 units
+    assert per["Fibrosis"]["recall"] == pytest.approx([two.low, 1.0])
+    # every proportion of a finding with < min_positives positive patients, not only 0 or 1
+    pred = s[:, few] >= 0.5
+    k, n = int((~y[:, few] & ~pred).sum()), int((~y[:, few]).sum())
+    low, high = per["Edema"]["specificity"]
+    assert how["Edema"]["specificity"] == "Clopper-Pearson (patients)"
+    assert low < k / n < high
+    # a common finding with a proportion strictly inside (0, 1) keeps its bootstrap interval
+    common = FINDINGS.index("Atelectasis")
+    assert how[FINDINGS[common]]["recall"] == "bootstrap"
+    assert how["Edema"]["auroc"] == "bootstrap"  # AUROC is not a proportion of counts
+    wilson = bootstrap.bootstrap_intervals(
+        y, s, t, patients, n_resamples=100, seed=0, proportion_method="wilson"
+    )
+    w = binomtest(4, 4).proportion_ci(0.95, "wilson")
+    assert wilson["per_finding"]["Edema"]["recall"] == pytest.approx([w.low, w.high])
+    assert wilson["per_finding_method"]["Edema"]["recall"] == "Wilson (patients)"
+
+
+@pytest.mark.parametrize("method", ["exact", "wilson"])
+def test_proportion_interval_matches_scipy(method):
+    from scipy.stats import binomtest
+
+    from rare_cxr.evaluation import proportions
+
+    for n in (1, 2, 3, 7, 20, 113):
+        ks = np.arange(n + 1)
+        low, high = proportions.proportion_interval(ks, np.full(n + 1, n), 0.9, method)
+        for k in ks:
+            ci = binomtest(int(k), n).proportion_ci(0.9, method)
+            assert (low[k], high[k]) == pytest.approx((ci.low, ci.high), abs=1e-10), (k, n)
+    low, high = proportions.proportion_interval([0], [0])
+    assert np.isnan(low).all() and np.isnan(high).all()
+    with pytest.raises(ValueError, match="proportion_interval"):
+        proportions.proportion_interval(1, 2, method="agresti")
+    assert proportions.patient_counts(6, 12, 3) == (1.5, 3.0)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from test_training import TINY_SPEC, blob_cache, tiny_params
 from torch import nn
 
+from rare_cxr.findings import FINDINGS
 from rare_cxr.models import build_model
 from rare_cxr.pipelines.training.nodes import make_augmenter
 from rare_cxr.training import TrainingCallbacks, engine, fit
@@ -123,17 +124,92 @@ def test_a_frozen_last_epoch_leaves_the_model_trainable(tmp_path, monkeypatch):
     assert all(p.requires_grad for p in models[0].parameters())
 
 
-def test_trunk_is_everything_with_state_outside_the_head():
+def test_trunk_is_everything_outside_the_head_dropout_included():
     model = build_model({**TINY_SPEC, "dropout": 0.2})
     trunk = engine.trunk_modules(model)
     ids = {id(m) for m in trunk}
-    assert id(model.fc) not in ids
-    assert id(model.dropout) not in ids  # parameter-free: keeps the model's mode
+    assert id(model.fc) not in ids and id(model) not in ids
+    assert id(model.dropout) in ids  # outside the head: off in frozen epochs (issue 18)
     bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bn and all(id(m) in ids for m in bn)
     head = {id(p) for p in model.head().parameters()}
     covered = {id(p) for m in trunk for p in m.parameters(recurse=False)}
     assert covered == {id(p) for p in model.parameters() if id(p) not in head}
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kinds"),
+    [("efficientnet_b0", ("Dropout", "StochasticDepth")), ("vgg16", ("Dropout",))],
+)
+def test_a_frozen_epoch_is_deterministic_outside_the_head(architecture, kinds):
+    """During a frozen epoch (model in train mode, trunk frozen) every dropout and
+    stochastic-depth layer outside the head is in eval mode: the same input gives the same
+    output twice. Without freezing, the same model in train mode does not."""
+    torch.manual_seed(0)
+    model = build_model(
+        {"name": "m", "architecture": architecture, "scales": [32], "pretrained": "none"}
+    )
+    stochastic = [m for m in model.modules() if type(m).__name__ in kinds]
+    assert {type(m).__name__ for m in stochastic} == set(kinds)
+    x = torch.rand(2, 1, 32, 32)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # dropout / stochastic depth active
+    head = {id(p) for p in model.head().parameters()}
+    trunk_params = [p for p in model.parameters() if id(p) not in head]
+    model.train()
+    engine.set_trunk_frozen(engine.trunk_modules(model), trunk_params, True)
+    assert model.head().training  # the head itself trains
+    assert not any(m.training for m in stochastic)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_stage2_rare_freezes_the_trunk_and_keeps_the_common_findings_exact(tmp_path, monkeypatch):
+    """stage2_targets: rare -- stage 2 trains the head on the rare findings only, the trunk
+    stays frozen throughout, and the common findings' head rows (and so their logits) stay
+    the stage-1 model's bit for bit, weight decay on."""
+    models = capture_models(monkeypatch)
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_epoch_end(epoch: int, row: dict[str, Any]) -> None:
+        snapshots[epoch] = {k: v.detach().clone() for k, v in models[0].state_dict().items()}
+
+    rare = {**TWO_STAGE, "stage2_targets": "rare", "frozen_trunk_epochs": 0}
+    params = tiny_params(
+        tmp_path,
+        epochs=2,
+        patience=3,
+        resume=False,
+        transfer=rare,
+        optimizer={"lr": 1e-2, "weight_decay": 0.01},
+    )
+    stages = engine.plan_stages(
+        {"epochs": 2, "transfer": {**rare, "rare_findings": ["Cardiomegaly", "Hernia"]}}, None
+    )
+    assert [(s.name, s.epochs, s.frozen_epochs) for s in stages] == [
+        ("common", 1, 0),
+        ("rare", 2, 2),
+    ]
+    result = fit(
+        TINY_SPEC,
+        blob_cache(n_train=32, n_val=16),
+        None,
+        params,
+        callbacks=TrainingCallbacks(on_epoch_end=on_epoch_end),
+    )
+    assert result.history["stage"].tolist() == ["common", "rare", "rare"]
+    start, end = snapshots[1], snapshots[3]  # end of stage 1 (best loaded), end of stage 2
+    head = _head_names(models[0])
+    for key in start:
+        if key not in head:
+            assert torch.equal(end[key], start[key]), key
+    rare_rows = [FINDINGS.index("Cardiomegaly"), FINDINGS.index("Hernia")]
+    common_rows = [i for i in range(len(FINDINGS)) if i not in rare_rows]
+    for key in ("fc.weight", "fc.bias"):
+        assert torch.equal(end[key][common_rows], start[key][common_rows]), key
+        assert not torch.equal(end[key][rare_rows], start[key][rare_rows]), key
+        assert torch.equal(result.state_dict[key][common_rows], start[key][common_rows]), key
 
 
 # ---------------------------------------------------------------- item 6: single-scale size

@@ -167,8 +167,11 @@ def make_records(seed: int = 0) -> pd.DataFrame:
     )
 
 
-def expanded_mean(values: list, counts: np.ndarray) -> float:
-    """The naive bootstrap: repeat each box `count` times, drop undefined boxes, average."""
+def expanded_mean(values: list, counts: np.ndarray, undefined_as: float | None = None) -> float:
+    """The naive bootstrap: repeat each box `count` times, drop undefined boxes (or count them
+    as `undefined_as`), average."""
+    if undefined_as is not None:
+        values = [undefined_as if v is None or pd.isna(v) else v for v in values]
     repeated = [v for v, c in zip(values, counts, strict=True) for _ in range(int(c))]
     defined = [float(v) for v in repeated if v is not None and not pd.isna(v)]
     return float(np.mean(defined)) if defined else float("nan")
@@ -189,7 +192,8 @@ def test_summary_point_estimates_and_counts_by_hand():
         assert row["n_boxes"] == len(part)
         assert row["n_images"] == len(set(part["image_id"]))
         assert row["undecided"] == len(part) - len(decided)
-        assert row["hit_rate"] == pytest.approx(sum(decided) / len(decided))
+        assert row["hit_rate"] == pytest.approx(sum(decided) / len(part))  # undecided = miss
+        assert row["hit_rate_decided"] == pytest.approx(sum(decided) / len(decided))
         assert row["energy"] == pytest.approx(np.nanmean(part["energy"]))
 
 
@@ -209,7 +213,7 @@ def test_bootstrap_equals_expanding_patient_weights_into_repeated_rows():
             & (records["finding"] == key[2])
         ).to_numpy()
         hits, energies = records["hit"][mask].tolist(), records["energy"][mask].tolist()
-        by_hand_hit = [expanded_mean(hits, weights[r, mask]) for r in range(n_resamples)]
+        by_hand_hit = [expanded_mean(hits, weights[r, mask], 0.0) for r in range(n_resamples)]
         by_hand_energy = [expanded_mean(energies, weights[r, mask]) for r in range(n_resamples)]
         for r in range(5):  # the first few resamples, one by one
             assert hit_samples[r] == pytest.approx(by_hand_hit[r], nan_ok=True)
@@ -279,5 +283,38 @@ def test_all_undecided_group_has_nan_rate_and_counts_undecided():
     )
     row = localisation_summary(records, n_resamples=10, seed=0).iloc[0]
     assert row["undecided"] == 2 and row["n_boxes"] == 2
-    for column in ("hit_rate", "hit_ci_low", "hit_ci_high", "energy", "energy_ci_low"):
+    # the headline counts the empty maps as misses; the "decided only" rate has nothing
+    assert row["hit_rate"] == row["hit_ci_low"] == row["hit_ci_high"] == 0.0
+    for column in ("hit_rate_decided", "energy", "energy_ci_low"):
         assert math.isnan(row[column]), column
+
+
+def test_pointing_game_denominator_on_hand_made_maps():
+    """Five boxed positives of one finding, maps made by hand: 2 hits, 1 miss, 1 all-zero map
+    and 1 map with a NaN. Headline 2/5 (empty maps are misses), decided only 2/3."""
+    box = (2.0, 2.0, 3.0, 3.0)  # pixels 2..4 in both directions, 8x8 maps
+    hit_map = np.zeros((8, 8))
+    hit_map[3, 3] = 1.0
+    miss_map = np.zeros((8, 8))
+    miss_map[7, 7] = 1.0
+    nan_map = hit_map.copy()
+    nan_map[0, 0] = np.nan
+    maps = [hit_map, hit_map * 0.5, miss_map, np.zeros((8, 8)), nan_map]
+    hits = [pointing_hit(m, box) for m in maps]
+    assert hits == [True, True, False, None, None]
+    records = pd.DataFrame(
+        {
+            "model": "m",
+            "layer": "l",
+            "finding": "Nodule",
+            "image_id": [f"i{k}" for k in range(5)],
+            "patient_id": [f"p{k}" for k in range(5)],
+            "hit": hits,
+            "energy": [energy_in_box(m, box) for m in maps],
+        }
+    )
+    row = localisation_summary(records, n_resamples=50, seed=0).iloc[0]
+    assert row["n_boxes"] == 5 and row["undecided"] == 2
+    assert row["hit_rate"] == pytest.approx(2 / 5)
+    assert row["hit_rate_decided"] == pytest.approx(2 / 3)
+    assert row["hit_ci_low"] <= 2 / 5 <= row["hit_ci_high"]

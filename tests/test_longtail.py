@@ -10,7 +10,6 @@ import pytest
 from sklearn.metrics import (
     average_precision_score,
     balanced_accuracy_score,
-    precision_score,
     roc_auc_score,
 )
 
@@ -130,17 +129,6 @@ def test_frequency_groups_validation_names_the_key():
         longtail.frequency_groups({"a": 1}, head_min=10, tail_max=-1)
 
 
-def test_small_sample_flags():
-    assert longtail.small_sample_flags({"A": 9, "B": 10, "C": 0}, min_positives=10) == {
-        "A": True,
-        "B": False,
-        "C": True,
-    }
-
-
-# --- tables ------------------------------------------------------------------------------------
-
-
 def tables(n_resamples: int = 40, seed: int = 11, confidence: float = 0.9):
     y, s, t, patients = data()
     per, groups = longtail.long_tail_tables(
@@ -159,12 +147,13 @@ def tables(n_resamples: int = 40, seed: int = 11, confidence: float = 0.9):
 
 
 def test_per_finding_table_against_sklearn():
-    y, s, t, _, per, _ = tables()
+    y, s, t, patients, per, _ = tables()
     assert list(per.columns) == [
         "finding",
         "group",
         "train_positives",
         "test_positives",
+        "test_positive_patients",
         "auroc",
         "auprc",
         "balanced_accuracy",
@@ -183,7 +172,9 @@ def test_per_finding_table_against_sklearn():
     for i, f in enumerate(FINDINGS):
         r = row.loc[f]
         assert r["test_positives"] == y[:, i].sum()
-        assert r["reliable"] == (y[:, i].sum() >= 10)
+        n_patients = len(np.unique(patients[y[:, i] == 1]))
+        assert r["test_positive_patients"] == n_patients
+        assert r["reliable"] == (n_patients >= 10)
         if f == "Hernia":  # no positives: undefined, not dropped
             assert math.isnan(r["auroc"]) and math.isnan(r["auprc"])
             assert math.isnan(r["balanced_accuracy"]) and math.isnan(r["sensitivity_at_spec_90"])
@@ -201,6 +192,36 @@ def test_per_finding_table_against_sklearn():
         for target, col in ((0.9, "sensitivity_at_spec_90"), (0.95, "sensitivity_at_spec_95")):
             assert r[col] == pytest.approx(brute_force_sens_at_spec(y[:, i], s[:, i], target)[0])
     assert not row.loc["Fibrosis", "reliable"]  # 3 positives
+
+
+def test_reliable_counts_patients_not_films():
+    """Positive films of two patients are two units: reliable only if min_positives <= 2;
+    a single positive patient never is (its clustered variance is undefined)."""
+    y, s, t, patients = data()
+    first_two = np.unique(patients)[:2]
+    y[:, FIBROSIS] = np.isin(patients, first_two)
+    assert y[:, FIBROSIS].sum() >= 4
+
+    def fibrosis(minimum: int):
+        per, _ = longtail.long_tail_tables(
+            y,
+            s,
+            t,
+            TRAIN,
+            patients,
+            head_min=1001,
+            tail_max=100,
+            min_positives=minimum,
+            n_resamples=5,
+        )
+        return per.set_index("finding").loc["Fibrosis"]
+
+    for minimum, want in ((10, False), (3, False), (2, True), (1, True)):
+        row = fibrosis(minimum)
+        assert row["test_positive_patients"] == 2 and row["test_positives"] >= 4
+        assert bool(row["reliable"]) is want, minimum
+    y[:, FIBROSIS] = patients == first_two[0]
+    assert not fibrosis(1)["reliable"]
 
 
 def test_group_means_by_hand():
@@ -241,7 +262,10 @@ def test_only_groups_with_findings_appear():
 
 
 def expanded_group_samples(y, s, t, patients, groups_of, *, n_resamples, seed):
-    """Reference: repeat each image by its patient's resample count and score with sklearn."""
+    """Reference: repeat each image by its patient's resample count and score with sklearn;
+    each group mean over the findings defined on the test set as is (NaN when the resample
+    lost one of them)."""
+    full = per_finding_sklearn(y, s, t)
     out = {
         m: {g: [] for g in ("head", "medium", "tail")}
         for m in ("auroc", "auprc", "balanced_accuracy")
@@ -249,26 +273,27 @@ def expanded_group_samples(y, s, t, patients, groups_of, *, n_resamples, seed):
     w_all = np.concatenate(list(patient_weights(patients, n_resamples, seed)), axis=0)
     for w in w_all:
         rows = np.repeat(np.arange(len(y)), w.astype(int))
-        yr, sr = y[rows], s[rows]
-        per = {m: {} for m in out}
-        for i, f in enumerate(FINDINGS):
-            both = 0 < yr[:, i].sum() < len(yr)
-            per["auroc"][f] = roc_auc_score(yr[:, i], sr[:, i]) if both else np.nan
-            per["auprc"][f] = (
-                average_precision_score(yr[:, i], sr[:, i]) if yr[:, i].sum() else np.nan
-            )
-            if both and not np.isnan(t[i]):
-                per["balanced_accuracy"][f] = balanced_accuracy_score(
-                    yr[:, i], (sr[:, i] >= t[i]).astype(int)
-                )
-            else:
-                per["balanced_accuracy"][f] = np.nan
+        per = per_finding_sklearn(y[rows], s[rows], t)
         for m, by_group in out.items():
             for g, values in by_group.items():
-                vals = [per[m][f] for f in FINDINGS if groups_of[f] == g]
-                vals = [v for v in vals if not np.isnan(v)]
-                values.append(np.mean(vals) if vals else np.nan)
+                members = [f for f in FINDINGS if groups_of[f] == g and not np.isnan(full[m][f])]
+                values.append(np.mean([per[m][f] for f in members]) if members else np.nan)
     return {m: {g: np.array(v) for g, v in d.items()} for m, d in out.items()}
+
+
+def per_finding_sklearn(y, s, t):
+    per = {m: {} for m in ("auroc", "auprc", "balanced_accuracy")}
+    for i, f in enumerate(FINDINGS):
+        both = 0 < y[:, i].sum() < len(y)
+        per["auroc"][f] = roc_auc_score(y[:, i], s[:, i]) if both else np.nan
+        per["auprc"][f] = average_precision_score(y[:, i], s[:, i]) if y[:, i].sum() else np.nan
+        if both and not np.isnan(t[i]):
+            per["balanced_accuracy"][f] = balanced_accuracy_score(
+                y[:, i], (s[:, i] >= t[i]).astype(int)
+            )
+        else:
+            per["balanced_accuracy"][f] = np.nan
+    return per
 
 
 def test_group_bootstrap_matches_expanded_rows_and_nanquantile():
@@ -296,6 +321,9 @@ def test_group_bootstrap_matches_expanded_rows_and_nanquantile():
             assert by_group.loc[g, f"{m}_ci_low"] == pytest.approx(lo)
             assert by_group.loc[g, f"{m}_ci_high"] == pytest.approx(hi)
             assert by_group.loc[g, f"{m}_ci_low"] <= by_group.loc[g, f"{m}_ci_high"]
+            assert by_group.loc[g, f"{m}_resamples_dropped"] == np.isnan(ref[m][g]).sum()
+    # Fibrosis (3 positive patients, medium group here) is lost by some resamples: dropped
+    assert by_group.loc["medium", "auroc_resamples_dropped"] > 0
 
 
 def test_group_table_columns_and_seed():
@@ -314,6 +342,9 @@ def test_group_table_columns_and_seed():
         "balanced_accuracy",
         "balanced_accuracy_ci_low",
         "balanced_accuracy_ci_high",
+        "auroc_resamples_dropped",
+        "auprc_resamples_dropped",
+        "balanced_accuracy_resamples_dropped",
     ]
     assert g1.equals(g2)
 
@@ -324,44 +355,3 @@ def test_long_tail_tables_input_errors():
         longtail.long_tail_tables(y, s, t, {"Atelectasis": 1}, patients, head_min=10, tail_max=1)
     with pytest.raises(ValueError, match="patient_ids"):
         longtail.long_tail_tables(y, s, t, TRAIN, patients[:-1], head_min=10, tail_max=1)
-
-
-# --- zero-filled macro precision ---------------------------------------------------------------
-
-
-def test_macro_precision_zero_filled_by_hand():
-    y, s, t, _ = data()
-    t = t.copy()
-    t[[0, 4, HERNIA]] = 5.0  # nothing predicted positive: contributes 0 and is counted
-    t[1] = np.nan  # undefined: excluded, not counted (Mass is NaN too)
-    value, n_filled = longtail.macro_precision_zero_filled(y, s, t)
-    hand, counted = [], 0
-    for i in range(F):
-        if np.isnan(t[i]):
-            continue
-        predicted = [k for k in range(len(y)) if s[k, i] >= t[i]]
-        if not predicted:
-            hand.append(0.0)
-            counted += 1
-        else:
-            hand.append(sum(y[k, i] for k in predicted) / len(predicted))
-            assert hand[-1] == pytest.approx(
-                precision_score(y[:, i], (s[:, i] >= t[i]).astype(int), zero_division=0)
-            )
-    assert len(hand) == F - 2
-    assert n_filled == counted == 3
-    assert value == pytest.approx(sum(hand) / len(hand))
-
-
-def test_macro_precision_zero_filled_tiny_example_and_all_undefined():
-    y = np.zeros((4, F), dtype=int)
-    s = np.zeros((4, F))
-    y[:, 0] = [1, 0, 1, 0]
-    s[:, 0] = [0.9, 0.8, 0.2, 0.1]  # t=0.5: TP=1, FP=1 -> 0.5
-    y[:, 1] = [1, 1, 0, 0]
-    s[:, 1] = [0.9, 0.1, 0.1, 0.1]  # t=0.5: TP=1 -> 1.0
-    t = np.full(F, np.nan)
-    t[[0, 1, 2]] = 0.5  # finding 2: scores all 0 -> nothing predicted -> 0, counted
-    assert longtail.macro_precision_zero_filled(y, s, t) == (pytest.approx(0.5), 1)
-    value, n = longtail.macro_precision_zero_filled(y, s, np.full(F, np.nan))
-    assert math.isnan(value) and n == 0

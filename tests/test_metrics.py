@@ -182,3 +182,21 @@ def test_balanced_accuracy_matches_sklearn_and_macro_precision_counts_silent_fin
     )
     low, high = ci["macro"]["precision"]
     assert low <= out["macro"]["precision"] <= high
+
+
+def test_positive_patients_count_patients_not_films():
+    y = np.zeros((8, len(FINDINGS)), dtype=int)
+    y[[0, 1, 2, 3], 0] = 1  # 4 films of 2 patients
+    y[[7], 1] = 1
+    patients = np.array(["p1", "p1", "p2", "p2", "p3", "p3", "p4", "p5"])
+    got = metrics.positive_patients(y, patients)
+    assert got[0] == 2 and got[1] == 1 and got[2:].sum() == 0
+    out = metrics.evaluate_split(y, np.zeros(y.shape), {f: 0.5 for f in FINDINGS}, patients)
+    assert out["per_finding"][FINDINGS[0]]["positives"] == 4
+    assert out["per_finding"][FINDINGS[0]]["positive_patients"] == 2
+    assert (
+        "positive_patients"
+        not in metrics.evaluate_split(y, np.zeros(y.shape), {})["per_finding"][FINDINGS[0]]
+    )
+    with pytest.raises(ValueError, match="patient_ids"):
+        metrics.positive_patients(y, patients[1:])

@@ -104,9 +104,21 @@ def test_reporting_nodes_on_hand_made_predictions():
     assert per.shape == (2, len(FINDINGS) + 2) and per["Hernia"].isna().all()
     rare_table = nodes.build_rare_findings_table(all_metrics, rare, PARAMS)
     assert len(rare_table) == 10
-    few = rare_table["test positives"] < 10  # marked unreliable, not hidden
+    few = rare_table["test positive patients"] < 10  # marked unreliable, not hidden
     assert few.any() and rare_table.loc[few, "AUROC"].str.endswith("†").all()
     assert not rare_table.loc[~few, "AUROC"].str.endswith("†").any()
+    assert (rare_table["test positive patients"] <= rare_table["test positives"]).all()
+    assert rare_table.loc[few, "Recall"].str.endswith("†").all()
+    # a precision of exactly 1 degenerates in the bootstrap: its interval is Clopper-Pearson
+    perfect = rare_table["Precision"].str.startswith("1.000 [")
+    assert perfect.any() and (rare_table.loc[perfect, "Precision"] != "1.000 [1.000, 1.000]").all()
+    assert rare_table.loc[perfect, "interval (recall, precision)"].str.contains("Clopper").all()
+    assert m["intervals"]["per_finding_method"]["Atelectasis"]["auroc"] == "bootstrap"
+    assert set(m["intervals"]["macro_resamples_dropped"]) >= {"auroc", "recall", "accuracy"}
+    assert table.loc[0, "Uncertainty"] == "95% patient-bootstrap interval"
+    assert table.loc[0, "Resamples dropped"].endswith(" of 30")
+    people = m["test"]["per_finding"]["Atelectasis"]
+    assert 0 < people["positive_patients"] <= people["positives"]
     summary = nodes.summarise_data(labels, splits, "", PARAMS)
     assert summary["bounding_boxes"]["present"] is False  # the optional file is absent
     # the model bundle and its card, from these outputs (rare_cxr.inference.bundle)
@@ -463,6 +475,8 @@ def test_several_seeds_give_per_seed_metrics_mean_sd_in_table1_and_paired_rows()
     assert table.loc[0, "Seeds"] == 2
     for column in nodes.TABLE1_COLUMNS:
         assert " ± " in table.loc[0, column], column  # every column, balanced ACC included
+    assert table.loc[0, "Uncertainty"] == "mean ± sd over 2 seeds: training variation only"
+    assert table.loc[0, "Resamples dropped"] == "n/a"
 
     # paired: the same model against itself differs by nothing, seed by seed
     rows = nodes.paired_comparison(
@@ -477,10 +491,11 @@ def test_several_seeds_give_per_seed_metrics_mean_sd_in_table1_and_paired_rows()
     assert rows["seeds"].unique().tolist() == [2]
     macro = rows[rows["finding"] == "macro"]
     assert (macro["delta"] == 0).all() and (macro["p_value"] == 1).all()
+    assert (rows["seed_sd"].dropna() == 0).all() and rows["seed_sd"].notna().any()
 
 
 def test_paired_rows_say_how_many_test_positives_and_flag_unreliable_findings():
-    """A per-finding paired DeLong row with fewer than reporting.min_positives test positives
+    """A per-finding paired row with fewer than reporting.min_positives positive test PATIENTS
     is marked reliable = False (its p-value means nothing); macro rows pool all findings."""
     import numpy as np
 
@@ -505,7 +520,48 @@ def test_paired_rows_say_how_many_test_positives_and_flag_unreliable_findings():
     minimum = nodes.validate_reporting_params(PARAMS)["min_positives"]
     for finding in FINDINGS:
         (row,) = rows[rows["finding"] == finding].to_dict("records")
-        assert row["test_positives"] == int(test[finding].sum()), finding
-        assert row["reliable"] == (row["test_positives"] >= minimum), finding
+        positive = test[test[finding] == 1]
+        assert row["test_positives"] == len(positive), finding
+        assert row["test_positive_patients"] == positive["patient_id"].nunique(), finding
+        assert row["reliable"] == (row["test_positive_patients"] >= max(minimum, 2)), finding
+        assert row["method"] == "clustered DeLong (patients, Obuchowski 1997)"
+    assert (rows["test_positive_patients"].dropna() < rows["test_positives"].dropna()).any()
     assert rows.loc[rows["finding"] == "macro", "reliable"].all()
     assert not rows["reliable"].all(), "the fixture should hold a rare finding"
+
+
+def test_forest_plot_greys_unreliable_rows_and_fills_by_the_drawn_interval():
+    base = {"model": "a", "reference": "b", "metric": "auroc", "p_holm": 0.5, "p_value": 0.01}
+    significant = {**base, "finding": "Mass", "delta": 0.1, "ci_low": 0.02, "ci_high": 0.2}
+    # a small p_holm but 2 positive patients: grey and hollow, whatever its interval
+    few = {**significant, "finding": "Hernia", "p_holm": 1e-5, "reliable": False}
+    crossing = {**base, "finding": "Nodule", "delta": 0.05, "ci_low": -0.01, "ci_high": 0.1}
+    assert figures.forest_style({**significant, "reliable": True})["face"] == "C3"
+    assert figures.forest_style(few) == {"bar": "0.7", "face": "white", "edge": "0.6"}
+    # the fill follows the drawn (unadjusted) interval, not p_holm
+    assert figures.forest_style({**crossing, "p_holm": 1e-9, "reliable": True})["face"] == "white"
+    assert figures.forest_style({**crossing, "delta": float("nan")}) is None
+    table = pd.DataFrame([{**significant, "reliable": True}, few, {**crossing, "reliable": True}])
+    fig = figures.paired_forest(table)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert "Hernia AUROC * †" in labels and "Mass AUROC" in labels
+    assert "unadjusted" in fig.axes[0].get_xlabel()
+    assert len(_png(fig)) > 1000
+
+
+def test_class_weight_table_shows_the_cap_and_what_it_changed():
+    from rare_cxr.evaluation.report_html import class_weight_table
+
+    summary = {
+        "splits": [{"split": "train", "images": 1001}],
+        "positives": [{"split": "train", "Hernia": 2, "Mass": 100, "Edema": 0}],
+    }
+    card = {
+        "train_params": {"loss": {"name": "bce", "balanced": True, "pos_weight_cap": 100.0}},
+        "pos_weight": [100.0, 9.0],
+    }
+    table = class_weight_table({"m": card, "old": {}}, summary)
+    assert table["Model"].tolist() == ["m"]  # no training parameters: left out
+    row = table.iloc[0]
+    assert row["pos_weight_cap"] == 100.0 and row["largest pos_weight used"] == 100.0
+    assert row["capped (uncapped weight)"] == "Hernia (500)"  # Mass: 901/100 = 9 < 100

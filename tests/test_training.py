@@ -130,6 +130,23 @@ def test_balanced_pos_weight_is_neg_over_pos_capped_and_safe_for_zero_positives(
     assert w.tolist() == pytest.approx([9.0, 50.0, 1.0])
 
 
+def test_a_capped_pos_weight_is_logged_with_its_balanced_value(caplog):
+    labels = np.zeros((1000, len(FINDINGS)))
+    labels[:2, FINDINGS.index("Hernia")] = 1  # balanced 499
+    labels[:100, 0] = 1  # balanced 9: below the cap
+    with caplog.at_level(logging.INFO, logger="rare_cxr.training.losses"):
+        w = balanced_pos_weight(labels, cap=100.0)
+    assert float(w[FINDINGS.index("Hernia")]) == 100.0
+    assert "pos_weight capped at 100 (training.loss.pos_weight_cap) for Hernia (balanced 499)" in (
+        caplog.text
+    )
+    assert "Atelectasis" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rare_cxr.training.losses"):
+        balanced_pos_weight(labels, cap=1000.0)  # conf/nih: the paper's uncapped weights
+    assert "capped" not in caplog.text
+
+
 def test_masked_loss_ignores_masked_findings_and_focal_down_weights_easy_examples():
     logits = torch.tensor([[5.0, -3.0], [0.0, 2.0]])
     y = torch.tensor([[1.0, 1.0], [0.0, 0.0]])

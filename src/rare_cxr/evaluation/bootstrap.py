@@ -10,6 +10,11 @@ matrices `W [R, N]` (AUROC by the weighted Mann-Whitney statistic over tied-scor
 weighted cumulative TP/FP), so 1,000 resamples x 14 findings x 6 models takes seconds.
 Thresholds stay the validation ones: the interval describes the test-set sampling error of the
 deployed rule, not a re-tuned one.
+
+Two places where a plain percentile interval would mislead (issue 18): a macro mean averages ONE
+set of findings in every resample (`fixed_set_mean`; resamples that lost one are dropped and
+counted), and a per-finding proportion whose bootstrap degenerates (0 or 1, a handful of
+positive patients) gets a binomial interval on patient-scaled counts (`proportions.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
+from rare_cxr.evaluation import proportions
 from rare_cxr.findings import FINDINGS
 from rare_cxr.progress import progress
 
@@ -145,29 +151,34 @@ def bootstrap_samples(
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(y_score, dtype=float)
     t = np.asarray(thresholds, dtype=float)
-    defined = ~np.isnan(t)
-    pred = s >= np.where(defined, t, np.inf)[None, :]
-    exact = (pred == y).all(axis=1).astype(float)
-    blocks: dict[str, list[np.ndarray]] = {
-        m: [] for m in (*METRICS, "precision_zero_filled", "subset_accuracy")
-    }
+    blocks: dict[str, list[np.ndarray]] = {}
     for w in patient_weights(
         patient_ids, n_resamples, seed, chunk_size, progress_desc=progress_desc
     ):
-        blocks["auroc"].append(
-            np.stack([weighted_auroc(y[:, i], s[:, i], w) for i in range(y.shape[1])], axis=1)
-        )
-        blocks["auprc"].append(
-            np.stack(
-                [weighted_average_precision(y[:, i], s[:, i], w) for i in range(y.shape[1])],
-                axis=1,
-            )
-        )
-        for k, v in weighted_threshold_metrics(y, pred, w).items():
-            v[:, ~defined] = np.nan
-            blocks[k].append(v)
-        blocks["subset_accuracy"].append((w @ exact) / w.sum(axis=1))
+        for k, v in _metric_blocks(y, s, t, w).items():
+            blocks.setdefault(k, []).append(v)
     return {k: np.concatenate(v, axis=0) for k, v in blocks.items()}
+
+
+def _metric_blocks(
+    y: np.ndarray, s: np.ndarray, t: np.ndarray, w: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Every metric `[r, F]` (and subset accuracy `[r]`) for one block of weights `w [r, N]`."""
+    defined = ~np.isnan(t)
+    pred = s >= np.where(defined, t, np.inf)[None, :]
+    exact = (pred == y).all(axis=1).astype(float)
+    out = {
+        "auroc": np.stack([weighted_auroc(y[:, i], s[:, i], w) for i in range(y.shape[1])], axis=1),
+        "auprc": np.stack(
+            [weighted_average_precision(y[:, i], s[:, i], w) for i in range(y.shape[1])],
+            axis=1,
+        ),
+    }
+    for k, v in weighted_threshold_metrics(y, pred, w).items():
+        v[:, ~defined] = np.nan
+        out[k] = v
+    out["subset_accuracy"] = (w @ exact) / w.sum(axis=1)
+    return out
 
 
 def percentile_interval(
@@ -182,7 +193,82 @@ def percentile_interval(
     return low, high
 
 
-def bootstrap_intervals(
+def fixed_set_mean(samples: np.ndarray, point: np.ndarray) -> tuple[np.ndarray, int]:
+    """One mean per resample over ONE set of findings: those defined in the point estimate.
+
+    `samples [R, F]`, `point [F]` (the statistic on the test set as is, NaN = undefined).
+    A resample in which one of those findings is undefined (it drew none of a rare finding's
+    positive patients) gets NaN -- it is dropped from the interval -- instead of a mean over
+    fewer findings: averaging a different set per resample mixes different statistics into
+    one interval. Returns (means `[R]`, number of resamples dropped). No defined finding: all
+    NaN and 0 dropped (there is no macro to drop from).
+    """
+    keep = np.isfinite(np.asarray(point, dtype=float))
+    r = samples.shape[0]
+    if not keep.any():
+        return np.full(r, np.nan), 0
+    means = samples[:, keep].mean(axis=1)  # NaN as soon as one finding of the set is
+    return means, int(np.isnan(means).sum())
+
+
+def _unit_point(y: np.ndarray, s: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+    """Each metric `[F]` on the test set as is (unit weights): the same code as a resample."""
+    samples = _metric_blocks(y, s, t, np.ones((1, y.shape[0])))
+    return {k: v[0] for k, v in samples.items()}
+
+
+def _counts(y: np.ndarray, pred: np.ndarray, patients: np.ndarray) -> dict[str, np.ndarray]:
+    """Per finding: (k, n, patients behind n) of recall, precision, specificity, accuracy."""
+    codes, _ = pd.factorize(pd.Series(patients).astype(str))
+
+    def distinct(mask: np.ndarray) -> np.ndarray:
+        return np.array([np.unique(codes[mask[:, i]]).size for i in range(mask.shape[1])])
+
+    tp, tn = y & pred, ~y & ~pred
+    every = np.ones_like(y)
+    return {
+        "recall": (tp.sum(0), y.sum(0), distinct(y)),
+        "precision": (tp.sum(0), pred.sum(0), distinct(pred)),
+        "specificity": (tn.sum(0), (~y).sum(0), distinct(~y)),
+        "accuracy": ((tp | tn).sum(0), every.sum(0), distinct(every)),
+    }
+
+
+PROPORTIONS = ("recall", "precision", "specificity", "accuracy")
+
+
+def _proportion_fallback(
+    per: dict[str, dict[str, list[float]]],
+    methods: dict[str, dict[str, str]],
+    *,
+    y: np.ndarray,
+    pred: np.ndarray,
+    defined: np.ndarray,
+    patients: np.ndarray,
+    confidence: float,
+    min_positive_patients: int,
+    method: str,
+) -> None:
+    """Replace degenerate percentile intervals of recall/precision/specificity/accuracy.
+
+    Degenerate: the estimate is 0 or 1 (every resample repeats it), or the finding has fewer
+    than `min_positive_patients` positive patients (the resamples repeat a handful of
+    patients). Those get a binomial interval on patient-scaled counts (`proportions`).
+    """
+    positive_patients = _counts(y, y, patients)["recall"][2]
+    for metric, (k, n, units) in _counts(y, pred, patients).items():
+        for i, f in enumerate(FINDINGS):
+            if not defined[i] or n[i] == 0:
+                continue
+            estimate = k[i] / n[i]
+            if estimate in (0.0, 1.0) or positive_patients[i] < min_positive_patients:
+                k_eff, n_eff = proportions.patient_counts(k[i], n[i], int(units[i]))
+                low, high = proportions.proportion_interval(k_eff, n_eff, confidence, method)
+                per[f][metric] = [float(low), float(high)]
+                methods[f][metric] = proportions.METHOD_LABELS[method]
+
+
+def bootstrap_intervals(  # noqa: PLR0913 -- data, then the reporting parameters by name
     y_true: np.ndarray,
     y_score: np.ndarray,
     thresholds: np.ndarray,
@@ -191,12 +277,22 @@ def bootstrap_intervals(
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    min_positive_patients: int = 10,
+    proportion_method: str = "exact",
     progress_desc: str | None = None,
 ) -> dict[str, dict]:
     """Intervals per finding (`per_finding[f][metric] = [low, high]`), macro and subset accuracy.
 
-    Macro intervals take the mean over findings *inside* each resample, so they carry the
-    correlation between findings of the same patient. `progress_desc`: see `patient_weights`.
+    * Per finding: percentile bootstrap over patients, except recall, precision, specificity
+      and accuracy where it degenerates (estimate 0 or 1, or fewer than
+      `min_positive_patients` positive patients): there a binomial interval on patient-scaled
+      counts (`proportion_method`: `exact` = Clopper-Pearson, `wilson`); `per_finding_method
+      [f][metric]` names the interval used.
+    * Macro: the mean over findings taken *inside* each resample, so it carries the
+      correlation between findings of the same patient, over ONE set of findings -- those
+      defined on the test set (the point estimate's); resamples where one of them is undefined
+      are dropped and counted in `macro_resamples_dropped[metric]` (`fixed_set_mean`).
+    `progress_desc`: see `patient_weights`.
     """
     if not 0.0 < float(confidence) < 1.0:
         raise ValueError(f"reporting.bootstrap.confidence: expected in (0, 1), got {confidence!r}")
@@ -209,18 +305,35 @@ def bootstrap_intervals(
         seed=seed,
         progress_desc=progress_desc,
     )
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(y_score, dtype=float)
+    t = np.asarray(thresholds, dtype=float)
+    point = _unit_point(y, s, t)
     per: dict[str, dict[str, list[float]]] = {f: {} for f in FINDINGS}
+    methods: dict[str, dict[str, str]] = {f: dict.fromkeys(METRICS, "bootstrap") for f in FINDINGS}
     macro: dict[str, list[float]] = {}
+    dropped: dict[str, int] = {}
     for m in METRICS:
         low, high = percentile_interval(samples[m], confidence)
         for i, f in enumerate(FINDINGS):
             per[f][m] = [float(low[i]), float(high[i])]
-        macro_source = samples["precision_zero_filled" if m == "precision" else m]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            macro_samples = np.nanmean(macro_source, axis=1)
+        source = "precision_zero_filled" if m == "precision" else m
+        macro_samples, dropped[m] = fixed_set_mean(samples[source], point[source])
         lo, hi = percentile_interval(macro_samples, confidence)
         macro[m] = [float(lo), float(hi)]
+    defined = ~np.isnan(t)
+    pred = s >= np.where(defined, t, np.inf)[None, :]
+    _proportion_fallback(
+        per,
+        methods,
+        y=y,
+        pred=pred,
+        defined=defined,
+        patients=np.asarray(patient_ids),
+        confidence=float(confidence),
+        min_positive_patients=int(min_positive_patients),
+        method=proportion_method,
+    )
     lo, hi = percentile_interval(samples["subset_accuracy"], confidence)
     return {
         "n_resamples": int(n_resamples),
@@ -228,6 +341,10 @@ def bootstrap_intervals(
         "confidence": float(confidence),
         "unit": "patient",
         "per_finding": per,
+        "per_finding_method": methods,
         "macro": macro,
+        "macro_resamples_dropped": dropped,
+        "macro_findings": "defined on the test set (the point estimate's); resamples where one "
+        "is undefined are dropped",
         "subset_accuracy": [float(lo), float(hi)],
     }

@@ -278,33 +278,61 @@ def seed_spread(all_metrics: Mapping[str, Mapping[str, Any]]) -> Figure:
 
 def paired_forest(table: pd.DataFrame) -> Figure:
     """Forest plot of `paired_comparison.csv`: each comparison's Δ (model − reference) with its
-    95% interval, macro rows on top; filled markers where the (Holm-corrected, for findings)
-    p-value is below 0.05. The dotted line is "no difference"."""
+    UNADJUSTED 95% interval, macro rows on top. One rule for bars and fill: a marker is filled
+    when its interval excludes 0 -- both without a multiplicity correction (no Holm-consistent
+    interval exists to draw; a Bonferroni bar beside a Holm fill would disagree again). Holm
+    is shown apart: `*` after a finding whose `p_holm` < 0.05. Rows with `reliable` False are
+    grey and hollow, whatever their interval, with † after the name. The dotted line is "no
+    difference"."""
     pairs = list(dict.fromkeys(zip(table["model"], table["reference"], strict=True)))
     if not pairs:
         fig = Figure(figsize=(6, 2), layout="constrained")
         _note(fig.subplots(), "no comparison: the multi-scale model and a reference are needed")
         return fig
     rows_per = max(len(table[(table["model"] == m) & (table["reference"] == r)]) for m, r in pairs)
-    fig = Figure(figsize=(5.2 * len(pairs), 0.28 * rows_per + 1.6), layout="constrained")
+    fig = Figure(figsize=(5.2 * len(pairs), 0.28 * rows_per + 1.9), layout="constrained")
     axes = fig.subplots(1, len(pairs), squeeze=False)[0]
     for ax, (model, reference) in zip(axes, pairs, strict=True):
         part = table[(table["model"] == model) & (table["reference"] == reference)]
-        labels = [
-            f"{'macro ' + r.metric.upper() if r.finding == 'macro' else r.finding + ' AUROC'}"
-            for r in part.itertuples()
-        ]
         ypos = np.arange(len(part))[::-1]
-        for y, r in zip(ypos, part.itertuples(), strict=True):
-            if not math.isfinite(r.delta):
+        labels = []
+        for y, r in zip(ypos, part.to_dict(orient="records"), strict=True):
+            labels.append(_forest_label(r))
+            style = forest_style(r)
+            if style is None:
                 continue
-            p = r.p_value if r.finding == "macro" else r.p_holm
-            significant = p is not None and math.isfinite(p) and p < 0.05
-            if math.isfinite(r.ci_low) and math.isfinite(r.ci_high):
-                ax.plot([r.ci_low, r.ci_high], [y, y], color="0.3", lw=1)
-            ax.plot(r.delta, y, "o", ms=5, mfc="C3" if significant else "white", mec="C3")
+            if math.isfinite(r["ci_low"]) and math.isfinite(r["ci_high"]):
+                ax.plot([r["ci_low"], r["ci_high"]], [y, y], color=style["bar"], lw=1)
+            ax.plot(r["delta"], y, "o", ms=5, mfc=style["face"], mec=style["edge"])
         ax.axvline(0, color="0.5", ls=":", lw=1)
         ax.set_yticks(ypos, labels, fontsize=7)
-        ax.set(title=f"{model} − {reference}", xlabel="Δ (model − reference)")
+        ax.set_title(f"{model} − {reference}")
+        ax.set_xlabel(
+            "Δ (model − reference), unadjusted 95% CI\n"
+            "filled: excludes 0 · *: p_holm < 0.05 · grey †: unreliable",
+            fontsize=8,
+        )
         ax.grid(alpha=0.3, axis="x")
     return fig
+
+
+def _forest_label(r: Mapping[str, Any]) -> str:
+    if r["finding"] == "macro":
+        return "macro " + str(r["metric"]).upper()
+    holm = r.get("p_holm")
+    star = " *" if holm is not None and math.isfinite(holm) and holm < 0.05 else ""
+    dagger = "" if bool(r.get("reliable", True)) else " †"
+    return f"{r['finding']} AUROC{star}{dagger}"
+
+
+def forest_style(r: Mapping[str, Any]) -> dict[str, str] | None:
+    """Colours of one forest row: None when Δ is undefined (nothing drawn); grey and hollow
+    when the row is unreliable; otherwise filled red when its (unadjusted) interval excludes
+    0, hollow red when not. Bars and fill follow the same interval, by construction."""
+    if not math.isfinite(r["delta"]):
+        return None
+    if not bool(r.get("reliable", True)):
+        return {"bar": "0.7", "face": "white", "edge": "0.6"}
+    low, high = r["ci_low"], r["ci_high"]
+    excludes = math.isfinite(low) and math.isfinite(high) and (low > 0 or high < 0)
+    return {"bar": "0.3", "face": "C3" if excludes else "white", "edge": "C3"}

@@ -17,6 +17,12 @@ map. Why generous: after rescaling a 1024-px box to a 32-px cache a box edge usu
 inside a pixel, and a map at that resolution cannot say on which side of the edge its peak is.
 A zero-width box still covers the one pixel its edge lies in.
 
+The headline hit rate is hits / ALL boxes of the group: a map that cannot point (all zero, or
+non-finite: "undecided") counts as a miss. Such maps come mostly from images the model missed
+(Grad-CAM's ReLU leaves nothing when no channel argues for the class), so leaving them out of
+the denominator would score a model on the images it already found. The rate among decided
+boxes follows as a second number (`hit_rate_decided`), with the count of undecided boxes.
+
 Intervals come from the same patient bootstrap as the classification metrics (`bootstrap.py`):
 images of a patient -- and the boxes of an image -- move together.
 """
@@ -48,6 +54,8 @@ SUMMARY_COLUMNS = (
     "energy_ci_low",
     "energy_ci_high",
     "undecided",
+    # additive (issue 18): the hit rate among decided boxes only, after the headline
+    "hit_rate_decided",
 )
 
 
@@ -103,10 +111,11 @@ def pointing_hit(cam: np.ndarray, box: Sequence[float]) -> bool | None:
     one tied pixel (first in memory order, as `argmax` would) would make the score depend on
     the box's position in raster order rather than on the map.
 
-    None (undecided, counted separately by `localisation_summary`): a map with a non-finite
-    value, or with no positive value (all zero -- Grad-CAM's ReLU returns that when no channel
-    argues for the class). Such a map has no peak to point with; scoring it as a miss would
-    mix "looked elsewhere" with "looked nowhere".
+    None (undecided): a map with a non-finite value, or with no positive value (all zero --
+    Grad-CAM's ReLU returns that when no channel argues for the class). Such a map has no peak
+    to point with: `localisation_summary` counts it as a miss in the headline hit rate and
+    leaves it out of the "decided only" rate, and counts it (`undecided`), so "looked
+    elsewhere" and "looked nowhere" stay distinguishable.
     """
     m = _map(cam)
     if m.size == 0 or not np.isfinite(m).all() or not (m > 0).any():
@@ -174,6 +183,8 @@ def localisation_resamples(
 ) -> Iterator[tuple[tuple[str, str, str], np.ndarray, np.ndarray]]:
     """`((model, layer, finding), hit_rate [R], energy [R])` per group, one value a resample.
 
+    `hit_rate` is the headline: hits / all boxes, an undecided box counting as a miss.
+
     One resample draws the *test patients of all records* with replacement (`patient_weights`,
     patients numbered by first appearance in `records`) and every group is scored on that same
     draw: the models and layers are compared on the same resampled patients (paired), as
@@ -186,13 +197,14 @@ def localisation_resamples(
     groups = list(rec.groupby(list(GROUP_COLUMNS), sort=True).indices.items())
     hits: dict[tuple, list[np.ndarray]] = {key: [] for key, _ in groups}
     energies: dict[tuple, list[np.ndarray]] = {key: [] for key, _ in groups}
+    hit_all = rec["hit"].to_numpy(dtype=float)
     if len(rec):
         # drawn per patient ([r, P]) and expanded per group: the same draws as expanding to
         # every record at once, without an [R, records] matrix
         for block in patient_weights(np.asarray(uniques), n_resamples, seed):
             for key, index in groups:
                 w = block[:, codes[index]]
-                hits[key].append(_weighted_mean(rec["hit"].to_numpy()[index], w))
+                hits[key].append(_weighted_mean(np.nan_to_num(hit_all[index], nan=0.0), w))
                 energies[key].append(_weighted_mean(rec["energy"].to_numpy()[index], w))
     for key, _ in groups:
         yield key, np.concatenate(hits[key]), np.concatenate(energies[key])
@@ -211,11 +223,13 @@ def localisation_summary(
     patient_id, hit` (True / False / None = undecided) and `energy` (NaN when undefined).
 
     * `n_boxes`: rows of the group; `n_images`: distinct images among them;
-    * `hit_rate`: share of hits among *decided* boxes; `undecided` counts the others, so a
-      model that returns empty maps is visible instead of scored as missing or hitting;
+    * `hit_rate` (the headline): hits / all boxes, an undecided box (empty or non-finite map)
+      counting as a miss; `undecided` counts those boxes; `hit_rate_decided`: hits / decided
+      boxes, the second number (NaN when none is decided);
     * `energy`: mean energy-in-box over boxes where it is defined;
     * `*_ci_low/high`: percentile interval of the patient bootstrap
-      (`localisation_resamples`), NaN where every resample is undefined.
+      (`localisation_resamples`; `hit_ci_*` belongs to the headline `hit_rate`), NaN where
+      every resample is undefined.
     """
     if not 0.0 < float(confidence) < 1.0:
         raise ValueError(f"confidence: expected in (0, 1), got {confidence!r}")
@@ -237,13 +251,14 @@ def localisation_summary(
                 "finding": finding,
                 "n_boxes": int(len(part)),
                 "n_images": int(part["image_id"].nunique()),
-                "hit_rate": float(decided.mean()) if len(decided) else float("nan"),
+                "hit_rate": float(decided.sum()) / len(part) if len(part) else float("nan"),
                 "hit_ci_low": float(hit_lo),
                 "hit_ci_high": float(hit_hi),
                 "energy": float(energy.mean()) if len(energy) else float("nan"),
                 "energy_ci_low": float(en_lo),
                 "energy_ci_high": float(en_hi),
                 "undecided": int(part["hit"].isna().sum()),
+                "hit_rate_decided": float(decided.mean()) if len(decided) else float("nan"),
             }
         )
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))

@@ -11,12 +11,13 @@ model can look good on average while failing the rare findings the project is ab
   "absent" everywhere, and
 * sensitivity at a fixed high specificity, the operating point a screening reader would use.
 
-Small-sample honesty: a finding with 1-3 test positives gets a percentile interval from resamples
-that mostly repeat the same few positives, so the interval prints as a narrow, confident range
-although the estimate is close to anecdote (Hernia with 2 test positives showed AUROC 0.954
-[0.900, 0.992]). Such findings are flagged `reliable = False` instead of being dropped, and
-macro precision is also given "zero-filled", so a model that never predicts a rare finding is
-not rewarded by having that finding silently left out of the average.
+Small-sample honesty: a finding with 1-3 positive test patients gets a percentile interval from
+resamples that mostly repeat the same few patients, so the interval prints as a narrow, confident
+range although the estimate is close to anecdote (Hernia with 2 test positives showed AUROC 0.954
+[0.900, 0.992]). Such findings are flagged `reliable = False` instead of being dropped. The
+count is of distinct positive PATIENTS (`test_positive_patients`), not films: twelve films of two
+patients are two units to resample. (Macro precision counts a finding that is never predicted as
+0: `metrics.evaluate_split`.)
 
 Everything undefined stays NaN (never 0), thresholds are the validation ones, and intervals use
 the patient bootstrap of bootstrap.py (same `patient_weights` seed semantics).
@@ -32,8 +33,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from rare_cxr.evaluation.bootstrap import bootstrap_samples, percentile_interval
-from rare_cxr.evaluation.metrics import auprc, auroc, threshold_metrics
+from rare_cxr.evaluation.bootstrap import bootstrap_samples, fixed_set_mean, percentile_interval
+from rare_cxr.evaluation.metrics import auprc, auroc, positive_patients, threshold_metrics
 from rare_cxr.findings import FINDINGS
 
 NAN = float("nan")
@@ -116,11 +117,6 @@ def frequency_groups(
     return groups
 
 
-def small_sample_flags(positives: Mapping[str, int], min_positives: int = 10) -> dict[str, bool]:
-    """True = unreliable: fewer than `min_positives` positives (see the module docstring)."""
-    return {f: int(n) < int(min_positives) for f, n in positives.items()}
-
-
 def _threshold_array(thresholds: Mapping[str, float] | Sequence[float] | np.ndarray) -> np.ndarray:
     """Thresholds in FINDINGS order, from a finding -> threshold mapping or an [F] array."""
     if isinstance(thresholds, Mapping):
@@ -162,10 +158,11 @@ def group_bootstrap_samples(
     """Group means per patient-bootstrap resample: `{metric: {group: [R]}}`.
 
     Metrics are auroc, auprc and balanced_accuracy per finding from bootstrap.py's
-    `bootstrap_samples` (same resamples for the same seed); the group mean is taken over the
-    findings defined *in that resample*, so a resample is not penalised for a finding whose
-    positives it happened not to draw, and the correlation between findings is kept. Groups
-    without findings are absent.
+    `bootstrap_samples` (same resamples for the same seed). Every resample averages ONE set of
+    findings per group, those defined on the test set as is (the point estimate's): a resample
+    that drew none of a member's positive patients is NaN (dropped from the interval), not a
+    mean over fewer findings (`bootstrap.fixed_set_mean`). The correlation between findings is
+    kept. Groups without findings are absent.
     """
     y, s = _check_arrays(y_true, y_score)
     t = _threshold_array(thresholds)
@@ -178,13 +175,25 @@ def group_bootstrap_samples(
         # NaN when recall or specificity is undefined in the resample, as in the point estimate.
         "balanced_accuracy": (samples["recall"] + samples["specificity"]) / 2.0,
     }
+    point = _point_estimates(y, s, t)
     out: dict[str, dict[str, np.ndarray]] = {m: {} for m in GROUP_METRICS}
     for g in GROUPS:
         idx = [i for i, f in enumerate(FINDINGS) if groups.get(f) == g]
         if idx:
             for m in GROUP_METRICS:
-                out[m][g] = _nanmean_rows(per_finding[m][:, idx])
+                out[m][g] = fixed_set_mean(per_finding[m][:, idx], point[m][idx])[0]
     return out
+
+
+def _point_estimates(y: np.ndarray, s: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+    """auroc, auprc, balanced_accuracy per finding `[F]` on the test set as is."""
+    return {
+        "auroc": np.array([auroc(y[:, i], s[:, i]) for i in range(y.shape[1])]),
+        "auprc": np.array([auprc(y[:, i], s[:, i]) for i in range(y.shape[1])]),
+        "balanced_accuracy": np.array(
+            [balanced_accuracy(y[:, i], s[:, i], t[i]) for i in range(y.shape[1])]
+        ),
+    }
 
 
 def long_tail_tables(
@@ -204,19 +213,22 @@ def long_tail_tables(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-finding table, per-group table `long_tail.csv`) of one split, NIH-CXR-LT style.
 
-    Per finding (FINDINGS order): `finding, group, train_positives, test_positives, auroc,
-    auprc, balanced_accuracy, specificity` (at the validation threshold), one
-    `sensitivity_at_spec_<100*target>` column per entry of `specificities` (default
-    `sensitivity_at_spec_90`, `sensitivity_at_spec_95`), and `reliable` = test_positives >=
-    min_positives. Why the flag: percentile intervals from 1-3 positives print as narrow,
-    confident ranges (Hernia with 2 test positives showed AUROC 0.954 [0.900, 0.992]) although
-    they say almost nothing; flagging keeps the number visible but marked.
+    Per finding (FINDINGS order): `finding, group, train_positives, test_positives,
+    test_positive_patients, auroc, auprc, balanced_accuracy, specificity` (at the validation
+    threshold), one `sensitivity_at_spec_<100*target>` column per entry of `specificities`
+    (default `sensitivity_at_spec_90`, `sensitivity_at_spec_95`), and `reliable` =
+    test_positive_patients >= min_positives. Why the flag: percentile intervals from 1-3
+    positive patients print as narrow, confident ranges (Hernia with 2 test positives showed
+    AUROC 0.954 [0.900, 0.992]) although they say almost nothing; flagging keeps the number
+    visible but marked.
 
     Per group (head, medium, tail; only groups that have findings): `group, findings` ("A|B"),
     `n_findings`, and for each of auroc, auprc, balanced_accuracy the mean over the group's
-    findings where the metric is defined plus `<metric>_ci_low`, `<metric>_ci_high`. The
-    interval is the patient bootstrap of bootstrap.py with the group mean taken *inside* each
-    resample, so the correlation between findings of the same patients is kept (averaging
+    findings where the metric is defined plus `<metric>_ci_low`, `<metric>_ci_high` and
+    `<metric>_resamples_dropped`. The interval is the patient bootstrap of bootstrap.py with the
+    group mean taken *inside* each resample over one fixed set of findings (see
+    `group_bootstrap_samples`; resamples that lost a member's positives are dropped and
+    counted), so the correlation between findings of the same patients is kept (averaging
     per-finding interval ends would not be an interval of the mean).
     """
     if not 0.0 < float(confidence) < 1.0:
@@ -231,15 +243,16 @@ def long_tail_tables(
     t = _threshold_array(thresholds)
     groups = frequency_groups({f: train_positives[f] for f in FINDINGS}, head_min, tail_max)
 
+    patients_with = positive_patients(y, pids)
     rows = []
     for i, f in enumerate(FINDINGS):
         yi, si = y[:, i], s[:, i]
-        test_pos = int(yi.sum())
         row = {
             "finding": f,
             "group": groups[f],
             "train_positives": int(train_positives[f]),
-            "test_positives": test_pos,
+            "test_positives": int(yi.sum()),
+            "test_positive_patients": int(patients_with[i]),
             "auroc": auroc(yi, si),
             "auprc": auprc(yi, si),
             "balanced_accuracy": balanced_accuracy(yi, si, t[i]),
@@ -247,7 +260,7 @@ def long_tail_tables(
         }
         for target in specificities:
             row[_spec_column(target)] = sensitivity_at_specificity(yi, si, target)["sensitivity"]
-        row["reliable"] = test_pos >= int(min_positives)
+        row["reliable"] = bool(patients_with[i] >= max(int(min_positives), 2))
         rows.append(row)
     per_finding = pd.DataFrame(rows)
 
@@ -266,36 +279,13 @@ def long_tail_tables(
             row[m] = float(_nanmean_rows(per_finding[m].to_numpy(dtype=float)[idx]))
             low, high = percentile_interval(boot[m][g], confidence)
             row[f"{m}_ci_low"], row[f"{m}_ci_high"] = float(low), float(high)
+        for m in GROUP_METRICS:  # additive columns (issue 18), after the issue-13 ones
+            defined = np.isfinite(per_finding[m].to_numpy(dtype=float)[idx]).any()
+            row[f"{m}_resamples_dropped"] = int(np.isnan(boot[m][g]).sum()) if defined else 0
         group_rows.append(row)
-    columns = ["group", "findings", "n_findings"] + [
-        c for m in GROUP_METRICS for c in (m, f"{m}_ci_low", f"{m}_ci_high")
-    ]
+    columns = (
+        ["group", "findings", "n_findings"]
+        + [c for m in GROUP_METRICS for c in (m, f"{m}_ci_low", f"{m}_ci_high")]
+        + [f"{m}_resamples_dropped" for m in GROUP_METRICS]
+    )
     return per_finding, pd.DataFrame(group_rows, columns=columns)
-
-
-def macro_precision_zero_filled(
-    y_true: np.ndarray,
-    y_score: np.ndarray,
-    thresholds: Mapping[str, float] | Sequence[float] | np.ndarray,
-) -> tuple[float, int]:
-    """Macro precision where a finding with no predicted positive counts 0; (value, n filled).
-
-    The paper-style macro precision (metrics.py) leaves such a finding out (its precision is
-    undefined), which *raises* the average for a model that simply never predicts a rare
-    finding. Zero-filling (scikit-learn's `zero_division=0`) shows that cost; the count of
-    zero-filled findings is returned so the report can say how many there were. Findings whose
-    validation threshold is undefined (NaN) had no rule to deploy and are excluded, not counted.
-    NaN (and 0 filled) when no finding has a defined threshold.
-    """
-    y, s = _check_arrays(y_true, y_score)
-    t = _threshold_array(thresholds)
-    defined = ~np.isnan(t)
-    if not defined.any():
-        return NAN, 0
-    yb = y[:, defined].astype(bool)
-    pred = s[:, defined] >= t[defined][None, :]
-    tp = np.sum(pred & yb, axis=0)
-    predicted = np.sum(pred, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
-    return float(precision.mean()), int(np.sum(predicted == 0))

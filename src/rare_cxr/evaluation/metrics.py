@@ -198,23 +198,43 @@ def select_thresholds(
     return {f: select_threshold(y[:, i], s[:, i], method) for i, f in enumerate(FINDINGS)}
 
 
+def positive_patients(y_true: np.ndarray, patient_ids: np.ndarray) -> np.ndarray:
+    """Distinct patients with at least one positive image, per finding `[F]`.
+
+    The unit of every small-sample judgement (`reliable`, the dagger): twelve positive films of
+    two patients are two patients' worth of evidence, and a patient bootstrap has two units to
+    resample."""
+    y = np.asarray(y_true).astype(bool)
+    p = np.asarray(patient_ids)
+    if len(p) != len(y):
+        raise ValueError(f"patient_ids: expected {len(y)} values (one per image), got {len(p)}")
+    codes, _ = pd.factorize(pd.Series(p).astype(str))
+    return np.array([np.unique(codes[y[:, i]]).size for i in range(y.shape[1])], dtype=int)
+
+
 def evaluate_split(
-    y_true: np.ndarray, y_score: np.ndarray, thresholds: Mapping[str, float]
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    thresholds: Mapping[str, float],
+    patient_ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every metric of the report for one split, given fixed thresholds.
 
-    Returns `per_finding` (finding -> metrics), `macro`, `micro`, `paper`, `all_negative`,
-    `subset_accuracy`, `n_images` and `undefined` (finding -> metrics that are NaN and why).
+    Returns `per_finding` (finding -> metrics; with `patient_ids` also `positive_patients`),
+    `macro`, `micro`, `paper`, `all_negative`, `subset_accuracy`, `n_images` and `undefined`
+    (finding -> metrics that are NaN and why).
     """
     y = np.asarray(y_true).astype(int)
     s = np.asarray(y_score, dtype=float)
     t = np.array([thresholds.get(f, NAN) for f in FINDINGS], dtype=float)
+    patients = None if patient_ids is None else positive_patients(y, patient_ids)
     per: dict[str, dict[str, float]] = {}
     undefined: dict[str, list[str]] = {}
     for i, f in enumerate(FINDINGS):
         m = {
             "prevalence": float(y[:, i].mean()) if len(y) else NAN,
             "positives": int(y[:, i].sum()),
+            **({} if patients is None else {"positive_patients": int(patients[i])}),
             "threshold": float(t[i]),
             "auroc": auroc(y[:, i], s[:, i]),
             "auprc": auprc(y[:, i], s[:, i]),

@@ -14,12 +14,33 @@ patient resample to both models (and to every training seed).
   ties counting one half as in the Mann-Whitney statistic. The components are linear in the
   scores' pairwise kernel, so a contrast of AUCs -- e.g. the mean over seeds of
   (AUC_model_s - AUC_ref_s) -- has an exact DeLong variance c' S c.
+* Patients, not films, are the unit: NIH has many follow-up films per patient, and two films of
+  one patient are not independent evidence. Plain DeLong treats every film as independent and
+  understates the variance (tests/test_paired.py's simulation, 60 patients with ~9 films each:
+  median SE 0.027 against 0.059 clustered, and two equal models "differ" at alpha 0.05 in
+  37.5% of 200 test sets, 4.0% clustered). The
+  per-finding test therefore uses Obuchowski's clustered DeLong (1997, Biometrics 53:567,
+  "Nonparametric analysis of clustered ROC curve data"): the same per-film structural
+  components, summed per patient, with the variance taken over patients --
+  S10 = I10/(I10-1) sum_i T10_i^2 / m^2, S01 alike over the I01 patients with a negative film,
+  and a cross term S11 = I/(I-1) sum_i T10_i T01_i / (m n) for patients with films on both
+  sides (T10_i = sum over patient i's positive films of V10 - AUC; m, n films). With one film
+  per patient this is DeLong exactly. With a single positive (or negative) patient the
+  variance is undefined (NaN), whatever the number of films.
 * Across the 14 findings: Holm's step-down adjustment (family-wise error), since a "wins on
   rare findings" claim looks at many p-values at once.
 * Macro AUROC / AUPRC / F1: a paired *patient* bootstrap (the resamples of
   `bootstrap.patient_weights`, so the same seed reproduces the project's marginal intervals);
-  the macro of each resample averages the findings defined for *both* models in it, so the two
-  sides of the difference always cover the same findings.
+  every resample averages ONE set of findings, those defined for *both* models on the test set
+  as is (the point estimate's), so the two sides of the difference always cover the same
+  findings and every resample the same statistic. A resample that drew none of a rare
+  finding's positive patients cannot compute that set: it is dropped from the interval and the
+  p-value and counted (`resamples_dropped`).
+* Seeds: the tests are conditional on the trained weights. With S seeds the tested quantity is
+  the mean over these S trainings of the per-seed differences; its interval and p-value carry
+  the test-sampling error only, not the variation between retrainings. That variation is
+  reported beside them (`seed_sd`, the sd of the per-seed differences) and not folded in: with
+  S = 3 seeds a resampling of seeds has 10 distinct outcomes, too few for an interval.
 
 Conventions follow `metrics.py`: NaN means undefined (no positives, no negatives, no
 validation threshold), never zero.
@@ -28,7 +49,6 @@ validation threshold), never zero.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from statistics import NormalDist
 from typing import NamedTuple
@@ -58,7 +78,13 @@ ROW_COLUMNS = (
     "p_value",
     "p_holm",
     "method",
+    # additive (issue 18): the sd over seeds of the per-seed difference (training variation,
+    # NaN with one seed) and the macro resamples dropped (`_macro_sets`; NA for DeLong rows)
+    "seed_sd",
+    "resamples_dropped",
 )
+BOOTSTRAP_METHOD = "paired patient bootstrap"
+DELONG_METHOD = "clustered DeLong (patients, Obuchowski 1997)"
 # AUCs live in [0, 1]; a contrast or a standard error below this is floating-point noise.
 _ZERO_TOL = 1e-12
 
@@ -122,27 +148,83 @@ def _as_score_matrix(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray
     return y, s
 
 
-def delong_covariance(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _cluster_codes(clusters: np.ndarray | Sequence | None, n: int) -> np.ndarray | None:
+    """Integer codes `[N]` of the cluster (patient) of each film; None = every film its own."""
+    if clusters is None:
+        return None
+    c = np.asarray(clusters)
+    if c.shape != (n,):
+        raise ValueError(
+            f"clusters: expected one patient id per image ({n}), got shape {np.shape(clusters)}"
+        )
+    codes, _ = pd.factorize(pd.Series(c).astype(str))
+    return codes
+
+
+def _clustered_covariance(
+    v10: np.ndarray, v01: np.ndarray, auc: np.ndarray, pos_codes: np.ndarray, neg_codes: np.ndarray
+) -> np.ndarray:
+    """Obuchowski's (1997) covariance `[k, k]` from per-film components and their patients.
+
+    T10 `[k, K]` sums (V10 - AUC) over each patient's positive films, T01 (V01 - AUC) over its
+    negative films; the variance is taken over patients: I10/(I10-1) T10 T10' / m^2 +
+    I01/(I01-1) T01 T01' / n^2 + I/(I-1) (T10 T01' + T01 T10') / (m n). NaN with fewer than two
+    patients on either side.
+    """
+    k, m, n = v10.shape[0], v10.shape[1], v01.shape[1]
+    n_clusters = int(max(pos_codes.max(initial=-1), neg_codes.max(initial=-1))) + 1
+    i10, i01 = np.unique(pos_codes).size, np.unique(neg_codes).size
+    i_all = np.unique(np.r_[pos_codes, neg_codes]).size
+    if i10 < 2 or i01 < 2:
+        return np.full((k, k), NAN)
+    t10 = np.stack(
+        [np.bincount(pos_codes, weights=v10[r] - auc[r], minlength=n_clusters) for r in range(k)]
+    )
+    t01 = np.stack(
+        [np.bincount(neg_codes, weights=v01[r] - auc[r], minlength=n_clusters) for r in range(k)]
+    )
+    s10 = (i10 / (i10 - 1)) * (t10 @ t10.T) / m**2
+    s01 = (i01 / (i01 - 1)) * (t01 @ t01.T) / n**2
+    s11 = (i_all / (i_all - 1)) * (t10 @ t01.T) / (m * n)
+    return s10 + s01 + s11 + s11.T
+
+
+def _covariance(
+    y: np.ndarray, v10: np.ndarray, v01: np.ndarray, auc: np.ndarray, codes: np.ndarray | None
+) -> np.ndarray:
+    """DeLong's covariance (codes None) or Obuchowski's clustered one, `[k, k]`."""
+    k, m, n = v10.shape[0], v10.shape[1], v01.shape[1]
+    if codes is not None:
+        return _clustered_covariance(v10, v01, auc, codes[y], codes[~y])
+    if m < 2 or n < 2:
+        return np.full((k, k), NAN)
+    s10 = np.atleast_2d(np.cov(v10, ddof=1))
+    s01 = np.atleast_2d(np.cov(v01, ddof=1))
+    return s10 / m + s01 / n
+
+
+def delong_covariance(
+    y_true: np.ndarray, scores: np.ndarray, clusters: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """AUCs `[k]` of k score vectors on the same images and their DeLong covariance `[k, k]`.
 
     Fast DeLong (Sun & Xu 2014) with midranks, so tied scores count one half exactly as in
-    `sklearn.metrics.roc_auc_score`. S = S10 / m + S01 / n with S10, S01 the sample covariances
-    (ddof 1, as DeLong et al. 1988) of the structural components over the m positives and the n
-    negatives. Everything is NaN when y has no positives or no negatives; the covariance alone is
-    NaN with a single positive or negative (a sample covariance needs two).
+    `sklearn.metrics.roc_auc_score`. Without `clusters`: S = S10 / m + S01 / n with S10, S01 the
+    sample covariances (ddof 1, as DeLong et al. 1988) of the structural components over the m
+    positives and the n negatives. With `clusters` (one patient id per image): Obuchowski's
+    (1997) clustered covariance (module docstring), which equals DeLong's when every patient has
+    one image. Everything is NaN when y has no positives or no negatives; the covariance alone
+    is NaN with a single positive or negative (patient, with clusters).
     """
     y, s = _as_score_matrix(y_true, scores)
+    codes = _cluster_codes(clusters, y.size)
     k = s.shape[0]
     m = int(y.sum())
     n = int(y.size - m)
     if m == 0 or n == 0:
         return np.full(k, NAN), np.full((k, k), NAN)
     auc, v10, v01 = _structural_components(y, s)
-    if m < 2 or n < 2:
-        return auc, np.full((k, k), NAN)
-    s10 = np.atleast_2d(np.cov(v10, ddof=1))
-    s01 = np.atleast_2d(np.cov(v01, ddof=1))
-    return auc, s10 / m + s01 / n
+    return auc, _covariance(y, v10, v01, auc, codes)
 
 
 def _contrast_test(estimate: float, variance: float, scale: float, confidence: float) -> dict:
@@ -175,9 +257,14 @@ def _contrast_test(estimate: float, variance: float, scale: float, confidence: f
 
 
 def _contrast(
-    y: np.ndarray, s: np.ndarray, c: np.ndarray, confidence: float
+    y: np.ndarray,
+    s: np.ndarray,
+    c: np.ndarray,
+    confidence: float,
+    codes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """The AUCs `[k]` and the DeLong test of c' auc, from one pass over the components."""
+    """The AUCs `[k]` and the (clustered) DeLong test of c' auc, from one pass over the
+    components."""
     k = s.shape[0]
     m = int(y.sum())
     n = int(y.size - m)
@@ -190,30 +277,36 @@ def _contrast(
     d10 = plus @ v10 - minus @ v10  # the contrast's structural component, per positive
     d01 = plus @ v01 - minus @ v01  # ... and per negative
     estimate = float(plus @ auc - minus @ auc)
-    variance = float(d10.var(ddof=1) / m + d01.var(ddof=1) / n) if m > 1 and n > 1 else NAN
+    variance = float(_covariance(y, d10[None], d01[None], np.array([estimate]), codes)[0, 0])
     return auc, _contrast_test(estimate, variance, float(np.abs(c).sum()), confidence)
 
 
 def delong_contrast(
-    y_true: np.ndarray, scores: np.ndarray, contrast: Sequence[float], confidence: float = 0.95
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    contrast: Sequence[float],
+    confidence: float = 0.95,
+    clusters: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """DeLong test of a linear contrast c' AUC of k correlated AUCs (DeLong et al. 1988).
+    """DeLong test of a linear contrast c' AUC of k correlated AUCs (DeLong et al. 1988);
+    with `clusters` (a patient id per image) Obuchowski's clustered variance (module docstring).
 
     Returns `estimate` (c' auc), `se` (sqrt(c' S c), computed as the variance of the contrast's
     own structural components, which is the same number), the normal-approximation interval
     `ci_low`/`ci_high`, `z` and the two-sided `p_value`. se == 0 with estimate == 0 (identical
     inputs) gives p = 1; se == 0 with estimate != 0 gives p = 0; an undefined AUC (no positives
     or no negatives) gives NaN everywhere, an undefined covariance (a single positive or
-    negative) NaN everywhere but the estimate.
+    negative -- patient, with clusters) NaN everywhere but the estimate.
     """
     conf = _check_confidence(confidence)
     y, s = _as_score_matrix(y_true, scores)
+    codes = _cluster_codes(clusters, y.size)
     c = np.asarray(contrast, dtype=float)
     if c.shape != (s.shape[0],):
         raise ValueError(
             f"contrast: expected shape [{s.shape[0]}] (one weight per score row), got {c.shape}"
         )
-    return _contrast(y, s, c, conf)[1]
+    return _contrast(y, s, c, conf, codes)[1]
 
 
 def _seed_rows(scores: np.ndarray, name: str) -> np.ndarray:
@@ -230,14 +323,20 @@ def delong_paired(
     scores_model: np.ndarray,
     scores_ref: np.ndarray,
     confidence: float = 0.95,
+    clusters: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Paired DeLong test of AUC(model) - AUC(ref) on the same images.
+    """Paired DeLong test of AUC(model) - AUC(ref) on the same images; with `clusters` (one
+    patient id per image) the patient-clustered variance of Obuchowski (1997).
 
     Scores are `[N]` or `[S, N]` (S training seeds of each model on the same images; both the
     same shape). The tested quantity is mean_s (AUC_model_s - AUC_ref_s), the contrast
     (1/S, ..., 1/S, -1/S, ..., -1/S) over the 2S stacked score vectors, whose DeLong variance is
     exact because the structural components are linear. Returns `auc_model`, `auc_ref` (means
-    over seeds), `delta`, `se`, `ci_low`, `ci_high`, `p_value`.
+    over seeds), `delta`, `se`, `ci_low`, `ci_high`, `p_value` and `seed_sd`, the sample sd of
+    the per-seed differences (NaN with one seed).
+
+    The test is conditional on the trained weights: `se` is the test-sampling error of this
+    mean over these S trainings; the training variation is `seed_sd`, reported beside it.
     """
     a = _seed_rows(scores_model, "scores_model")
     b = _seed_rows(scores_ref, "scores_ref")
@@ -249,9 +348,12 @@ def delong_paired(
     conf = _check_confidence(confidence)
     k = a.shape[0]
     y, stacked = _as_score_matrix(y_true, np.concatenate([a, b], axis=0))
+    codes = _cluster_codes(clusters, y.size)
     contrast = np.r_[np.full(k, 1.0 / k), np.full(k, -1.0 / k)]
-    auc, res = _contrast(y, stacked, contrast, conf)
+    auc, res = _contrast(y, stacked, contrast, conf, codes)
     auc_model, auc_ref = float(auc[:k].mean()), float(auc[k:].mean())
+    per_seed = auc[:k] - auc[k:]
+    seed_sd = float(np.std(per_seed, ddof=1)) if k > 1 and np.isfinite(per_seed).all() else NAN
     return {
         "auc_model": auc_model,
         "auc_ref": auc_ref,
@@ -260,6 +362,7 @@ def delong_paired(
         "ci_low": res["ci_low"],
         "ci_high": res["ci_high"],
         "p_value": res["p_value"],
+        "seed_sd": seed_sd,
     }
 
 
@@ -353,22 +456,34 @@ def _metric_block(
     return out
 
 
-def _macro_deltas(metric: str, data: _Paired, w: np.ndarray) -> np.ndarray:
+def _seed_diffs(metric: str, data: _Paired, w: np.ndarray) -> list[np.ndarray]:
+    """Per seed, the per-finding difference model - reference `[r, F]` (NaN where either
+    side is undefined)."""
+    out = []
+    for k in range(data.scores_model.shape[0]):
+        a = _metric_block(metric, data.y, data.scores_model[k], data.thresholds_model[k], w)
+        b = _metric_block(metric, data.y, data.scores_ref[k], data.thresholds_ref[k], w)
+        out.append(a - b)
+    return out
+
+
+def _macro_sets(metric: str, data: _Paired) -> list[np.ndarray]:
+    """Per seed, the findings `[F]` (bool) of the macro: defined for both models on the test
+    set as is. Every resample averages this one set (`bootstrap.fixed_set_mean`)."""
+    ones = np.ones((1, data.y.shape[0]))
+    return [np.isfinite(d[0]) for d in _seed_diffs(metric, data, ones)]
+
+
+def _macro_deltas(metric: str, data: _Paired, w: np.ndarray, sets: list[np.ndarray]) -> np.ndarray:
     """Per resample `[r]`: mean over seeds of macro_model_s - macro_ref_s.
 
-    Each seed's macro covers the findings defined for both models in that resample, so it is
-    the mean of the per-finding differences over that common set (NaN when the set is empty;
-    a resample where any seed is undefined is undefined).
+    Each seed's macro is the mean of the per-finding differences over that seed's fixed set
+    (`_macro_sets`); a resample in which one of them is undefined is undefined (NaN: dropped
+    from the interval and the p-value, and counted), as is one where any seed is.
     """
     per_seed = []
-    y = data.y
-    for k in range(data.scores_model.shape[0]):
-        a = _metric_block(metric, y, data.scores_model[k], data.thresholds_model[k], w)
-        b = _metric_block(metric, y, data.scores_ref[k], data.thresholds_ref[k], w)
-        diff = a - b  # NaN wherever either side is undefined
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_seed.append(np.nanmean(diff, axis=1))
+    for diff, keep in zip(_seed_diffs(metric, data, w), sets, strict=True):
+        per_seed.append(diff[:, keep].mean(axis=1) if keep.any() else np.full(len(w), NAN))
     return np.mean(per_seed, axis=0)
 
 
@@ -399,11 +514,12 @@ def paired_bootstrap_samples(  # noqa: PLR0917 -- (y, scores, thresholds, patien
         y_true, (scores_model, scores_ref), (thresholds_model, thresholds_ref), patient_ids
     )
     blocks: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
+    sets = {m: _macro_sets(m, data) for m in metrics}
     for w in patient_weights(
         patient_ids, n_resamples, seed, chunk_size, progress_desc=progress_desc
     ):
         for m in metrics:
-            blocks[m].append(_macro_deltas(m, data, w))
+            blocks[m].append(_macro_deltas(m, data, w, sets[m]))
     return {m: np.concatenate(v) for m, v in blocks.items()}
 
 
@@ -445,8 +561,10 @@ def paired_bootstrap_macro(  # noqa: PLR0917 -- (y, scores, thresholds, patients
     the model paired with seed s of the reference); thresholds `[F]` or `[S, F]`, fixed from
     validation (a NaN threshold leaves that finding's F1 undefined). Per metric returns `delta`
     (the same statistic with unit weights, i.e. on the test set as is), the percentile interval
-    `ci_low`/`ci_high`, the two-sided `p_value` (`bootstrap_p_value`) and `n_resamples`, the
-    number of resamples where the difference was defined (those used for CI and p).
+    `ci_low`/`ci_high`, the two-sided `p_value` (`bootstrap_p_value`), `n_resamples`, the
+    number of resamples where the difference was defined (those used for CI and p), and
+    `resamples_dropped`, the others: resamples that lost every positive patient of a finding
+    in the macro's fixed set (`_macro_sets`).
     """
     conf = _check_confidence(confidence)
     samples = paired_bootstrap_samples(
@@ -467,7 +585,7 @@ def paired_bootstrap_macro(  # noqa: PLR0917 -- (y, scores, thresholds, patients
     ones = np.ones((1, data.y.shape[0]))
     out: dict[str, dict[str, float]] = {}
     for m, d in samples.items():
-        point = float(_macro_deltas(m, data, ones)[0])
+        point = float(_macro_deltas(m, data, ones, _macro_sets(m, data))[0])
         low, high = percentile_interval(d, conf)
         out[m] = {
             "delta": point,
@@ -475,6 +593,7 @@ def paired_bootstrap_macro(  # noqa: PLR0917 -- (y, scores, thresholds, patients
             "ci_high": float(high),
             "p_value": bootstrap_p_value(d),
             "n_resamples": int(np.count_nonzero(~np.isnan(d))),
+            "resamples_dropped": int(np.count_nonzero(np.isnan(d))) if np.isfinite(point) else 0,
         }
     return out
 
@@ -497,9 +616,10 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
     """The report's paired comparison of `model` against `reference`, one row per test.
 
     Three macro rows (AUROC, AUPRC, F1; paired patient bootstrap; no Holm adjustment -- each is
-    its own question) and one paired-DeLong AUROC row per finding of FINDINGS, whose p-values
-    are Holm-adjusted together (`p_holm`) over the findings where the test is defined. `delta`
-    is always model minus reference. Columns: `ROW_COLUMNS`.
+    its own question) and one AUROC row per finding of FINDINGS by the patient-clustered
+    paired DeLong test (`patient_ids` are the clusters), whose p-values are Holm-adjusted
+    together (`p_holm`) over the findings where the test is defined. `delta` is always model
+    minus reference. Columns: `ROW_COLUMNS`.
     """
     data = _seeded_inputs(
         y_true, (scores_model, scores_ref), (thresholds_model, thresholds_ref), patient_ids
@@ -521,23 +641,37 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
         confidence=confidence,
         progress_desc=progress_desc,
     )
-    rows = [
-        {
-            "model": model,
-            "reference": reference,
-            "finding": "macro",
-            "metric": m,
-            "delta": r["delta"],
-            "ci_low": r["ci_low"],
-            "ci_high": r["ci_high"],
-            "p_value": r["p_value"],
-            "p_holm": NAN,
-            "method": "paired patient bootstrap",
-        }
-        for m, r in macro.items()
-    ]
+    ones = np.ones((1, y.shape[0]))
+    rows = []
+    for m, r in macro.items():
+        per_seed = [
+            d[0, keep].mean() if keep.any() else NAN
+            for d, keep in zip(_seed_diffs(m, data, ones), _macro_sets(m, data), strict=True)
+        ]
+        rows.append(
+            {
+                "model": model,
+                "reference": reference,
+                "finding": "macro",
+                "metric": m,
+                "delta": r["delta"],
+                "ci_low": r["ci_low"],
+                "ci_high": r["ci_high"],
+                "p_value": r["p_value"],
+                "p_holm": NAN,
+                "method": BOOTSTRAP_METHOD,
+                "seed_sd": _sd(per_seed),
+                "resamples_dropped": r["resamples_dropped"],
+            }
+        )
     per = [
-        delong_paired(y[:, i], data.scores_model[:, :, i], data.scores_ref[:, :, i], confidence)
+        delong_paired(
+            y[:, i],
+            data.scores_model[:, :, i],
+            data.scores_ref[:, :, i],
+            confidence,
+            clusters=np.asarray(patient_ids),
+        )
         for i in range(y.shape[1])
     ]
     adjusted = holm([r["p_value"] for r in per])
@@ -552,8 +686,15 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
             "ci_high": r["ci_high"],
             "p_value": r["p_value"],
             "p_holm": float(adjusted[i]),
-            "method": "paired DeLong",
+            "method": DELONG_METHOD,
+            "seed_sd": r["seed_sd"],
+            "resamples_dropped": pd.NA,
         }
         for i, (f, r) in enumerate(zip(FINDINGS, per, strict=True))
     ]
     return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+
+
+def _sd(values: Sequence[float]) -> float:
+    v = np.asarray(values, dtype=float)
+    return float(np.std(v, ddof=1)) if v.size > 1 and np.isfinite(v).all() else NAN

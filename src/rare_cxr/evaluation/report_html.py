@@ -56,12 +56,26 @@ METRIC_EXPLANATIONS: list[tuple[str, str]] = [
         "resampled together); the number of resamples and seed are below. The validation "
         "thresholds stay fixed in every resample, so the F1, precision and recall intervals "
         "EXCLUDE the thresholds' own uncertainty and are narrower than a re-tuned interval "
-        "would be.",
+        "would be. Where the bootstrap degenerates for a proportion (recall, precision, "
+        "specificity, accuracy of a finding at 0 or 1, or with fewer than "
+        "reporting.min_positives positive patients) the interval is Clopper-Pearson "
+        "(reporting.proportion_interval: exact; or Wilson) on counts scaled to the patients "
+        "behind them; metrics.json names the interval per finding and metric "
+        "(intervals.per_finding_method). A macro interval averages one fixed set of findings "
+        "(those defined on test) in every resample; resamples that drew no positive patient "
+        "of one of them are dropped and counted (Table 1: Resamples dropped).",
+    ),
+    (
+        "Mean ± sd (several seeds)",
+        "Over the training seeds, each on the same test set: TRAINING variation only. The "
+        "test-sampling error is not in it (it is the bootstrap interval of one seed, in "
+        "metrics.json), and the paired tests are conditional on the trained weights.",
     ),
     (
         "† (unreliable)",
-        "Fewer test positives than reporting.min_positives (10): a percentile interval from a "
-        "handful of positives prints as a narrow range that means little; read such cells as "
+        "Fewer distinct positive test PATIENTS than reporting.min_positives (10), or a single "
+        "one: a percentile interval or a p-value from a handful of patients (however many "
+        "films they have) prints as a narrow range that means little; read such cells as "
         "anecdotes.",
     ),
     (
@@ -92,6 +106,45 @@ img{max-width:100%;border:1px solid #ddd;margin:.4em 0}
 code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;overflow-x:auto}
 dt{font-weight:600}dd{margin:0 0 .5em 1.2em}
 """
+
+
+def class_weight_table(
+    cards: Mapping[str, Mapping[str, Any]], data_summary: Mapping[str, Any]
+) -> pd.DataFrame:
+    """Per model: loss, balanced or not, `pos_weight_cap`, and the findings the cap changed.
+
+    `cards`: model -> checkpoint card (`train_params`, `pos_weight`); the uncapped balanced
+    weight (negatives / positives) comes from the training split's counts in `data_summary`.
+    Models without training parameters (older checkpoints) are left out.
+    """
+    from rare_cxr.findings import FINDINGS
+
+    images = {str(r["split"]): int(r["images"]) for r in data_summary.get("splits") or []}
+    positives = {str(r["split"]): r for r in data_summary.get("positives") or []}
+    n_train, train = images.get("train", 0), positives.get("train", {})
+    rows = []
+    for model, card in cards.items():
+        loss = (card.get("train_params") or {}).get("loss")
+        if not loss:
+            continue
+        cap = float(loss.get("pos_weight_cap", math.inf))
+        capped = []
+        for f in FINDINGS:
+            pos = int(train.get(f) or 0)
+            if loss.get("balanced") and pos > 0 and (n_train - pos) / pos > cap:
+                capped.append(f"{f} ({(n_train - pos) / pos:.0f})")
+        used = card.get("pos_weight")
+        rows.append(
+            {
+                "Model": model,
+                "loss": loss.get("name", "bce"),
+                "balanced": bool(loss.get("balanced")),
+                "pos_weight_cap": cap,
+                "largest pos_weight used": max(used) if used else None,
+                "capped (uncapped weight)": ", ".join(capped) or "none",
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def png_data_uri(png: bytes | str) -> str:
@@ -136,7 +189,10 @@ def render_report(
         "<p>Multi-label classification of 14 thoracic findings. Start with Table 1; read ACC "
         "only next to the all-negative ACC; compare models on AUROC/AUPRC with their "
         "intervals; the rare-finding block is the point of the study.</p>",
-        "<h2>Table 1 — test set, validation-tuned thresholds, 95% patient-bootstrap intervals</h2>",
+        "<h2>Table 1 — test set, validation-tuned thresholds</h2>",
+        "<p>Column Uncertainty says what a row's brackets or ± are: a 95% patient-bootstrap "
+        "interval (one seed), or mean ± sd over seeds (training variation only: the "
+        "test-sampling error is not in it).</p>",
         _table(table1),
         "<p class='warn'>All-negative baseline (predict nothing): "
         + ", ".join(

@@ -24,7 +24,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from rare_cxr.evaluation.bootstrap import patient_weights, percentile_interval, weighted_auroc
+from rare_cxr.evaluation.bootstrap import (
+    fixed_set_mean,
+    patient_weights,
+    percentile_interval,
+    weighted_auroc,
+)
 from rare_cxr.evaluation.metrics import auroc
 from rare_cxr.findings import FINDINGS
 
@@ -42,6 +47,10 @@ COLUMNS = (
     "auroc",
     "ci_low",
     "ci_high",
+    # additive (issue 18): resamples in which the row's statistic was undefined (no positive or
+    # no negative patient of a finding drawn; for macro, of one finding of its fixed set),
+    # left out of its interval
+    "resamples_dropped",
 )
 
 
@@ -107,7 +116,9 @@ def subgroup_aurocs(
 
     Only subgroups present in the data appear (age bands in band order, "unknown" last). For
     `macro`, auroc is the mean over findings defined in the subgroup, `positives` the positive
-    labels summed over findings, and the interval takes that mean inside each resample. Each
+    labels summed over findings, and the interval takes that mean inside each resample over
+    the same set of findings (`bootstrap.fixed_set_mean`: a resample that lost one of them is
+    dropped and counted in `resamples_dropped`, as are undefined resamples of a finding). Each
     subgroup is bootstrapped with the same `seed` (bootstrap.py semantics), over its own
     patients only.
     """
@@ -153,7 +164,9 @@ def subgroup_aurocs(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 macro_point = float(np.nanmean(point)) if np.isfinite(point).any() else NAN
-                macro_low, macro_high = percentile_interval(np.nanmean(samples, axis=1), confidence)
+            macro_samples, macro_dropped = fixed_set_mean(samples, point)
+            macro_low, macro_high = percentile_interval(macro_samples, confidence)
+            undefined = np.isnan(samples).sum(axis=0)
             base = {
                 "attribute": attribute,
                 "subgroup": subgroup,
@@ -170,6 +183,7 @@ def subgroup_aurocs(
                         "auroc": float(point[i]),
                         "ci_low": float(low[i]),
                         "ci_high": float(high[i]),
+                        "resamples_dropped": int(undefined[i]) if np.isfinite(point[i]) else 0,
                     }
                 )
             rows.append(
@@ -180,6 +194,7 @@ def subgroup_aurocs(
                     "auroc": macro_point,
                     "ci_low": float(macro_low),
                     "ci_high": float(macro_high),
+                    "resamples_dropped": macro_dropped,
                 }
             )
     return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -97,7 +97,9 @@ def _finding_rows(m: Mapping[str, Any], min_positives: int) -> list[tuple[Any, .
     for f in FINDINGS:
         p, ci = _mapping(per.get(f)), _mapping(per_ci.get(f))
         positives = p.get("positives")
-        few = not isinstance(positives, int | float) or positives < min_positives
+        # distinct positive patients (older bundles: films), and never a single one
+        patients = p.get("positive_patients", positives)
+        few = not isinstance(patients, int | float) or patients < max(min_positives, 2)
         mark = " †" if few else ""
         rows.append(
             (

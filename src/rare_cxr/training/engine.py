@@ -302,18 +302,26 @@ def predict_probabilities(
 
 
 def plan_stages(cfg: Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]:
-    """One stage, or the two-stage rare-finding transfer of the issue (§4)."""
+    """One stage, or the two-stage rare-finding transfer of the issue (§4).
+
+    `stage2_targets: rare` keeps the trunk frozen for the WHOLE of stage 2: only the head
+    learns, on the rare findings' loss. Why: the report scores all 14 findings, and a trunk
+    trained for the rare findings alone would leave the common findings' head rows matched to
+    features that no longer exist. With the trunk frozen (and the head's weight decay off in
+    such masked frozen epochs, `_Trainer._start_epoch`) the common findings' logits stay the
+    stage-1 model's exactly (concat/mean fusion; `fusion: attention` has the attention in the
+    head, which learns and moves them)."""
     all_idx = list(range(len(FINDINGS)))
     tr = cfg["transfer"]
     if not tr["two_stage"]:
         return [Stage("single", cfg["epochs"], all_idx)]
     rare = sorted(FINDINGS.index(n) for n in tr["rare_findings"])
     common = [i for i in all_idx if i not in rare]
-    second = all_idx if tr["stage2_targets"] == "all" else rare
-    return [
-        Stage("common", tr["stage1_epochs"], common),
-        Stage(tr["stage2_targets"], cfg["epochs"], second, tr["frozen_trunk_epochs"]),
-    ]
+    if tr["stage2_targets"] == "all":
+        second = Stage("all", cfg["epochs"], all_idx, tr["frozen_trunk_epochs"])
+    else:
+        second = Stage("rare", cfg["epochs"], rare, cfg["epochs"])
+    return [Stage("common", tr["stage1_epochs"], common), second]
 
 
 # Training parameters that do not change what is learned: excluded from the state fingerprint,
@@ -389,19 +397,20 @@ def _head_parameter_ids(model: nn.Module) -> set[int]:
 
 
 def trunk_modules(model: nn.Module) -> list[nn.Module]:
-    """The trunk = every module outside `model.head()` that holds a parameter or a buffer of its
-    own (convolutions, BatchNorm with its running statistics, ...). Parameter-free modules
-    (Dropout, activations) are not part of it: they follow the model's train/eval mode."""
+    """The trunk = every module outside `model.head()` that contains no part of the head:
+    convolutions, BatchNorm with its running statistics, and the parameter-free modules whose
+    behaviour depends on the train/eval mode -- Dropout (VGG's classifier before its last
+    layer, EfficientNet's before its classifier, the multi-scale model's before `fc`) and
+    torchvision's StochasticDepth. In a frozen epoch they all go to eval mode, so the frozen
+    part is a fixed, deterministic function and the head learns on the features it will see
+    at test time. Containers of the head (the model itself, a Sequential holding the
+    classifier) stay out: their `eval()` would reach the head."""
     head = {id(m) for m in model.head().modules()}
-    return [
-        m
-        for m in model.modules()
-        if id(m) not in head
-        and (
-            any(True for _ in m.parameters(recurse=False))
-            or any(True for _ in m.buffers(recurse=False))
-        )
-    ]
+    named = list(model.named_modules())
+    head_names = [name for name, m in named if id(m) in head]
+    holders = {name.rsplit(".", k)[0] for name in head_names for k in range(name.count(".") + 1)}
+    holders.add("")  # the model itself
+    return [m for name, m in named if id(m) not in head and name not in holders]
 
 
 def set_trunk_frozen(
@@ -936,6 +945,13 @@ class _Trainer:
         # epochs; the flags themselves are not state and are set afresh every epoch.
         frozen = progress.epoch_in_stage < stage.frozen_epochs
         self.optimizer.param_groups[0]["lr_multiplier"] = 0.0 if frozen else 1.0
+        # A frozen epoch on a masked loss (stage2_targets: rare) must leave the masked findings'
+        # head rows alone: their gradient is exactly 0, but Adam's L2 weight decay would still
+        # shrink them towards 0 (by ~lr per step). Off for the head in such epochs only.
+        masked = len(stage.targets) < len(FINDINGS)
+        self.optimizer.param_groups[1]["weight_decay"] = (
+            0.0 if frozen and masked else cfg["optimizer"]["weight_decay"]
+        )
         schedule.apply()
         # Every random draw of an epoch derives from (seed, epoch): a resumed epoch replays
         # exactly what the interrupted one would have done. The augmentation generator lives

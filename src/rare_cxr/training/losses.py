@@ -2,25 +2,44 @@
 
 Balanced weights are BCE's `pos_weight` = negatives / positives of each finding in the
 *training* split: a Hernia positive (0.2 %) then weighs ~500x a negative instead of being drowned
-out. Capped at `pos_weight_cap` so a finding with a handful of positives cannot dominate the
-gradient; a finding with **zero** training positives gets weight 1 (there is no positive term to
-weight, and neg/0 would be infinite).
+out (613 on NIH's official train_val list). Capped at `pos_weight_cap` so a finding with a
+handful of positives cannot dominate the gradient (conf/base: 100; conf/nih: 1000, i.e. the
+paper's uncapped weights -- docs/training.md, "Class weights", gives the measurement behind
+both); a capped finding is logged, and the report lists it. A finding with **zero** training
+positives gets weight 1 (there is no positive term to weight, and neg/0 would be infinite).
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rare_cxr.findings import FINDINGS
+
+logger = logging.getLogger(__name__)
+
 
 def balanced_pos_weight(labels: np.ndarray, cap: float) -> torch.Tensor:
-    """Per-finding `negatives / positives` from a `[N, K]` 0/1 label matrix, capped at `cap`."""
+    """Per-finding `negatives / positives` from a `[N, K]` 0/1 label matrix, capped at `cap`.
+
+    Logs (INFO) every finding the cap lowers, with its balanced weight: the cap changes the
+    paper's protocol, so it is never silent (the report's class-weight section says it too)."""
     labels = np.asarray(labels, dtype=np.float64)
     pos = labels.sum(axis=0)
     neg = labels.shape[0] - pos
     weight = np.where(pos > 0, neg / np.maximum(pos, 1.0), 1.0)
+    capped = np.flatnonzero(weight > cap)
+    if capped.size:
+        names = FINDINGS if labels.shape[1] == len(FINDINGS) else None
+        logger.info(
+            "pos_weight capped at %g (training.loss.pos_weight_cap) for %s",
+            cap,
+            ", ".join(f"{names[i] if names else i} (balanced {weight[i]:.0f})" for i in capped),
+        )
     return torch.as_tensor(np.clip(weight, 0.0, cap), dtype=torch.float32)
 
 

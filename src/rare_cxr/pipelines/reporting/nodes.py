@@ -315,14 +315,14 @@ def evaluate_model(
     per_seed: dict[str, Any] = {}
     for seed in seeds:
         ts = _seed_thresholds(thresholds, seed)
-        _, _, ys, ss = metrics.split_arrays(predictions, labels, "test", seed)
-        result = metrics.evaluate_split(ys, ss, ts)
+        _, ps, ys, ss = metrics.split_arrays(predictions, labels, "test", seed)
+        result = metrics.evaluate_split(ys, ss, ts, ps)
         per_seed[str(seed)] = {k: result[k] for k in ("macro", "paper", "subset_accuracy")}
     t = _seed_thresholds(thresholds, seeds[0])
     _, patients, y, s = metrics.split_arrays(predictions, labels, "test")
     if len(y) == 0:
         raise ValueError("predictions: no 'test' rows; the report is computed on test")
-    test = metrics.evaluate_split(y, s, t)
+    test = metrics.evaluate_split(y, s, t, patients)
     _, _, yv, sv = metrics.split_arrays(predictions, labels, "val")
     val = metrics.evaluate_split(yv, sv, t)
     model = str((thresholds.get("lineage") or {}).get("model", "model"))
@@ -332,6 +332,8 @@ def evaluate_model(
         np.array([t[f] for f in FINDINGS]),
         patients,
         **cfg["bootstrap"],
+        min_positive_patients=cfg["min_positives"],
+        proportion_method=cfg["proportion_interval"],
         progress_desc=f"{model} bootstrap",
     )
     return metrics.to_jsonable(
@@ -561,6 +563,7 @@ def measure_cost(
             "scales",
             "checkpoint_version",
             "training_id",
+            "pos_weight",  # the class weights trained with (the report shows the cap's effect)
         )
     }
     if card["checkpoint_version"] != lineage.get("checkpoint_version"):
@@ -742,9 +745,14 @@ def build_table1(all_metrics: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
     """The paper's Table 1, extended: macro metrics, params, GFLOPs, img/s.
 
     One seed: each cell is the test value with its 95% patient-bootstrap interval. Several
-    seeds: mean ± sd over the seeds (each at its own validation thresholds); the intervals of
-    the primary seed stay in metrics.json. `Precision 0-filled` counts the findings that occur
-    in test but were never predicted: their precision is counted as 0 in the macro mean.
+    seeds: mean ± sd over the seeds (each at its own validation thresholds) -- the sd is
+    TRAINING variation only (the same test set for every seed; the test-sampling error is not
+    in it); the intervals of the primary seed stay in metrics.json. `Uncertainty` says which
+    of the two a row shows. `Precision 0-filled` counts the findings that occur in test but
+    were never predicted: their precision is counted as 0 in the macro mean. `Resamples
+    dropped` (one seed): the most bootstrap resamples any of the row's macro intervals lost
+    because they drew no positive patient of a finding in the macro's fixed set (see
+    `bootstrap.fixed_set_mean`), out of the resamples drawn.
     """
     rows = []
     for model, both in all_metrics.items():
@@ -763,6 +771,20 @@ def build_table1(all_metrics: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
         row["params"] = f"{c.get('params', 0) / 1e6:.2f}M" if c.get("params") else "n/a"
         row["GFLOPs"] = _fmt(c.get("gflops"), digits=2)
         row["img/s"] = _fmt(c.get("img_per_s"), digits=1)
+        # additive columns (issue 18): what the ± or [ ] of this row means, and the macro
+        # resamples dropped
+        row["Uncertainty"] = (
+            f"mean ± sd over {len(seeds)} seeds: training variation only"
+            if len(seeds) > 1
+            else "95% patient-bootstrap interval"
+        )
+        dropped = m["intervals"].get("macro_resamples_dropped") or {}
+        shown = [int(dropped[k]) for k in TABLE1_COLUMNS.values() if k in dropped]
+        row["Resamples dropped"] = (
+            f"{max(shown)} of {m['intervals']['n_resamples']}"
+            if shown and len(seeds) == 1
+            else "n/a"
+        )
         rows.append(row)
     table = pd.DataFrame(rows)
     return table, dataframe_to_markdown(table)
@@ -840,15 +862,25 @@ def _seed_arrays(
     return ids, patients, y, np.stack(scores), np.asarray(cutoffs, dtype=float)
 
 
-# paired_comparison.csv: issue 10's columns, then the reliability of each per-finding row.
+# paired_comparison.csv: issue 10's columns, then the reliability of each per-finding row,
+# then issue 18's additions (paired.ROW_COLUMNS after `method`).
+_ROW_BASE = paired.ROW_COLUMNS[2 : paired.ROW_COLUMNS.index("method") + 1]
 PAIRED_COLUMNS = (
     "model",
     "reference",
     "seeds",
-    *paired.ROW_COLUMNS[2:],
+    *_ROW_BASE,
     "test_positives",
+    "test_positive_patients",
     "reliable",
+    *paired.ROW_COLUMNS[paired.ROW_COLUMNS.index("method") + 1 :],
 )
+
+
+def _reliable(positive_patients: int, min_positives: int) -> bool:
+    """Enough distinct positive patients to read an interval or a p-value: at least
+    `reporting.min_positives`, and never fewer than 2 (one patient's clustered variance is 0)."""
+    return int(positive_patients) >= max(int(min_positives), 2)
 
 
 def paired_comparison(
@@ -911,13 +943,17 @@ def paired_comparison(
             progress_desc=f"{model} vs {reference} paired bootstrap",
         )
         rows.insert(2, "seeds", len(common))
-        # DeLong's normal approximation with 1-3 positives prints tiny p-values that mean
-        # nothing (2 Hernia films gave p_holm 1e-5 on the phantom): say so on the row, as
-        # Table 1's dagger does. Holm itself stays over every defined test (conservative).
-        positives = dict(zip(FINDINGS, y.sum(axis=0).astype(int).tolist(), strict=True))
-        rows["test_positives"] = [positives.get(f, pd.NA) for f in rows["finding"]]
+        # DeLong's normal approximation with a handful of positive patients prints tiny
+        # p-values that mean nothing (2 Hernia films gave p_holm 1e-5 on the phantom): say so
+        # on the row, as the rare table's dagger does. The unit is the patient (the test is
+        # patient-clustered), and one positive patient leaves its variance undefined, so such
+        # a row is never reliable. Holm itself stays over every defined test (conservative).
+        films = dict(zip(FINDINGS, y.sum(axis=0).astype(int).tolist(), strict=True))
+        people = dict(zip(FINDINGS, metrics.positive_patients(y, patients).tolist(), strict=True))
+        rows["test_positives"] = [films.get(f, pd.NA) for f in rows["finding"]]
+        rows["test_positive_patients"] = [people.get(f, pd.NA) for f in rows["finding"]]
         rows["reliable"] = [
-            f == "macro" or positives[f] >= cfg["min_positives"] for f in rows["finding"]
+            f == "macro" or _reliable(people[f], cfg["min_positives"]) for f in rows["finding"]
         ]
         frames.append(rows)
     if not frames:
@@ -950,15 +986,19 @@ def build_rare_findings_table(
     rare_findings: Mapping[str, Any],
     reporting: ReportingParams | None = None,
 ) -> pd.DataFrame:
-    """Rare block: AUROC/AUPRC/F1 with intervals per rare finding and model; a cell of a
-    finding with fewer than `reporting.min_positives` test positives ends in † (unreliable)."""
+    """Rare block: AUROC/AUPRC/F1 (and recall, precision) with intervals per rare finding and
+    model; a cell of a finding with fewer than `reporting.min_positives` positive test
+    PATIENTS ends in † (unreliable). `interval (recall, precision)` names the interval of the
+    two proportions: the patient bootstrap, or Clopper-Pearson/Wilson where it degenerates."""
     min_positives = validate_reporting_params(reporting or {})["min_positives"]
     rows = []
     for finding in rare_findings["findings"]:
         for model, both in all_metrics.items():
             per = both["metrics"]["test"]["per_finding"][finding]
             ci = both["metrics"]["intervals"]["per_finding"][finding]
-            mark = " †" if int(per["positives"]) < min_positives else ""
+            how = (both["metrics"]["intervals"].get("per_finding_method") or {}).get(finding, {})
+            people = int(per.get("positive_patients", per["positives"]))
+            mark = "" if _reliable(people, min_positives) else " †"
             rows.append(
                 {
                     "Finding": finding,
@@ -967,9 +1007,15 @@ def build_rare_findings_table(
                         rare_findings["train_prevalence"].get(finding), digits=4
                     ),
                     "test positives": per["positives"],
+                    "test positive patients": people,
                     "AUROC": _fmt(per["auroc"], ci["auroc"]) + mark,
                     "AUPRC": _fmt(per["auprc"], ci["auprc"]) + mark,
                     "F1": _fmt(per["f1"], ci["f1"]) + mark,
+                    "Recall": _fmt(per["recall"], ci["recall"]) + mark,
+                    "Precision": _fmt(per["precision"], ci["precision"]) + mark,
+                    "interval (recall, precision)": ", ".join(
+                        dict.fromkeys(how.get(k, "bootstrap") for k in ("recall", "precision"))
+                    ),
                 }
             )
     return pd.DataFrame(rows)
@@ -1046,8 +1092,10 @@ FIGURE_CAPTIONS = {
     "pr_curves": "Precision-recall curves per finding (test)",
     "reliability_diagram": "Reliability diagram (test)",
     "seed_spread": "Spread over training seeds (dots) and their mean (bar)",
-    "paired_forest": "Paired comparison: Δ (model − reference) with 95% intervals "
-    "(filled: p < 0.05, Holm-corrected for findings)",
+    "paired_forest": "Paired comparison: Δ (model − reference) with UNADJUSTED 95% intervals; "
+    "filled = the interval excludes 0 (no multiplicity correction, for bars and fill alike); "
+    "* after a finding = p_holm < 0.05 (Holm across findings); grey, hollow, † = unreliable "
+    "(fewer than reporting.min_positives positive test patients)",
 }
 
 
@@ -1115,7 +1163,8 @@ def render_report(
         lineage=lineage,
         sections=_paired_section(paired_comparison)
         + _analysis_sections(long_tail, long_tail_findings, subgroups, cfg["min_positives"])
-        + _label_and_box_sections(expert_labels, localisation),
+        + _label_and_box_sections(expert_labels, localisation)
+        + _class_weight_section(all_metrics, data_summary),
         model_cards=cards,
     )
 
@@ -1126,17 +1175,44 @@ def _paired_section(table: pd.DataFrame | None) -> list[tuple[str, str, pd.DataF
     return [
         (
             "Paired comparison",
-            "Each model minus its reference on the same test patients and the same bootstrap "
-            "resamples (paired patient bootstrap for the macro rows; paired DeLong per finding, "
-            "Holm-corrected across findings in p_holm). With several seeds, seed s of one model "
-            "is paired with seed s of the other and the differences are averaged over seeds. "
+            "Each model minus its reference on the same test patients (paired patient bootstrap "
+            "for the macro rows, every resample averaging one fixed set of findings — "
+            "resamples_dropped counts those that lost a finding's positives; per finding, the "
+            "patient-clustered paired DeLong test of Obuchowski (1997), Holm-corrected across "
+            "findings in p_holm). The patient is the unit: follow-up films of one patient are "
+            "not independent, and an image-level DeLong test would be far too sure. With several "
+            "seeds, seed s of one model is paired with seed s of the other and the differences "
+            "are averaged over seeds; the tests are CONDITIONAL ON THE TRAINED WEIGHTS: their "
+            "intervals and p-values carry the test-sampling error of these trainings, not the "
+            "variation between retrainings, which is seed_sd (sd of the per-seed differences). "
             "Read a difference as real only if its interval excludes 0 (p_holm < 0.05 for a "
-            "finding) — and, with several seeds, if the per-seed dots of the seed figure agree. "
-            "A finding row with reliable = False has fewer than reporting.min_positives test "
-            "positives: its DeLong p-value and interval are not to be trusted, however small. "
-            "Overlapping marginal intervals in Table 1 do not mean 'no difference', and "
-            "separate ones do not prove one.",
+            "finding) and, with several seeds, the per-seed dots of the seed figure agree. "
+            "A finding row with reliable = False has fewer than reporting.min_positives "
+            "positive test patients (test_positive_patients): its p-value and interval are not "
+            "to be trusted, however small. Overlapping marginal intervals in Table 1 do not "
+            "mean 'no difference', and separate ones do not prove one.",
             _round(table),
+        )
+    ]
+
+
+def _class_weight_section(
+    all_metrics: Mapping[str, Any], data_summary: Mapping[str, Any]
+) -> list[tuple[str, str, pd.DataFrame]]:
+    """The class weights each model trained with, and what `pos_weight_cap` changed."""
+    cards = {m: (b.get("cost") or {}).get("checkpoint") or {} for m, b in all_metrics.items()}
+    table = report_html.class_weight_table(cards, data_summary)
+    if not len(table):
+        return []
+    return [
+        (
+            "Class weights (training.loss)",
+            "Balanced class weights (the paper): BCE pos_weight = negatives / positives of each "
+            "finding in the training split, capped at training.loss.pos_weight_cap. 'capped' "
+            "lists the findings whose balanced weight exceeds the cap, with that uncapped "
+            "weight (from the training split's label counts in the data section); they trained "
+            "with the cap instead. docs/training.md says why the cap exists.",
+            table,
         )
     ]
 
@@ -1163,9 +1239,11 @@ def _label_and_box_sections(
             (
                 "Localisation on every boxed test image",
                 "Per model, CAM layer (one per scale for the multi-scale model) and finding: "
-                "hit rate = share of boxes containing the Grad-CAM maximum (pointing game); "
-                "energy = mean share of the map inside the box; 95% patient-bootstrap "
-                "intervals. undecided = all-zero maps.",
+                "hit_rate = hits / ALL boxed positives (pointing game: the Grad-CAM maximum "
+                "inside the box), an all-zero or non-finite map counting as a miss; undecided = "
+                "such maps; hit_rate_decided = hits / decided boxes only (higher: it leaves out "
+                "the images where the model looked nowhere). energy = mean share of the map "
+                "inside the box. 95% patient-bootstrap intervals (hit_ci_* for hit_rate).",
                 _round(localisation_table),
             )
         )
@@ -1190,7 +1268,9 @@ def _analysis_sections(
                 "Long tail: head / medium / tail findings",
                 "Findings grouped by training prevalence (reporting.long_tail); group means of "
                 "AUROC, AUPRC and balanced accuracy (0.5 = a model that says 'absent' "
-                "everywhere), with 95% patient-bootstrap intervals of the group mean.",
+                "everywhere), with 95% patient-bootstrap intervals of the group mean; every "
+                "resample averages the group's findings defined on test, and "
+                "<metric>_resamples_dropped counts the resamples that lost one of them.",
                 _round(long_tail),
             )
         )
@@ -1198,7 +1278,8 @@ def _analysis_sections(
         out.append(
             (
                 "Per finding: balanced accuracy, specificity, sensitivity at fixed specificity",
-                f"reliable = at least {min_positives} test positives; cells of findings with "
+                f"reliable = at least {min_positives} positive test PATIENTS "
+                "(test_positive_patients; test_positives counts films); cells of findings with "
                 "fewer are estimates from a handful of cases and their intervals are not to be "
                 "trusted (reporting.min_positives).",
                 _round(long_tail_findings),

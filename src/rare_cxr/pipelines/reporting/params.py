@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rare_cxr.evaluation import subgroups
 from rare_cxr.evaluation.metrics import THRESHOLD_METHODS
+from rare_cxr.evaluation.proportions import PROPORTION_METHODS
 from rare_cxr.findings import FINDINGS
 from rare_cxr.parameters import KeyProblem, Params
 
@@ -100,6 +101,8 @@ class ReportingParams(Params):
     gradcam: GradcamParams = Field(default_factory=GradcamParams)
     reliability_bins: int = Field(10, ge=1)
     min_positives: int = Field(10, ge=1)
+    # binomial interval of a per-finding proportion where the bootstrap degenerates
+    proportion_interval: Literal[PROPORTION_METHODS] = "exact"  # type: ignore[valid-type]
     long_tail: LongTailParams = Field(default_factory=LongTailParams)
     subgroups: SubgroupParams = Field(default_factory=SubgroupParams)
 
