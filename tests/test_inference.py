@@ -48,6 +48,10 @@ COMMAND_BUNDLE_FILE = (
     'kedro run --pipelines inference,onnx_export --params "bundle=/path/to/model_bundle.pt,'
     'input_dir=/path/to/images"'
 )
+COMMAND_DOTTED = (
+    'kedro run --pipelines inference --params "inference.bundle=/path/to/model_bundle.pt,'
+    'inference.input_dir=/path/to/images"'
+)
 FAST = {"device": "cpu", "progress_bar": False, "loader_threads": 1}
 
 
@@ -474,6 +478,7 @@ def test_docs_show_the_tested_commands():
         text = (ROOT / doc).read_text()
         assert COMMAND_ENV_MODEL in text, doc
     assert COMMAND_BUNDLE_FILE in (ROOT / "docs" / "inference.md").read_text()
+    assert COMMAND_DOTTED in (ROOT / "docs" / "inference.md").read_text()
 
 
 @pytest.mark.slow
@@ -525,6 +530,14 @@ def test_a_bundle_file_and_a_folder_give_predictions_report_and_a_checked_onnx(t
     meta = {p.key: p.value for p in __import__("onnx").load(str(onnx_file)).metadata_props}
     assert json.loads(meta["rare_cxr.findings"]) == list(FINDINGS)
     assert json.loads(meta["rare_cxr.thresholds"])["Hernia"] is None
+
+    # the dotted form of the same parameters (the review found it resolved to the project folder)
+    command = COMMAND_DOTTED.replace("/path/to/model_bundle.pt", str(bundle_file))
+    command = command.replace("/path/to/images", str(images))
+    project.cli(*command.split(" ", 1)[1].replace('"', "").split(" "))
+    again = read_predictions(_one(data, "07_model_output/inference/predictions.csv/*/*.csv"))
+    pd.testing.assert_frame_equal(again.drop(columns="run_id", errors="ignore"),
+                                  predictions.drop(columns="run_id", errors="ignore"))  # fmt: skip
 
 
 def check_inference_on_trained_model(project, tmp_path: Path) -> None:
