@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,31 @@ VARIANTS = {
         },
     },
 }
+
+
+# DDP (2 spawned gloo processes) against one process: float round-off only (the all-reduced
+# gradient adds two half-batch sums; one process sums the whole batch), the same story as
+# tests/test_torchrun.py's PREDICTION_ATOL. Both sides run one intra-op thread (`one_thread`),
+# which makes the difference a fixed number instead of one that depends on what earlier test
+# modules set. Measured here (torch 2.14.1, 2 cores, load average 6-7, 1 and 2 threads for the
+# single process): weights and buffers at most 1.7e-6 apart (trunks.0.conv1.weight, 0.72 of
+# the former rtol=1e-4/atol=1e-6, ~0.07 of the bounds below), first-epoch losses 2.2e-7
+# relative. A real fault, per-rank BatchNorm statistics, gave 0.2-0.4 and 1.8e-2.
+STATE_RTOL, STATE_ATOL = 1e-3, 1e-5
+LOSS_REL = 1e-5
+
+
+@contextlib.contextmanager
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One intra-op thread here and in each spawned rank (`_ddp_worker` divides the threads its
+    process starts with, from OMP_NUM_THREADS, by the world size)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_tiny(resume_dir: str, on_step=None, variant: str = "single"):
@@ -111,7 +138,7 @@ def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(
 @pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(
-    tmp_path, accumulation
+    tmp_path, accumulation, monkeypatch
 ):
     """accumulation 2: both cut each global batch into the same 2 micro-batches (DDP skips the
     gradient all-reduce on the first, `no_sync`), and step once per global batch."""
@@ -131,21 +158,18 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(
         optimizer={"eps": 1.0},
         accumulation_steps=accumulation,
     )
-    single = fit(TINY_SPEC, cache, None, params)
-    ddp = fit_spawned(TINY_SPEC, cache, None, {**params, "devices": 2}, world=2)
+    with one_thread(monkeypatch):
+        single = fit(TINY_SPEC, cache, None, params)
+        ddp = fit_spawned(TINY_SPEC, cache, None, {**params, "devices": 2}, world=2)
     assert ddp.metadata["world_size"] == 2
     assert ddp.history["train_loss"].iloc[0] == pytest.approx(
-        single.history["train_loss"].iloc[0], rel=1e-5
+        single.history["train_loss"].iloc[0], rel=LOSS_REL
     )
-    for key, value in single.state_dict.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(
-                ddp.state_dict[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
-            )
+    assert_same_state(ddp.state_dict, single.state_dict)
 
 
 @pytest.mark.slow
-def test_ddp_frozen_trunk_epoch_matches_one_process(tmp_path):
+def test_ddp_frozen_trunk_epoch_matches_one_process(tmp_path, monkeypatch):
     """2 gloo processes == one process through a stage-1 epoch, a frozen-trunk epoch (head-only
     steps run the unwrapped model; head gradients averaged by hand) and an unfrozen epoch back
     under DDP (whose gradient hooks must survive the trunk's requires_grad off and on)."""
@@ -162,15 +186,28 @@ def test_ddp_frozen_trunk_epoch_matches_one_process(tmp_path):
         optimizer={"eps": 1.0},  # see the test above
         transfer=VARIANTS["frozen"]["transfer"],
     )
-    single = fit(TINY_SPEC, cache, None, params)
-    ddp = fit_spawned(TINY_SPEC, cache, None, {**params, "devices": 2}, world=2)
+    with one_thread(monkeypatch):
+        single = fit(TINY_SPEC, cache, None, params)
+        ddp = fit_spawned(TINY_SPEC, cache, None, {**params, "devices": 2}, world=2)
     assert ddp.history["stage"].tolist() == single.history["stage"].tolist()
     assert ddp.history["stage"].tolist() == ["common", "all", "all"]
     assert ddp.history["train_loss"].tolist() == pytest.approx(
-        single.history["train_loss"].tolist(), rel=1e-5
+        single.history["train_loss"].tolist(), rel=LOSS_REL
     )
-    for key, value in single.state_dict.items():
+    assert_same_state(ddp.state_dict, single.state_dict)
+
+
+def assert_same_state(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Floating tensors within the round-off bounds above (the worst is printed), the rest
+    (BatchNorm batch counters) equal."""
+    assert got.keys() == expected.keys()
+    worst = 0.0
+    for key, value in expected.items():
         if value.is_floating_point():
             torch.testing.assert_close(
-                ddp.state_dict[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
+                got[key], value, rtol=STATE_RTOL, atol=STATE_ATOL, msg=lambda m, k=key: f"{k}: {m}"
             )
+            worst = max(worst, (got[key].double() - value.double()).abs().max().item())
+        else:
+            assert torch.equal(got[key], value), key
+    print(f"DDP vs one process: weights and buffers max |diff| {worst:.3g}")
