@@ -116,7 +116,7 @@ def test_make_refuses_a_python_the_lock_was_not_made_for(tmp_path):
     venv is made (the review found `make` built .venv with whatever `python3` was)."""
     other = tmp_path / "python3.12"
     other.write_text(  # answers like a Python 3.12 would, to the two questions make asks
-        "#!/bin/sh\ncase \"$2\" in *platform*) echo 3.12.1;; *) exit 1;; esac\n"
+        '#!/bin/sh\ncase "$2" in *platform*) echo 3.12.1;; *) exit 1;; esac\n'
     )
     other.chmod(0o755)
     folder = tmp_path / "clone"
