@@ -32,6 +32,7 @@ from torch import nn
 
 from rare_cxr.findings import FINDINGS
 from rare_cxr.models import NORMALISATION, build_model, validate_model_spec
+from rare_cxr.models.common import make_pooling_deterministic
 from rare_cxr.progress import progress as progress_bar
 from rare_cxr.training import checkpointing, distributed
 from rare_cxr.training.config import validate_training_params
@@ -712,6 +713,10 @@ class _Trainer:
         )
 
         model = build_model(spec).to(device)
+        if cfg["deterministic"] and device.type == "cuda":
+            # adaptive average pooling has no deterministic CUDA backward (VGG16's 7x7 pool
+            # would fail the first step): the equivalent plain pooling where one exists
+            make_pooling_deterministic(model)
         if world > 1 and cfg["sync_batchnorm"]:
             # before the optimiser is built: conversion creates new BatchNorm parameter objects
             model = distributed.convert_sync_batchnorm(model, device)

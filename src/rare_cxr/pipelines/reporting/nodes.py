@@ -529,7 +529,8 @@ def localisation_metrics(
 
 
 def _device(name: str) -> str:
-    """`auto` = cuda when available, else cpu (Grad-CAM over every boxed image wants a GPU)."""
+    """`auto` = cuda when available, else cpu (Grad-CAM over every boxed image and the cost
+    measurement of a study want the GPU it trained on; conf/nih uses auto)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
@@ -547,6 +548,7 @@ def measure_cost(
     """Parameters, GFLOPs/image at the input size, measured img/s; plus the checkpoint's card
     (which names the verified checkpoint version)."""
     cfg = validate_reporting_params(reporting)["cost"]
+    cfg = {**cfg, "device": _device(cfg["device"])}
     model = _load_model(checkpoint)
     meta = checkpoint.get("metadata", {})
     size = int(meta.get("input_size") or max(getattr(model, "scales", [224])))
@@ -771,6 +773,7 @@ def build_table1(all_metrics: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
         row["params"] = f"{c.get('params', 0) / 1e6:.2f}M" if c.get("params") else "n/a"
         row["GFLOPs"] = _fmt(c.get("gflops"), digits=2)
         row["img/s"] = _fmt(c.get("img_per_s"), digits=1)
+        row["img/s on"] = c.get("device", "cpu")  # measured there only
         # additive columns (issue 18): what the ± or [ ] of this row means, and the macro
         # resamples dropped
         row["Uncertainty"] = (
