@@ -37,8 +37,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench notebooks
-	$(BIN)/ruff format --check src tests bench notebooks
+	$(BIN)/ruff check src tests bench notebooks scripts
+	$(BIN)/ruff format --check src tests bench notebooks scripts
 
 viz: $(STAMP)
 	$(BIN)/kedro viz run
