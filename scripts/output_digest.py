@@ -58,11 +58,14 @@ SETTINGS = {
 VOLATILE = re.compile(
     r"(^|_)(run_id|training_id|checkpoint_version|bundle_version|version|created|started|"
     r"finished|seconds|elapsed|img_per_s|img/s|duration|timestamp|git_commit|pid|host|"
-    r"command|project_path|manifest|build_seconds)($|_)",
+    r"command|project_path|manifest|build_seconds|source_fingerprint|path)($|_)",
     re.IGNORECASE,
 )
 NUMBER = re.compile(r"(?<![\w.])-?\d+\.\d+(?:e-?\d+)?")
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}[.:]\d{2}[.:]\d{2}[.\d]*Z?")
+
+
+TRAINING_ID = re.compile(r"^[0-9a-f]{12}$")  # uuid4().hex[:12], drawn per training
 
 
 def _clean(value: Any) -> Any:
@@ -72,6 +75,8 @@ def _clean(value: Any) -> Any:
         return [_clean(v) for v in value]
     if isinstance(value, float) and math.isnan(value):
         return "nan"
+    if isinstance(value, str) and TRAINING_ID.match(value):
+        return "<training id>"
     return value
 
 
@@ -99,11 +104,22 @@ def _tensors_digest(obj: Any) -> Any:
     return _clean(obj)
 
 
-def _numbers(text: str) -> list[str]:
-    return sorted(set(NUMBER.findall(TIMESTAMP.sub(" ", text))))
+def _numbers(text: str, timings: set[str]) -> list[str]:
+    """The numbers a document prints, but the measured timings (img/s) it shows."""
+    return sorted(set(NUMBER.findall(TIMESTAMP.sub(" ", text))) - timings)
 
 
-def digest_file(path: Path) -> Any:
+def _timings(data: Path) -> set[str]:
+    """img/s values of the run's cost blocks, as documents print them (one decimal)."""
+    found: set[str] = set()
+    for path in data.rglob("cost.json"):
+        value = json.loads(path.read_text()).get("img_per_s")
+        if isinstance(value, int | float):
+            found.add(f"{value:.1f}")
+    return found
+
+
+def digest_file(path: Path, timings: frozenset[str] = frozenset()) -> Any:
     import pandas as pd
     import torch
 
@@ -117,7 +133,7 @@ def digest_file(path: Path) -> Any:
     if suffix == ".pt":
         return _tensors_digest(torch.load(path, map_location="cpu", weights_only=True))
     if suffix in (".html", ".md"):
-        return {"numbers": _numbers(path.read_text(errors="replace"))}
+        return {"numbers": _numbers(path.read_text(errors="replace"), set(timings))}
     if suffix == ".npy":
         import numpy as np
 
@@ -170,7 +186,8 @@ def record(out: Path) -> None:
         if done.returncode != 0:
             sys.exit(f"kedro run failed:\n{(done.stdout + done.stderr)[-4000:]}")
         data = project / "data" / "base"
-        digest = {key: digest_file(path) for key, path in latest_outputs(data).items()}
+        timings = frozenset(_timings(data))
+        digest = {key: digest_file(path, timings) for key, path in latest_outputs(data).items()}
     out.write_text(json.dumps(digest, indent=1, sort_keys=True, default=str) + "\n")
     print(f"recorded {len(digest)} outputs in {out}")
 
