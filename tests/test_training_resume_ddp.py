@@ -34,9 +34,11 @@ SCRIPT = textwrap.dedent(
 
 
 # Variants of the run under test. `frozen`: two-stage transfer whose second epoch -- the one the
-# kill interrupts -- is the frozen-trunk epoch, with gradient accumulation on top.
+# kill interrupts -- is the frozen-trunk epoch, with gradient accumulation on top. `crt`: one
+# main epoch, then two epochs of classifier re-training; the kill hits the first cRT epoch.
 VARIANTS = {
     "single": {"epochs": 3},
+    "crt": {"epochs": 1, "crt": {"epochs": 2}},
     "frozen": {
         "epochs": 2,
         "accumulation_steps": 2,
@@ -117,10 +119,13 @@ def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(
         timeout=300,
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
-    (state_file,) = (tmp_path / "run" / "tiny").glob("*.pt")
-    state = torch.load(state_file, weights_only=True)
+    states = {p: torch.load(p, weights_only=True) for p in (tmp_path / "run" / "tiny").glob("*.pt")}
+    (state_file,) = [p for p, s in states.items() if not s["finished"]]
+    state = states[state_file]
+    # cRT: the main training's result is kept (finished) when cRT starts
+    assert len(states) == (2 if variant == "crt" else 1)
     assert state["global_epoch"] == 1  # epoch 1 was saved, epoch 2 died at its 2nd step
-    if variant == "frozen":  # the kill hit stage 2's first epoch: the frozen-trunk one
+    if variant in ("frozen", "crt"):  # the kill hit stage 2's first epoch: frozen / cRT
         assert (state["stage_index"], state["epoch_in_stage"]) == (1, 0)
 
     with caplog.at_level(logging.INFO, logger="rare_cxr"):
@@ -130,6 +135,8 @@ def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(
     reference = run_tiny(str(tmp_path / "ref"), variant=variant)
 
     assert resumed.history["epoch"].tolist() == reference.history["epoch"].tolist() == [1, 2, 3]
+    if variant == "crt":
+        assert resumed.history["stage"].tolist() == ["single", "crt", "crt"]
     assert resumed.history["train_loss"].tolist() == reference.history["train_loss"].tolist()
     for key, value in reference.state_dict.items():
         assert torch.equal(value, resumed.state_dict[key]), key

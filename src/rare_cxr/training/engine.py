@@ -34,9 +34,9 @@ from rare_cxr.findings import FINDINGS
 from rare_cxr.models import NORMALISATION, build_model, validate_model_spec
 from rare_cxr.models.common import make_pooling_deterministic
 from rare_cxr.progress import progress as progress_bar
-from rare_cxr.training import checkpointing, distributed
+from rare_cxr.training import checkpointing, decoupling, distributed
 from rare_cxr.training.config import validate_training_params
-from rare_cxr.training.losses import MultiLabelLoss, balanced_pos_weight
+from rare_cxr.training.losses import MultiLabelLoss, build_loss, loss_settings
 from rare_cxr.training.metrics import validation_metrics
 from rare_cxr.training.schedule import LRSchedule
 
@@ -62,10 +62,12 @@ class FitResult:
 
 @dataclass
 class Stage:
-    name: str  # "single", or "common" then "all"/"rare" for two-stage transfer
+    name: str  # "single", or "common" then "all"/"rare" for two-stage transfer; then "crt"
     epochs: int
     targets: list[int]  # finding indices the loss and the monitored metric use
     frozen_epochs: int = 0
+    # classifier re-training (decoupling.py): head only, class-aware sampling, plain BCE
+    crt: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -303,7 +305,8 @@ def predict_probabilities(
 
 
 def plan_stages(cfg: Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]:
-    """One stage, or the two-stage rare-finding transfer of the issue (§4).
+    """One stage, or the two-stage rare-finding transfer of the issue (§4); then, with
+    `crt.epochs` > 0, classifier re-training on the last stage's targets, every epoch frozen.
 
     `stage2_targets: rare` keeps the trunk frozen for the WHOLE of stage 2: only the head
     learns, on the rare findings' loss. Why: the report scores all 14 findings, and a trunk
@@ -315,14 +318,21 @@ def plan_stages(cfg: Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]
     all_idx = list(range(len(FINDINGS)))
     tr = cfg["transfer"]
     if not tr["two_stage"]:
-        return [Stage("single", cfg["epochs"], all_idx)]
-    rare = sorted(FINDINGS.index(n) for n in tr["rare_findings"])
-    common = [i for i in all_idx if i not in rare]
-    if tr["stage2_targets"] == "all":
-        second = Stage("all", cfg["epochs"], all_idx, tr["frozen_trunk_epochs"])
+        stages = [Stage("single", cfg["epochs"], all_idx)]
     else:
-        second = Stage("rare", cfg["epochs"], rare, cfg["epochs"])
-    return [Stage("common", tr["stage1_epochs"], common), second]
+        rare = sorted(FINDINGS.index(n) for n in tr["rare_findings"])
+        common = [i for i in all_idx if i not in rare]
+        if tr["stage2_targets"] == "all":
+            second = Stage("all", cfg["epochs"], all_idx, tr["frozen_trunk_epochs"])
+        else:
+            second = Stage("rare", cfg["epochs"], rare, cfg["epochs"])
+        stages = [Stage("common", tr["stage1_epochs"], common), second]
+    crt_epochs = cfg["crt"]["epochs"]
+    if crt_epochs:
+        stages.append(
+            Stage(decoupling.CRT_STAGE, crt_epochs, stages[-1].targets, crt_epochs, crt=True)
+        )
+    return stages
 
 
 # Training parameters that do not change what is learned: excluded from the state fingerprint,
@@ -370,6 +380,20 @@ def data_fingerprint(cache: Any) -> dict[str, Any]:
     return {"arrays": digest.hexdigest(), "size": int(cache.size)}
 
 
+def result_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The training parameters a result depends on: every key but `NON_RESULT_KEYS`, of
+    `loss` only the selected loss's keys (`losses.LOSS_KEYS`), and `crt` only when it is on.
+    So a key that the configuration does not read (an `asl_*` key under `bce`, the cRT block
+    with `crt.epochs: 0`) retrains nothing, and the fingerprints of trainings made before the
+    long-tail keys existed are unchanged (they are reused)."""
+    out = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    if "loss" in out:
+        out["loss"] = loss_settings(out["loss"])
+    if "crt" in out and not out["crt"]["epochs"]:
+        del out["crt"]
+    return out
+
+
 def training_settings(
     spec: Mapping[str, Any],
     cfg: Mapping[str, Any],
@@ -385,7 +409,7 @@ def training_settings(
         "model": dict(spec),
         # what the model is fed: part of the result even when the spec does not say it
         "normalisation": normalisation_for(spec["architecture"]),
-        "training": {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS},
+        "training": result_settings(cfg),
         "data": data_fingerprint(cache),
         "augmentation": dict(policy) if isinstance(policy, Mapping) else repr(augment),
         "processes": world,
@@ -504,7 +528,9 @@ def _fit(
     settings = training_settings(spec, cfg, cache, augment, world)
     fp = checkpointing.fingerprint(settings)
     store = _state_store(cfg, name, state_store)
-    state = store.load(fp, settings) if store is not None else None
+    main = _main_training(cfg, settings)
+    main_state = _finished_main(name, cfg, store, fp, main, rank=rank)
+    state = store.load(fp, settings) if store is not None and main_state is None else None
     if store is not None and state is not None and state.get("finished"):
         if cfg["reuse_finished"]:
             return _reuse_finished(name, state, store.path(fp), rank, cfg)
@@ -522,8 +548,54 @@ def _fit(
         store=store,
         fingerprint=fp,
         settings=settings,
+        main=main,
     )
-    return trainer.run(state)
+    return trainer.run(state, main_state)
+
+
+def _main_training(
+    cfg: Mapping[str, Any], settings: dict[str, Any]
+) -> tuple[str, dict[str, Any]] | None:
+    """With cRT on: the fingerprint and settings of the same configuration without cRT, whose
+    result the main stages produce (they do not read `training.crt`). None with cRT off."""
+    if not cfg["crt"]["epochs"]:
+        return None
+    main_settings = {
+        **settings,
+        "training": result_settings(decoupling.main_training_config(dict(cfg))),
+    }
+    return checkpointing.fingerprint(main_settings), main_settings
+
+
+def _finished_main(
+    name: str,
+    cfg: Mapping[str, Any],
+    store: checkpointing.TrainingStateStore | None,
+    fp: str,
+    main: tuple[str, dict[str, Any]] | None,
+    *,
+    rank: int,
+) -> dict[str, Any] | None:
+    """The finished main training to start cRT from, when this configuration has no state of
+    its own yet (a new or changed cRT block): its main stages are not trained again."""
+    if store is None or main is None or not cfg["reuse_finished"] or store.path(fp).is_file():
+        return None
+    main_fp, main_settings = main
+    if not store.path(main_fp).is_file():
+        return None
+    state = store.load(main_fp, main_settings)
+    if state is None or not state.get("finished"):
+        return None
+    if rank == 0:
+        logger.info(
+            "%s: the main training of this configuration already finished (%s, best epoch %s): "
+            "starting classifier re-training (cRT) from its best weights, no main epoch is "
+            "trained",
+            name,
+            store.path(main_fp),
+            state["metadata"].get("epoch"),
+        )
+    return state
 
 
 def _check_batch_split(cfg: Mapping[str, Any], world: int) -> None:
@@ -609,8 +681,9 @@ def _reuse_finished(
     history_frame = pd.DataFrame(state["history"])
     history_frame["training_id"] = state["metadata"].get("training_id")
     metadata = dict(state["metadata"])
-    now = {k: copy.deepcopy(v) for k, v in cfg.items() if k in NON_RESULT_KEYS}
-    metadata["train_params"] = {**dict(metadata.get("train_params") or {}), **now}
+    # the same fingerprint: every key the result depends on is equal, the others (device,
+    # TTA, keys of another loss, an unused cRT block) are this run's
+    metadata["train_params"] = copy.deepcopy(dict(cfg))
     return FitResult(dict(state["best_state"]), metadata, history_frame)
 
 
@@ -694,8 +767,10 @@ class _Trainer:
         store: checkpointing.TrainingStateStore | None,
         fingerprint: str,
         settings: dict[str, Any],
+        main: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
         self.spec, self.cfg, self.data, self.augment = spec, cfg, data, augment
+        self.main = main  # with cRT: (fingerprint, settings) of the main training alone
         self.name = spec["name"]
         self.callbacks, self.rank, self.world = callbacks, rank, world
         self.store, self.fingerprint, self.settings = store, fingerprint, settings
@@ -723,14 +798,11 @@ class _Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.pos_weight = (
-            balanced_pos_weight(data.train_labels, cfg["loss"]["pos_weight_cap"])
-            if cfg["loss"]["balanced"]
-            else None
-        )
-        self.criterion = MultiLabelLoss(
-            self.pos_weight, cfg["loss"]["name"], cfg["loss"]["focal_gamma"]
-        ).to(device)
+        # the loss of the main stages, and the cRT stage's plain BCE (decoupling.py)
+        self.main_criterion = build_loss(cfg["loss"], data.train_labels).to(device)
+        self.crt_criterion = MultiLabelLoss(None, "bce").to(device)
+        self.criterion = self.main_criterion  # the current stage's (`_run_stage`)
+        self.pos_weight = getattr(self.main_criterion, "pos_weight", None)
         head_ids = _head_parameter_ids(model)
         self.head_params = [p for p in model.parameters() if id(p) in head_ids]
         self.trunk_params = [p for p in model.parameters() if id(p) not in head_ids]
@@ -752,15 +824,23 @@ class _Trainer:
             if cfg["oversample_rare"]["enabled"]
             else None
         )
+        self.crt_weights = (
+            decoupling.class_aware_weights(data.train_labels)
+            if any(s.crt for s in self.stages)
+            else None
+        )
         # set by `_wrap_model`, after a resume has loaded the weights
         self.train_model: nn.Module = model
         self.ddp_model: nn.parallel.DistributedDataParallel | None = None
 
     # ---- the whole training --------------------------------------------------------------
 
-    def run(self, state: Mapping[str, Any] | None) -> FitResult | None:
-        """Train every stage from the start or from `state`; the result on rank 0."""
-        progress = self._restore(state)
+    def run(
+        self, state: Mapping[str, Any] | None, main_state: Mapping[str, Any] | None = None
+    ) -> FitResult | None:
+        """Train every stage from the start or from `state`, or only cRT after the finished
+        main training `main_state`; the result on rank 0."""
+        progress = self._restore(state) if main_state is None else self._after_main(main_state)
         self._wrap_model()
         while progress.stage_index < len(self.stages):
             self._run_stage(progress)
@@ -823,6 +903,24 @@ class _Trainer:
             )
         return progress
 
+    def _after_main(self, main: Mapping[str, Any]) -> _FitState:
+        """The progress a cRT run has when its main stages end, rebuilt from the finished main
+        training (what `_keep_main_result` saved, or a run without cRT): the same weights,
+        history and epoch count, so the cRT epochs draw exactly what they draw in one go."""
+        meta = main["metadata"]
+        progress = _FitState(
+            training_id=uuid.uuid4().hex[:12],
+            stage_index=len(self.stages) - 2,
+            global_epoch=len(main["history"]),
+            best_metric=float(meta["metric"]),
+            best_state=dict(main["best_state"]),
+            best_epoch=int(meta["epoch"]),
+            history=list(main["history"]),
+        )
+        self._next_stage(progress)
+        progress.stage_index = len(self.stages) - 1
+        return progress
+
     def _save_state(
         self, progress: _FitState, schedule: LRSchedule, next_stage: int, next_epoch: int
     ) -> None:
@@ -858,9 +956,13 @@ class _Trainer:
         """The remaining epochs of the current stage, until its last or an early stop."""
         cfg = self.cfg
         stage = self.stages[progress.stage_index]
+        self.criterion = self.crt_criterion if stage.crt else self.main_criterion
         mask = torch.zeros(len(FINDINGS), device=self.device)
         mask[stage.targets] = 1.0
         self.criterion.set_mask(None if len(stage.targets) == len(FINDINGS) else mask)
+        base_lr = cfg["optimizer"]["lr"]
+        if stage.crt and cfg["crt"]["lr"] is not None:
+            base_lr = cfg["crt"]["lr"]
         # the schedule counts optimiser steps (global batches), never micro-batches
         steps_per_epoch = len(
             batches_for(
@@ -871,7 +973,7 @@ class _Trainer:
             )
         )
         schedule = LRSchedule(
-            self.optimizer, cfg["optimizer"]["lr"], cfg["schedule"], steps_per_epoch, stage.epochs
+            self.optimizer, base_lr, cfg["schedule"], steps_per_epoch, stage.epochs
         )
         if progress.schedule is not None:
             schedule.load_state_dict(progress.schedule)
@@ -882,15 +984,21 @@ class _Trainer:
 
     def _next_stage(self, progress: _FitState) -> None:
         """Stage 2 starts from the best stage-1 weights, with a fresh optimiser state,
-        schedule (built by `_run_stage`) and early-stopping record."""
+        schedule (built by `_run_stage`) and early-stopping record. cRT also re-initialises
+        the head (`crt.reinit_head`, from the seed) and starts a fresh GradScaler."""
         self.model.load_state_dict(progress.best_state)
         self.optimizer.state.clear()
         progress.reset_best()
+        if self.stages[progress.stage_index + 1].crt:
+            if self.cfg["crt"]["reinit_head"]:
+                decoupling.reinit_head(self.model, self.cfg["seed"] * 7_727 + 1)
+            self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
     # ---- one epoch -----------------------------------------------------------------------
 
     def _run_epoch(self, progress: _FitState, stage: Stage, schedule: LRSchedule) -> bool:
         """Train, validate, keep the best, save the state; True when the stage stops early."""
+        self.criterion.start_epoch(progress.epoch_in_stage)  # DRW's switch: a function of it
         epoch = self._start_epoch(progress, stage, schedule)
         elapsed = self._train_epoch(epoch)
         train_loss = float(epoch.loss_sum) / max(epoch.seen, 1)
@@ -934,6 +1042,8 @@ class _Trainer:
             " -- early stop" if stop else "",
         )
         if progress.stage_index < next_stage < len(self.stages):
+            if self.stages[next_stage].crt:
+                self._keep_main_result(progress)
             self._next_stage(progress)
         self._save_state(progress, schedule, next_stage, next_epoch)
         if self.callbacks.on_epoch_end:
@@ -985,8 +1095,9 @@ class _Trainer:
         """Every optimiser step of the epoch, over this rank's share of the epoch's batches
         (read ahead by the loader threads); returns the seconds it took."""
         cfg, world = self.cfg, self.world
+        weights = self.crt_weights if epoch.stage.crt else self.weights
         jobs = batches_for(
-            epoch_order(len(self.data.train_labels), cfg["seed"], epoch.index, self.weights),
+            epoch_order(len(self.data.train_labels), cfg["seed"], epoch.index, weights),
             cfg["batch_size"],
             world,
             self.accumulation,
@@ -1121,45 +1232,85 @@ class _Trainer:
 
     # ---- the result ----------------------------------------------------------------------
 
-    def _finish(self, progress: _FitState) -> FitResult:
-        """Best weights + metadata + history; the finished state is kept for reruns."""
-        final_stage = self.stages[-1]
-        metadata = {
+    def _metadata(
+        self, progress: _FitState, stage: Stage, cfg: Mapping[str, Any], fingerprint: str
+    ) -> dict[str, Any]:
+        """The checkpoint metadata of the best weights `progress` holds (stage: the last one)."""
+        return {
             "model_spec": dict(self.spec),
             "findings": list(FINDINGS),
             "normalisation": dict(getattr(self.model, "normalisation", NORMALISATION)),
             "scales": list(self.spec["scales"]),
             "input_size": self.data.size,
-            "train_params": copy.deepcopy(dict(self.cfg)),
+            "train_params": copy.deepcopy(dict(cfg)),
             "epoch": int(progress.best_epoch),
             "metric": float(progress.best_metric),
-            "metric_name": _metric_name(final_stage),
-            "stage": final_stage.name,
+            "metric_name": _metric_name(stage),
+            "stage": stage.name,
             "pos_weight": self.pos_weight.tolist() if self.pos_weight is not None else None,
+            # the per-finding constants of the main stages' loss (weights, offsets, margins)
+            "loss_constants": self.main_criterion.constants(),
             "world_size": self.world,
             "training_id": progress.training_id,
-            "fingerprint": self.fingerprint,
+            "fingerprint": fingerprint,
             "image_cache": self.settings["data"],
         }
+
+    def _keep_finished(
+        self,
+        fingerprint: str,
+        settings: dict[str, Any],
+        progress: _FitState,
+        metadata: dict[str, Any],
+    ) -> Path:
+        """Write a finished state (kept for reruns to reuse); returns its path."""
+        assert self.store is not None  # callers check
+        return self.store.save(
+            fingerprint,
+            {
+                "finished": True,
+                "settings": settings,
+                "training_id": metadata["training_id"],
+                "best_state": progress.best_state,
+                "metadata": metadata,
+                "history": progress.history,
+            },
+        )
+
+    def _keep_main_result(self, progress: _FitState) -> None:
+        """At the end of the main stages of a cRT run: keep their result as the finished
+        training of the same configuration without cRT. Rerunning without cRT, or with other
+        cRT settings, then reuses it instead of training the trunk again."""
+        if self.rank != 0 or self.store is None or self.main is None:
+            return
+        fingerprint, settings = self.main
+        metadata = self._metadata(
+            progress,
+            self.stages[progress.stage_index],
+            decoupling.main_training_config(self.cfg),
+            fingerprint,
+        )
+        # its own training id: another result than the cRT model's, derived from the cRT
+        # run's id so that a resumed run writes the same
+        metadata["training_id"] = hashlib.sha256(
+            f"{progress.training_id}:main".encode()
+        ).hexdigest()[:12]
+        path = self._keep_finished(fingerprint, settings, progress, metadata)
+        logger.info(
+            "%s: main training finished, classifier re-training (cRT) follows; the main result "
+            "is kept at %s (a run without cRT, or with other cRT settings, reuses it)",
+            self.name,
+            path,
+        )
+
+    def _finish(self, progress: _FitState) -> FitResult:
+        """Best weights + metadata + history; the finished state is kept for reruns."""
+        metadata = self._metadata(progress, self.stages[-1], self.cfg, self.fingerprint)
         if self.store is not None:
             # kept, not deleted: if the checkpoint's catalog save fails, or a later model or
             # stage dies, the rerun reuses this result instead of training again
-            self.store.save(
-                self.fingerprint,
-                {
-                    "finished": True,
-                    "settings": self.settings,
-                    "training_id": progress.training_id,
-                    "best_state": progress.best_state,
-                    "metadata": metadata,
-                    "history": progress.history,
-                },
-            )
-            logger.info(
-                "%s: training finished; result kept at %s for reruns",
-                self.name,
-                self.store.path(self.fingerprint),
-            )
+            path = self._keep_finished(self.fingerprint, self.settings, progress, metadata)
+            logger.info("%s: training finished; result kept at %s for reruns", self.name, path)
         history_frame = pd.DataFrame(progress.history)
         history_frame["training_id"] = progress.training_id
         return FitResult(progress.best_state, metadata, history_frame)
