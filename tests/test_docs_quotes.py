@@ -147,7 +147,8 @@ def test_the_scan_finds_the_quotes_it_is_for():
 
 
 def _parameter_error(key_path: str, what: str, quote: str) -> str:
-    from rare_cxr.parameters import ParameterError, validate_parameters
+    from rare_cxr.configuration import validate_parameters
+    from rare_cxr.parameters import ParameterError
     from rare_cxr.pipeline_registry import project_parameters
 
     params = copy.deepcopy(project_parameters(ROOT, None))

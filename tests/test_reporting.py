@@ -242,8 +242,15 @@ def test_params_are_validated_with_the_key_named():
         nodes.validate_reporting_params({"min_positives": 0})
 
 
+def roster():
+    """The configured models (conf/base), as the registry hands them to the pipeline."""
+    from rare_cxr.pipeline_registry import current_roster
+
+    return current_roster()
+
+
 def test_pipeline_per_model_namespaces_and_inputs():
-    pipe = create_pipeline(models=["multiscale_resnet", "vgg16"])
+    pipe = create_pipeline(roster(), models=["multiscale_resnet", "vgg16"])
     names = {n.name for n in pipe.nodes}
     for model in ("multiscale_resnet", "vgg16"):
         for node in ("select_thresholds", "evaluate_model", "measure_cost", "gradcam_examples"):
@@ -264,14 +271,14 @@ def test_pipeline_per_model_namespaces_and_inputs():
         ),
     }
     assert pipe.inputs() == expected
-    assert len(create_pipeline().nodes) == 10 * len(ALL_MODELS) + 20
+    assert len(create_pipeline(roster()).nodes) == 10 * len(ALL_MODELS) + 20
     with pytest.raises(ValueError, match="unknown model"):
-        create_pipeline(models=["resnet9000"])
+        create_pipeline(roster(), models=["resnet9000"])
 
 
 def test_every_reporting_output_is_persisted(kedro_project):
     catalog = kedro_project.catalog()
-    pipe = create_pipeline()
+    pipe = create_pipeline(roster())
     # verify_lineage hands the tables it checked on, in memory, within the run (by design)
     in_memory = {
         n for n in pipe.all_outputs() if n.endswith((".verified_predictions", ".verified_history"))

@@ -347,12 +347,14 @@ def test_torchrun_of_several_models_is_refused_on_every_rank_before_anything(tmp
 def test_refusal_rule_one_model_and_only_what_depends_on_it(monkeypatch):
     """The guard's decision per selection, without launching (the launch test covers one)."""
     from rare_cxr.hooks import refuse_unsupported_torchrun
+    from rare_cxr.pipeline_registry import current_roster
     from rare_cxr.pipelines import baselines, data_processing, reporting, training
 
-    every_baseline = baselines.create_pipeline()
+    roster = current_roster()
+    every_baseline = baselines.create_pipeline(roster)
     one_baseline = every_baseline.filter(node_namespaces=["densenet121"])
-    with_reporting = training.create_pipeline() + reporting.create_pipeline(
-        models=["multiscale_resnet"]
+    with_reporting = training.create_pipeline(roster) + reporting.create_pipeline(
+        roster, models=["multiscale_resnet"]
     )
 
     monkeypatch.delenv("RANK", raising=False)
@@ -363,7 +365,7 @@ def test_refusal_rule_one_model_and_only_what_depends_on_it(monkeypatch):
     refuse_unsupported_torchrun(every_baseline)  # torchrun with one process: a plain run
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    refuse_unsupported_torchrun(training.create_pipeline())
+    refuse_unsupported_torchrun(training.create_pipeline(roster))
     refuse_unsupported_torchrun(one_baseline)
     with pytest.raises(RuntimeError, match="trains 5 models") as err:
         refuse_unsupported_torchrun(every_baseline)
@@ -371,7 +373,7 @@ def test_refusal_rule_one_model_and_only_what_depends_on_it(monkeypatch):
     assert "training.devices=2" in str(err.value)
     for other_stage in (
         with_reporting,
-        data_processing.create_pipeline() + training.create_pipeline(),
+        data_processing.create_pipeline() + training.create_pipeline(roster),
     ):
         with pytest.raises(RuntimeError, match="do not depend on multiscale_resnet.train_model"):
             refuse_unsupported_torchrun(other_stage)

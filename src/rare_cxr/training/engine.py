@@ -30,11 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The submodules themselves, not through the package: `rare_cxr.training` re-exports this
+# module's `fit`, so importing the package from here would be an import cycle.
+import rare_cxr.training.checkpointing as checkpointing  # noqa: PLR0402
+import rare_cxr.training.decoupling as decoupling  # noqa: PLR0402
+import rare_cxr.training.distributed as distributed  # noqa: PLR0402
 from rare_cxr.findings import FINDINGS
 from rare_cxr.models import NORMALISATION, build_model, validate_model_spec
 from rare_cxr.models.common import make_pooling_deterministic
 from rare_cxr.progress import progress as progress_bar
-from rare_cxr.training import checkpointing, decoupling, distributed
 from rare_cxr.training.config import validate_training_params
 from rare_cxr.training.losses import MultiLabelLoss, build_loss, loss_settings
 from rare_cxr.training.metrics import validation_metrics

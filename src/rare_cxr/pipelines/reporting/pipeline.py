@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from kedro.pipeline import Node, Pipeline
 
-from rare_cxr.pipelines.reporting import nodes
+# the module, not through the package (whose __init__ imports this module): no import cycle
+import rare_cxr.pipelines.reporting.nodes as nodes  # noqa: PLR0402
 from rare_cxr.pipelines.reporting.params import ReportingParams
 from rare_cxr.runs import DOWNSTREAM_TAG
 
@@ -205,16 +206,15 @@ def create_model_pipeline(model: str) -> Pipeline:
 
 
 def create_pipeline(
+    roster: Roster,
     models: Sequence[str] | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
     **kwargs: object,
 ) -> Pipeline:
-    """Reporting for `models` (default: every configured model) from
+    """Reporting for `models` (default: every model of `roster`, which
+    `rare_cxr.pipeline_registry` reads from the run's parameters) from
     `<model>.predictions|history|checkpoint`; `pairs` are the paired comparisons (default: each
     model against its configured `reference`, where both are reported)."""
-    from rare_cxr.pipeline_registry import current_roster
-
-    roster = current_roster()
     models = roster.check_names(list(roster.models if models is None else models), "reporting")
     if not models:
         raise ValueError("reporting: need at least one model")
