@@ -112,7 +112,7 @@ def _numbers(text: str, timings: set[str]) -> list[str]:
 def _timings(data: Path) -> set[str]:
     """img/s values of the run's cost blocks, as documents print them (one decimal)."""
     found: set[str] = set()
-    for path in data.rglob("cost.json"):
+    for path in (p for p in data.rglob("cost.json") if p.is_file()):
         value = json.loads(path.read_text()).get("img_per_s")
         if isinstance(value, int | float):
             found.add(f"{value:.1f}")
