@@ -192,8 +192,18 @@ def merge_overrides(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[s
     return out
 
 
+def training_params(
+    params: Mapping[str, Any] | TrainingParams | None, where: str = "training"
+) -> TrainingParams:
+    """`params` as a `TrainingParams`: a mapping (or None: the defaults) is validated, an instance
+    -- what Kedro hands a node, or what a node built -- is returned as it is (never validated
+    twice). The engine reads it by attribute (`cfg.optimizer.lr`)."""
+    return check(TrainingParams, params, where)
+
+
 def validate_training_params(
     params: Mapping[str, Any] | TrainingParams | None, where: str = "training"
 ) -> dict[str, Any]:
-    """Check `params` (defaults for what it leaves out) and return the engine's plain dict."""
+    """Check `params` (defaults for what it leaves out) and return it as a plain dict (for
+    JSON, logs and checkpoint metadata; the engine itself reads `training_params(...)`)."""
     return check(TrainingParams, params, where).model_dump()

@@ -16,13 +16,16 @@ whose main training already finished starts at the cRT stage.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 CRT_STAGE = "crt"
+
+if TYPE_CHECKING:
+    from rare_cxr.training.config import TrainingParams
 
 
 def class_aware_weights(labels: np.ndarray) -> np.ndarray:
@@ -65,6 +68,6 @@ def reinit_head(model: nn.Module, seed: int) -> None:
                 reset()
 
 
-def main_training_config(cfg: dict[str, Any]) -> dict[str, Any]:
+def main_training_config(cfg: TrainingParams) -> TrainingParams:
     """The configuration of the main training alone: the same, with cRT off."""
-    return {**cfg, "crt": {**cfg["crt"], "epochs": 0}}
+    return cfg.model_copy(update={"crt": cfg.crt.model_copy(update={"epochs": 0})})

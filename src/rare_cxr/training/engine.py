@@ -8,7 +8,6 @@ run inside the Kedro node, in DDP worker processes, in the benchmark and in test
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -39,7 +38,7 @@ from rare_cxr.findings import FINDINGS
 from rare_cxr.models import NORMALISATION, build_model, validate_model_spec
 from rare_cxr.models.common import make_pooling_deterministic
 from rare_cxr.progress import progress as progress_bar
-from rare_cxr.training.config import validate_training_params
+from rare_cxr.training.config import TrainingParams, training_params
 from rare_cxr.training.losses import MultiLabelLoss, build_loss, loss_settings
 from rare_cxr.training.metrics import validation_metrics
 from rare_cxr.training.schedule import LRSchedule
@@ -109,9 +108,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def amp_dtype(cfg: Mapping[str, Any], device: torch.device) -> torch.dtype | None:
+def amp_dtype(cfg: TrainingParams | Mapping[str, Any], device: torch.device) -> torch.dtype | None:
     """bf16 where the GPU supports it (no scaler needed), else fp16; None = full fp32."""
-    enabled = cfg["amp"] if cfg["amp"] != "auto" else device.type == "cuda"
+    cfg = training_params(cfg)  # an instance passes through
+    enabled = cfg.amp if cfg.amp != "auto" else device.type == "cuda"
     if not enabled or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -308,7 +308,7 @@ def predict_probabilities(
     return out.astype(np.float32), (loss_sum / n if n and labels is not None else float("nan"))
 
 
-def plan_stages(cfg: Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]:
+def plan_stages(cfg: TrainingParams | Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]:
     """One stage, or the two-stage rare-finding transfer of the issue (§4); then, with
     `crt.epochs` > 0, classifier re-training on the last stage's targets, every epoch frozen.
 
@@ -319,19 +319,20 @@ def plan_stages(cfg: Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]
     such masked frozen epochs, `_Trainer._start_epoch`) the common findings' logits stay the
     stage-1 model's exactly (concat/mean fusion; `fusion: attention` has the attention in the
     head, which learns and moves them)."""
+    cfg = training_params(cfg)  # an instance passes through
     all_idx = list(range(len(FINDINGS)))
-    tr = cfg["transfer"]
-    if not tr["two_stage"]:
-        stages = [Stage("single", cfg["epochs"], all_idx)]
+    tr = cfg.transfer
+    if not tr.two_stage:
+        stages = [Stage("single", cfg.epochs, all_idx)]
     else:
-        rare = sorted(FINDINGS.index(n) for n in tr["rare_findings"])
+        rare = sorted(FINDINGS.index(n) for n in tr.rare_findings)
         common = [i for i in all_idx if i not in rare]
-        if tr["stage2_targets"] == "all":
-            second = Stage("all", cfg["epochs"], all_idx, tr["frozen_trunk_epochs"])
+        if tr.stage2_targets == "all":
+            second = Stage("all", cfg.epochs, all_idx, tr.frozen_trunk_epochs)
         else:
-            second = Stage("rare", cfg["epochs"], rare, cfg["epochs"])
-        stages = [Stage("common", tr["stage1_epochs"], common), second]
-    crt_epochs = cfg["crt"]["epochs"]
+            second = Stage("rare", cfg.epochs, rare, cfg.epochs)
+        stages = [Stage("common", tr.stage1_epochs, common), second]
+    crt_epochs = cfg.crt.epochs
     if crt_epochs:
         stages.append(
             Stage(decoupling.CRT_STAGE, crt_epochs, stages[-1].targets, crt_epochs, crt=True)
@@ -384,13 +385,14 @@ def data_fingerprint(cache: Any) -> dict[str, Any]:
     return {"arrays": digest.hexdigest(), "size": int(cache.size)}
 
 
-def result_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def result_settings(cfg: TrainingParams | Mapping[str, Any]) -> dict[str, Any]:
     """The training parameters a result depends on: every key but `NON_RESULT_KEYS`, of
     `loss` only the selected loss's keys (`losses.LOSS_KEYS`), and `crt` only when it is on.
     So a key that the configuration does not read (an `asl_*` key under `bce`, the cRT block
     with `crt.epochs: 0`) retrains nothing, and the fingerprints of trainings made before the
     long-tail keys existed are unchanged (they are reused)."""
-    out = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    plain = cfg.model_dump() if isinstance(cfg, TrainingParams) else dict(cfg)
+    out = {k: v for k, v in plain.items() if k not in NON_RESULT_KEYS}
     if "loss" in out:
         out["loss"] = loss_settings(out["loss"])
     if "crt" in out and not out["crt"]["epochs"]:
@@ -400,12 +402,13 @@ def result_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def training_settings(
     spec: Mapping[str, Any],
-    cfg: Mapping[str, Any],
+    cfg: TrainingParams,
     cache: Any,
     augment: Augment | None,
     world: int,
 ) -> dict[str, Any]:
-    """Everything a training's result depends on (the fingerprinted settings)."""
+    """Everything a training's result depends on (the fingerprinted settings, plain data: the
+    fingerprint hashes their JSON)."""
     policy = getattr(augment, "policy", None)
     from rare_cxr.models import normalisation_for
 
@@ -480,7 +483,7 @@ def fit(
     model_spec: Mapping[str, Any],
     cache: Any,
     augment: Augment | None,
-    params: Mapping[str, Any] | None,
+    params: TrainingParams | Mapping[str, Any] | None,
     *,
     callbacks: TrainingCallbacks | None = None,
     rank: int = 0,
@@ -514,7 +517,7 @@ def _fit(
     model_spec: Mapping[str, Any],
     cache: Any,
     augment: Augment | None,
-    params: Mapping[str, Any] | None,
+    params: TrainingParams | Mapping[str, Any] | None,
     *,
     callbacks: TrainingCallbacks | None,
     rank: int,
@@ -523,7 +526,7 @@ def _fit(
 ) -> FitResult | None:
     """Check everything, reuse a finished training of this configuration, else train."""
     spec = validate_model_spec(model_spec)
-    cfg = validate_training_params(params)
+    cfg = training_params(params)  # validated once; an instance passes through unchanged
     _check_batch_split(cfg, world)
     name = spec["name"]
     data = _TrainingData.from_cache(cache, name)
@@ -536,7 +539,7 @@ def _fit(
     main_state = _finished_main(name, cfg, store, fp, main, rank=rank)
     state = store.load(fp, settings) if store is not None and main_state is None else None
     if store is not None and state is not None and state.get("finished"):
-        if cfg["reuse_finished"]:
+        if cfg.reuse_finished:
             return _reuse_finished(name, state, store.path(fp), rank, cfg)
         logger.info("%s: training.reuse_finished is false: training again", name)
         state = None
@@ -558,22 +561,22 @@ def _fit(
 
 
 def _main_training(
-    cfg: Mapping[str, Any], settings: dict[str, Any]
+    cfg: TrainingParams, settings: dict[str, Any]
 ) -> tuple[str, dict[str, Any]] | None:
     """With cRT on: the fingerprint and settings of the same configuration without cRT, whose
     result the main stages produce (they do not read `training.crt`). None with cRT off."""
-    if not cfg["crt"]["epochs"]:
+    if not cfg.crt.epochs:
         return None
     main_settings = {
         **settings,
-        "training": result_settings(decoupling.main_training_config(dict(cfg))),
+        "training": result_settings(decoupling.main_training_config(cfg)),
     }
     return checkpointing.fingerprint(main_settings), main_settings
 
 
 def _finished_main(
     name: str,
-    cfg: Mapping[str, Any],
+    cfg: TrainingParams,
     store: checkpointing.TrainingStateStore | None,
     fp: str,
     main: tuple[str, dict[str, Any]] | None,
@@ -582,7 +585,7 @@ def _finished_main(
 ) -> dict[str, Any] | None:
     """The finished main training to start cRT from, when this configuration has no state of
     its own yet (a new or changed cRT block): its main stages are not trained again."""
-    if store is None or main is None or not cfg["reuse_finished"] or store.path(fp).is_file():
+    if store is None or main is None or not cfg.reuse_finished or store.path(fp).is_file():
         return None
     main_fp, main_settings = main
     if not store.path(main_fp).is_file():
@@ -602,20 +605,17 @@ def _finished_main(
     return state
 
 
-def _check_batch_split(cfg: Mapping[str, Any], world: int) -> None:
+def _check_batch_split(cfg: TrainingParams, world: int) -> None:
     """The global batch must split over the DDP processes and accumulation micro-batches."""
-    if cfg["batch_size"] % world:
+    if cfg.batch_size % world:
         raise ValueError(
-            f"training.batch_size ({cfg['batch_size']}) must be divisible by the "
+            f"training.batch_size ({cfg.batch_size}) must be divisible by the "
             f"number of DDP processes ({world})"
         )
-    accumulation = cfg["accumulation_steps"]
-    if (
-        cfg["batch_size"] % (world * accumulation)
-        or cfg["batch_size"] // (world * accumulation) < 2
-    ):
+    accumulation = cfg.accumulation_steps
+    if cfg.batch_size % (world * accumulation) or cfg.batch_size // (world * accumulation) < 2:
         raise ValueError(
-            f"training.batch_size ({cfg['batch_size']}) must split into "
+            f"training.batch_size ({cfg.batch_size}) must split into "
             f"training.accumulation_steps ({accumulation}) micro-batches x {world} DDP "
             "process(es) of at least 2 images each"
         )
@@ -650,19 +650,19 @@ class _TrainingData:
 
 
 def _state_store(
-    cfg: Mapping[str, Any], name: str, state_store: checkpointing.TrainingStateStore | None
+    cfg: TrainingParams, name: str, state_store: checkpointing.TrainingStateStore | None
 ) -> checkpointing.TrainingStateStore | None:
     """Where training states live: the catalog's folder, else `training.resume_dir/<name>`;
     None (nothing persisted) when neither is set or `training.resume` is off."""
-    if not cfg["resume"]:
+    if not cfg.resume:
         return None
-    if state_store is None and cfg["resume_dir"]:
-        return checkpointing.TrainingStateStore(Path(cfg["resume_dir"]) / name)
+    if state_store is None and cfg.resume_dir:
+        return checkpointing.TrainingStateStore(Path(cfg.resume_dir) / name)
     return state_store
 
 
 def _reuse_finished(
-    name: str, state: Mapping[str, Any], path: Path, rank: int, cfg: Mapping[str, Any]
+    name: str, state: Mapping[str, Any], path: Path, rank: int, cfg: TrainingParams
 ) -> FitResult | None:
     """The result of a finished training of the same fingerprint; no epoch is trained.
 
@@ -687,7 +687,7 @@ def _reuse_finished(
     metadata = dict(state["metadata"])
     # the same fingerprint: every key the result depends on is equal, the others (device,
     # TTA, keys of another loss, an unused cRT block) are this run's
-    metadata["train_params"] = copy.deepcopy(dict(cfg))
+    metadata["train_params"] = cfg.model_dump()
     return FitResult(dict(state["best_state"]), metadata, history_frame)
 
 
@@ -761,7 +761,7 @@ class _Trainer:
     def __init__(
         self,
         spec: dict[str, Any],
-        cfg: dict[str, Any],
+        cfg: TrainingParams,
         data: _TrainingData,
         augment: Augment | None,
         *,
@@ -779,31 +779,31 @@ class _Trainer:
         self.callbacks, self.rank, self.world = callbacks, rank, world
         self.store, self.fingerprint, self.settings = store, fingerprint, settings
         self.state_path = store.path(fingerprint) if store is not None else None
-        self.accumulation = cfg["accumulation_steps"]
-        self.show_bar = cfg["progress_bar"] and rank == 0
+        self.accumulation = cfg.accumulation_steps
+        self.show_bar = cfg.progress_bar and rank == 0
 
-        device = self.device = resolve_device(cfg["device"], rank)
+        device = self.device = resolve_device(cfg.device, rank)
         if world > 1:
             distributed.init_process_group(rank, world, device)
-        seed_everything(cfg["seed"], cfg["deterministic"])
+        seed_everything(cfg.seed, cfg.deterministic)
         self.dtype = amp_dtype(cfg, device)
-        self.channels_last = (cfg["channels_last"] is True) or (
-            cfg["channels_last"] == "auto" and device.type == "cuda"
+        self.channels_last = (cfg.channels_last is True) or (
+            cfg.channels_last == "auto" and device.type == "cuda"
         )
 
         model = build_model(spec).to(device)
-        if cfg["deterministic"] and device.type == "cuda":
+        if cfg.deterministic and device.type == "cuda":
             # adaptive average pooling has no deterministic CUDA backward (VGG16's 7x7 pool
             # would fail the first step): the equivalent plain pooling where one exists
             make_pooling_deterministic(model)
-        if world > 1 and cfg["sync_batchnorm"]:
+        if world > 1 and cfg.sync_batchnorm:
             # before the optimiser is built: conversion creates new BatchNorm parameter objects
             model = distributed.convert_sync_batchnorm(model, device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         # the loss of the main stages, and the cRT stage's plain BCE (decoupling.py)
-        self.main_criterion = build_loss(cfg["loss"], data.train_labels).to(device)
+        self.main_criterion = build_loss(cfg.loss, data.train_labels).to(device)
         self.crt_criterion = MultiLabelLoss(None, "bce").to(device)
         self.criterion = self.main_criterion  # the current stage's (`_run_stage`)
         self.pos_weight = getattr(self.main_criterion, "pos_weight", None)
@@ -817,15 +817,15 @@ class _Trainer:
                 {"params": self.trunk_params, "lr_multiplier": 1.0},
                 {"params": self.head_params, "lr_multiplier": 1.0},
             ],
-            lr=cfg["optimizer"]["lr"],
-            weight_decay=cfg["optimizer"]["weight_decay"],
-            eps=cfg["optimizer"]["eps"],
+            lr=cfg.optimizer.lr,
+            weight_decay=cfg.optimizer.weight_decay,
+            eps=cfg.optimizer.eps,
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.stages = plan_stages(cfg, data.train_labels)
         self.weights = (
-            sample_weights(data.train_labels, cfg["oversample_rare"]["power"])
-            if cfg["oversample_rare"]["enabled"]
+            sample_weights(data.train_labels, cfg.oversample_rare.power)
+            if cfg.oversample_rare.enabled
             else None
         )
         self.crt_weights = (
@@ -865,7 +865,7 @@ class _Trainer:
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        if self.cfg["compile"]:
+        if self.cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
     # ---- resume --------------------------------------------------------------------------
@@ -964,21 +964,19 @@ class _Trainer:
         mask = torch.zeros(len(FINDINGS), device=self.device)
         mask[stage.targets] = 1.0
         self.criterion.set_mask(None if len(stage.targets) == len(FINDINGS) else mask)
-        base_lr = cfg["optimizer"]["lr"]
-        if stage.crt and cfg["crt"]["lr"] is not None:
-            base_lr = cfg["crt"]["lr"]
+        base_lr = cfg.optimizer.lr
+        if stage.crt and cfg.crt.lr is not None:
+            base_lr = cfg.crt.lr
         # the schedule counts optimiser steps (global batches), never micro-batches
         steps_per_epoch = len(
             batches_for(
                 np.arange(len(self.data.train_labels)),
-                cfg["batch_size"],
+                cfg.batch_size,
                 self.world,
                 self.accumulation,
             )
         )
-        schedule = LRSchedule(
-            self.optimizer, base_lr, cfg["schedule"], steps_per_epoch, stage.epochs
-        )
+        schedule = LRSchedule(self.optimizer, base_lr, cfg.schedule, steps_per_epoch, stage.epochs)
         if progress.schedule is not None:
             schedule.load_state_dict(progress.schedule)
             progress.schedule = None
@@ -994,8 +992,8 @@ class _Trainer:
         self.optimizer.state.clear()
         progress.reset_best()
         if self.stages[progress.stage_index + 1].crt:
-            if self.cfg["crt"]["reinit_head"]:
-                decoupling.reinit_head(self.model, self.cfg["seed"] * 7_727 + 1)
+            if self.cfg.crt.reinit_head:
+                decoupling.reinit_head(self.model, self.cfg.seed * 7_727 + 1)
             self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
     # ---- one epoch -----------------------------------------------------------------------
@@ -1023,7 +1021,7 @@ class _Trainer:
             "img_per_s": epoch.seen * self.world / max(elapsed, 1e-9),
         }
         progress.history.append(row)
-        stop = progress.track_best(monitored, self.model, self.cfg["patience"])
+        stop = progress.track_best(monitored, self.model, self.cfg.patience)
         progress.global_epoch += 1
         progress.epoch_in_stage += 1
         next_stage, next_epoch = progress.stage_index, progress.epoch_in_stage
@@ -1069,16 +1067,16 @@ class _Trainer:
         # shrink them towards 0 (by ~lr per step). Off for the head in such epochs only.
         masked = len(stage.targets) < len(FINDINGS)
         self.optimizer.param_groups[1]["weight_decay"] = (
-            0.0 if frozen and masked else cfg["optimizer"]["weight_decay"]
+            0.0 if frozen and masked else cfg.optimizer.weight_decay
         )
         schedule.apply()
         # Every random draw of an epoch derives from (seed, epoch): a resumed epoch replays
         # exactly what the interrupted one would have done. The augmentation generator lives
         # on the training device (no host-side draws or copies per batch); it is re-seeded
         # from (seed, epoch, rank) every epoch, so it has no state to save.
-        torch.manual_seed(cfg["seed"] * 7919 + index)
+        torch.manual_seed(cfg.seed * 7919 + index)
         generator = torch.Generator(device=self.device).manual_seed(
-            cfg["seed"] * 104_729 + index * 131 + self.rank
+            cfg.seed * 104_729 + index * 131 + self.rank
         )
         self.train_model.train()
         set_trunk_frozen(self.trunk, self.trunk_params, frozen)
@@ -1101,8 +1099,8 @@ class _Trainer:
         cfg, world = self.cfg, self.world
         weights = self.crt_weights if epoch.stage.crt else self.weights
         jobs = batches_for(
-            epoch_order(len(self.data.train_labels), cfg["seed"], epoch.index, weights),
-            cfg["batch_size"],
+            epoch_order(len(self.data.train_labels), cfg.seed, epoch.index, weights),
+            cfg.batch_size,
             world,
             self.accumulation,
         )
@@ -1111,7 +1109,7 @@ class _Trainer:
             [np.concatenate(micros) for micros in rank_jobs],
             self.data.train_images,
             self.data.train_labels,
-            cfg["loader_threads"],
+            cfg.loader_threads,
             pin=self.device.type == "cuda",
         )
         t0 = time.perf_counter()
@@ -1221,7 +1219,7 @@ class _Trainer:
             self.model,
             self.data.val_images,
             self.device,
-            batch_size=self.cfg["eval_batch_size"],
+            batch_size=self.cfg.eval_batch_size,
             dtype=self.dtype,
             channels_last=self.channels_last,
             labels=self.data.val_labels,
@@ -1237,7 +1235,7 @@ class _Trainer:
     # ---- the result ----------------------------------------------------------------------
 
     def _metadata(
-        self, progress: _FitState, stage: Stage, cfg: Mapping[str, Any], fingerprint: str
+        self, progress: _FitState, stage: Stage, cfg: TrainingParams, fingerprint: str
     ) -> dict[str, Any]:
         """The checkpoint metadata of the best weights `progress` holds (stage: the last one)."""
         return {
@@ -1246,7 +1244,7 @@ class _Trainer:
             "normalisation": dict(getattr(self.model, "normalisation", NORMALISATION)),
             "scales": list(self.spec["scales"]),
             "input_size": self.data.size,
-            "train_params": copy.deepcopy(dict(cfg)),
+            "train_params": cfg.model_dump(),
             "epoch": int(progress.best_epoch),
             "metric": float(progress.best_metric),
             "metric_name": _metric_name(stage),

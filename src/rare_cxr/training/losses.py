@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rare_cxr.findings import FINDINGS
+from rare_cxr.parameters import check
+from rare_cxr.training.config import LossParams
 
 logger = logging.getLogger(__name__)
 
@@ -322,29 +324,30 @@ class LDAMDRWLoss(MaskedLoss):
         }
 
 
-def build_loss(loss: Mapping[str, Any], train_labels: np.ndarray) -> MaskedLoss:
-    """The loss `loss["name"]` selects, its constants computed from the training labels
-    `[N, K]` (validated `training.loss` block: `rare_cxr.training.config.LossParams`)."""
-    name = loss["name"]
+def build_loss(loss: LossParams | Mapping[str, Any], train_labels: np.ndarray) -> MaskedLoss:
+    """The loss `loss.name` selects, its constants computed from the training labels `[N, K]`.
+    `loss` is the validated `training.loss` block (a mapping is validated first)."""
+    loss = check(LossParams, loss, "training.loss")
+    name = loss.name
     n_pos, n_neg = label_counts(train_labels)
     if name in ("bce", "focal"):
         pos_weight = (
-            balanced_pos_weight(train_labels, loss["pos_weight_cap"]) if loss["balanced"] else None
+            balanced_pos_weight(train_labels, loss.pos_weight_cap) if loss.balanced else None
         )
-        return MultiLabelLoss(pos_weight, name, loss["focal_gamma"])
+        return MultiLabelLoss(pos_weight, name, loss.focal_gamma)
     if name == "class_balanced":
-        return ClassBalancedLoss(*class_balanced_weights(n_pos, n_neg, loss["cb_beta"]))
+        return ClassBalancedLoss(*class_balanced_weights(n_pos, n_neg, loss.cb_beta))
     if name == "asl":
-        return AsymmetricLoss(loss["asl_gamma_pos"], loss["asl_gamma_neg"], loss["asl_clip"])
+        return AsymmetricLoss(loss.asl_gamma_pos, loss.asl_gamma_neg, loss.asl_clip)
     if name == "logit_adjusted":
-        return LogitAdjustedLoss(prior_log_odds(n_pos, n_neg), loss["la_tau"])
+        return LogitAdjustedLoss(prior_log_odds(n_pos, n_neg), loss.la_tau)
     if name == "ldam_drw":
-        w_pos, w_neg = class_balanced_weights(n_pos, n_neg, loss["drw_beta"])
+        w_pos, w_neg = class_balanced_weights(n_pos, n_neg, loss.drw_beta)
         return LDAMDRWLoss(
-            *ldam_margins(n_pos, n_neg, loss["ldam_max_margin"]),
-            scale=loss["ldam_scale"],
+            *ldam_margins(n_pos, n_neg, loss.ldam_max_margin),
+            scale=loss.ldam_scale,
             w_pos=w_pos,
             w_neg=w_neg,
-            drw_start=loss["drw_start_epoch"],
+            drw_start=loss.drw_start_epoch,
         )
     raise ValueError(f"training.loss.name: unknown loss {name!r}; expected one of {LOSSES}")
