@@ -239,6 +239,13 @@ def injected_bundle(bundle: dict) -> dict:
     meta["data"]["splits"][0]["split"] = "1. [x](javascript:alert(1))"
     meta["rare_findings"]["rule"] = "<b>bold</b> &amp; **strong**"
     meta["subgroups"][0]["subgroup"] = "-\n=== "
+    # issue 20's sections: subgroup names and numbers that are text, calibration fields
+    meta["underdiagnosis"][0]["subgroup"] = INJECTED
+    meta["underdiagnosis"][0]["underdiagnosis_rate"] = "![u](http://evil.example/u.png)"
+    meta["calibration"]["binning"] = "[c](http://evil.example)"
+    meta["calibration"]["split"] = "`x` <img src=http://evil.example/s.png>"
+    meta["calibration"]["test_ece"]["Mass"]["raw"] = "<img src=http://evil.example/e.png>"
+    meta["calibration"]["test_ece"]["macro"]["calibrated"] = "[m](http://evil.example)"
     return out
 
 
@@ -260,7 +267,7 @@ def test_bundle_metadata_is_rendered_as_plain_text_in_the_card_and_the_report(tm
                 "Model",
                 "Data",
                 "Metrics (test split)",
-                "Decision thresholds",
+                "Decision thresholds and what a probability means",
                 "Limitations",
                 "Citations",
             )

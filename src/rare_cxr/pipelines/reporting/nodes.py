@@ -675,8 +675,11 @@ def build_model_bundle(
     data_summary: Mapping[str, Any],
     rare_findings: Mapping[str, Any],
     reporting: ReportingParams,
+    calibration: Mapping[str, Any] | None = None,
+    underdiagnosis: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The model bundle (weights, spec, validation thresholds, data summary, metrics) and its
+    """The model bundle (weights, spec, validation thresholds and temperatures, data summary,
+    metrics) and its
     model card (Markdown): what `kedro run --pipelines inference` and a reader of the model
     need, from the outputs `verify_lineage` checked belong together (rare_cxr.inference)."""
     from rare_cxr.inference.bundle import make_bundle
@@ -698,6 +701,8 @@ def build_model_bundle(
         long_tail=long_tail,
         subgroups=subgroups,
         reporting=validate_reporting_params(reporting),
+        calibration=calibration,
+        underdiagnosis=underdiagnosis,
     )
     return bundle, card_markdown(bundle["metadata"])
 
@@ -1093,7 +1098,9 @@ FIGURE_CAPTIONS = {
     "per_finding_auroc_figure": "Per-finding test AUROC with 95% intervals",
     "roc_curves": "ROC curves per finding (test)",
     "pr_curves": "Precision-recall curves per finding (test)",
-    "reliability_diagram": "Reliability diagram (test)",
+    "reliability_diagram": "Reliability diagram (test, all findings pooled)",
+    "reliability_rare": "Reliability per rare finding (test): raw (solid) and after the "
+    "validation temperature (dashed), in the ECE's bins (reporting.calibration)",
     "seed_spread": "Spread over training seeds (dots) and their mean (bar)",
     "paired_forest": "Paired comparison: Δ (model − reference) with UNADJUSTED 95% intervals; "
     "filled = the interval excludes 0 (no multiplicity correction, for bars and fill alike); "
@@ -1117,6 +1124,9 @@ def render_report(
     long_tail: pd.DataFrame | None = None,
     long_tail_findings: pd.DataFrame | None = None,
     subgroups: pd.DataFrame | None = None,
+    long_tail_ranking: pd.DataFrame | None = None,
+    calibration: pd.DataFrame | None = None,
+    underdiagnosis: pd.DataFrame | None = None,
     **pngs: bytes,
 ) -> str:
     """report.html: tables, every saved figure (PNG bytes of this run), definitions, data, params.
@@ -1165,7 +1175,17 @@ def render_report(
         params=params,
         lineage=lineage,
         sections=_paired_section(paired_comparison)
-        + _analysis_sections(long_tail, long_tail_findings, subgroups, cfg["min_positives"])
+        + _analysis_sections(
+            long_tail,
+            long_tail_findings,
+            subgroups,
+            cfg["min_positives"],
+            extra={
+                "long_tail_ranking": long_tail_ranking,
+                "calibration": calibration,
+                "underdiagnosis": underdiagnosis,
+            },
+        )
         + _label_and_box_sections(expert_labels, localisation)
         + _class_weight_section(all_metrics, data_summary),
         model_cards=cards,
@@ -1262,21 +1282,32 @@ def _analysis_sections(
     long_tail_findings: pd.DataFrame | None,
     subgroup_table: pd.DataFrame | None,
     min_positives: int,
+    extra: Mapping[str, pd.DataFrame | None] | None = None,
 ) -> list[tuple[str, str, pd.DataFrame]]:
-    """(title, explanation, table) blocks of the report's analysis part, in reading order."""
+    """(title, explanation, table) blocks of the report's analysis part, in reading order.
+    `extra`: issue 20's tables (`long_tail_ranking`, `calibration`, `underdiagnosis`), each
+    placed next to the section it extends."""
+    from rare_cxr.evaluation.longtail import read_group_table
+    from rare_cxr.pipelines.reporting import analysis_nodes
+
+    extra = extra or {}
     out: list[tuple[str, str, pd.DataFrame]] = []
     if long_tail is not None and len(long_tail):
         out.append(
             (
                 "Long tail: head / medium / tail findings",
                 "Findings grouped by training prevalence (reporting.long_tail); group means of "
-                "AUROC, AUPRC and balanced accuracy (0.5 = a model that says 'absent' "
-                "everywhere), with 95% patient-bootstrap intervals of the group mean; every "
-                "resample averages the group's findings defined on test, and "
-                "<metric>_resamples_dropped counts the resamples that lost one of them.",
-                _round(long_tail),
+                "AUROC, AUPRC — named mAP, as the CXR-LT challenges do: the mean over the "
+                "group's findings of the average precision — and balanced accuracy (0.5 = a "
+                "model that says 'absent' everywhere), with 95% patient-bootstrap intervals of "
+                "the group mean; the row 'all' averages every finding (the challenges' overall "
+                "mAP; equal to Table 1's macro AUPRC). Every resample averages the group's "
+                "findings defined on test, and <metric>_resamples_dropped counts the resamples "
+                "that lost one of them.",
+                _round(read_group_table(long_tail)),
             )
         )
+    out += analysis_nodes.ranking_section(extra.get("long_tail_ranking"))
     if long_tail_findings is not None and len(long_tail_findings):
         out.append(
             (
@@ -1298,4 +1329,6 @@ def _analysis_sections(
                 _round(macro),
             )
         )
+    out += analysis_nodes.underdiagnosis_section(extra.get("underdiagnosis"))
+    out += analysis_nodes.calibration_section(extra.get("calibration"), min_positives)
     return out

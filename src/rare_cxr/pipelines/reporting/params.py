@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from rare_cxr.evaluation import subgroups
+from rare_cxr.evaluation.calibration import BINNINGS
 from rare_cxr.evaluation.metrics import THRESHOLD_METHODS
 from rare_cxr.evaluation.proportions import PROPORTION_METHODS
 from rare_cxr.findings import FINDINGS
@@ -89,6 +90,12 @@ class SubgroupParams(Params):
         return edges
 
 
+class CalibrationParams(Params):
+    # bins of the expected calibration error (rare_cxr.evaluation.calibration)
+    n_bins: int = Field(15, ge=1)
+    binning: Literal[BINNINGS] = "equal_mass"  # type: ignore[valid-type]
+
+
 class ReportingParams(Params):
     # `trained` or a list of model namespaces (checked against the configured models)
     models: Any = "trained"
@@ -105,6 +112,7 @@ class ReportingParams(Params):
     proportion_interval: Literal[PROPORTION_METHODS] = "exact"  # type: ignore[valid-type]
     long_tail: LongTailParams = Field(default_factory=LongTailParams)
     subgroups: SubgroupParams = Field(default_factory=SubgroupParams)
+    calibration: CalibrationParams = Field(default_factory=CalibrationParams)
 
     @field_validator("models")
     @classmethod
