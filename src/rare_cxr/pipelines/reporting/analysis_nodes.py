@@ -15,14 +15,13 @@ import pandas as pd
 
 from rare_cxr.evaluation import calibration, figures, longtail, metrics, paired, underdiagnosis
 from rare_cxr.findings import FINDINGS
-from rare_cxr.pipelines.reporting.nodes import (
+from rare_cxr.pipelines.reporting.params import ReportingParams, validate_reporting_params
+from rare_cxr.pipelines.reporting.test_arrays import (
     _seed_arrays,
     _seed_thresholds,
     _test_arrays,
     _test_table,
-    validate_reporting_params,
 )
-from rare_cxr.pipelines.reporting.params import ReportingParams
 
 
 def _by_model(inputs: Mapping[str, Any], kind: str) -> dict[str, Any]:

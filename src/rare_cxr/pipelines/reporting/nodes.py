@@ -31,17 +31,16 @@ from rare_cxr.evaluation import (
     subgroups,
 )
 from rare_cxr.findings import FINDINGS, finding_index
-from rare_cxr.parameters import check
-from rare_cxr.pipelines.reporting.params import ReportingParams
+from rare_cxr.pipelines.reporting.params import ReportingParams, validate_reporting_params
+from rare_cxr.pipelines.reporting.test_arrays import (
+    _seed_arrays,
+    _seed_thresholds,
+    _test_arrays,
+    _test_table,
+)
 from rare_cxr.progress import progress
 
 logger = logging.getLogger(__name__)
-
-
-def validate_reporting_params(params: Mapping[str, Any] | ReportingParams) -> dict[str, Any]:
-    """Check `params:reporting` (a mapping, or the model Kedro built) before any work and return
-    it as a plain dict with defaults filled in; errors name the offending key."""
-    return check(ReportingParams, params, "reporting").model_dump(exclude={"models"})
 
 
 # --- shared, once per run -------------------------------------------------------------------
@@ -354,11 +353,6 @@ def evaluate_model(
     )
 
 
-def _seed_thresholds(thresholds: Mapping[str, Any], seed: int | None) -> dict[str, float]:
-    chosen = (thresholds.get("per_seed") or {}).get(str(seed)) or thresholds["thresholds"]
-    return {f: metrics.from_json_number(chosen.get(f)) for f in FINDINGS}
-
-
 def _seed_summary(per_seed: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Mean, sample sd and count over seeds of each macro metric (NaN seeds left out)."""
     out = {}
@@ -371,16 +365,6 @@ def _seed_summary(per_seed: Mapping[str, Any]) -> dict[str, dict[str, float]]:
             "n": int(len(values)),
         }
     return out
-
-
-def _test_table(
-    predictions: pd.DataFrame, labels: pd.DataFrame
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(image ids, patient ids, y, scores) of the primary seed's test rows."""
-    ids, patients, y, s = metrics.split_arrays(predictions, labels, "test")
-    if len(y) == 0:
-        raise ValueError("predictions: no 'test' rows; the report is computed on test")
-    return ids, patients, y, s
 
 
 def long_tail_metrics(
@@ -847,29 +831,6 @@ def build_subgroup_table(**inputs: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _seed_arrays(
-    predictions: pd.DataFrame,
-    thresholds: Mapping[str, Any],
-    labels: pd.DataFrame,
-    seeds: list[int | None],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(image ids, patient ids, y [N,F], scores [S,N,F], thresholds [S,F]) on sorted test ids."""
-    scores, cutoffs, ids, patients, y = [], [], None, None, None
-    for seed in seeds:
-        seed_ids, seed_patients, seed_y, seed_s = metrics.split_arrays(
-            predictions, labels, "test", seed
-        )
-        order = np.argsort(seed_ids, kind="mergesort")
-        if ids is None:
-            ids, patients, y = seed_ids[order], seed_patients[order], seed_y[order]
-        elif not np.array_equal(seed_ids[order], ids):
-            raise ValueError("test images differ between seeds of one model")
-        scores.append(seed_s[order])
-        t = _seed_thresholds(thresholds, seed)
-        cutoffs.append([t[f] for f in FINDINGS])
-    return ids, patients, y, np.stack(scores), np.asarray(cutoffs, dtype=float)
-
-
 # paired_comparison.csv: issue 10's columns, then the reliability of each per-finding row,
 # then issue 18's additions (paired.ROW_COLUMNS after `method`).
 _ROW_BASE = paired.ROW_COLUMNS[2 : paired.ROW_COLUMNS.index("method") + 1]
@@ -1027,23 +988,6 @@ def build_rare_findings_table(
                 }
             )
     return pd.DataFrame(rows)
-
-
-def _test_arrays(labels: pd.DataFrame, predictions: Mapping[str, pd.DataFrame]):
-    """Common test labels and per-model scores, aligned on the first model's image order."""
-    scores, y, reference = {}, None, None
-    for model, p in predictions.items():
-        ids, _, yy, s = metrics.split_arrays(p, labels, "test")
-        order = np.argsort(ids, kind="mergesort")
-        if y is None:
-            y, reference = yy[order], ids[order]
-        elif not np.array_equal(ids[order], reference):
-            raise ValueError(
-                f"{model}.predictions: test images differ from the other models'; "
-                "curves must compare models on the same images (same image cache)"
-            )
-        scores[model] = s[order]
-    return (y if y is not None else np.zeros((0, len(FINDINGS)))), scores
 
 
 def _primary_seed(history: pd.DataFrame) -> pd.DataFrame:
@@ -1287,8 +1231,8 @@ def _analysis_sections(
     """(title, explanation, table) blocks of the report's analysis part, in reading order.
     `extra`: issue 20's tables (`long_tail_ranking`, `calibration`, `underdiagnosis`), each
     placed next to the section it extends."""
+    import rare_cxr.pipelines.reporting.analysis_nodes as analysis_nodes  # noqa: PLR0402
     from rare_cxr.evaluation.longtail import read_group_table
-    from rare_cxr.pipelines.reporting import analysis_nodes
 
     extra = extra or {}
     out: list[tuple[str, str, pd.DataFrame]] = []

@@ -6,6 +6,7 @@ silently ignored and Grad-CAM would run on the default device.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -15,7 +16,7 @@ from rare_cxr.evaluation.calibration import BINNINGS
 from rare_cxr.evaluation.metrics import THRESHOLD_METHODS
 from rare_cxr.evaluation.proportions import PROPORTION_METHODS
 from rare_cxr.findings import FINDINGS
-from rare_cxr.parameters import KeyProblem, Params
+from rare_cxr.parameters import KeyProblem, Params, check
 
 
 def _device(name: str) -> str:
@@ -129,3 +130,9 @@ class ReportingParams(Params):
         raise ValueError(
             f"expected 'trained' or a non-empty list of distinct model names, got {value!r}"
         )
+
+
+def validate_reporting_params(params: Mapping[str, Any] | ReportingParams) -> dict[str, Any]:
+    """Check `params:reporting` (a mapping, or the model Kedro built) before any work and return
+    it as a plain dict with defaults filled in; errors name the offending key."""
+    return check(ReportingParams, params, "reporting").model_dump(exclude={"models"})
