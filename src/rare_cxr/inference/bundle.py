@@ -48,6 +48,7 @@ from pydantic import (
 )
 
 from rare_cxr.findings import FINDINGS
+from rare_cxr.models.factory import MIN_INPUT
 from rare_cxr.parameters import KeyProblem
 
 BUNDLE_FORMAT = "rare-cxr-model-bundle"
@@ -278,7 +279,11 @@ class BundleMetadata(BaseModel):
 
     @model_validator(mode="after")
     def _scales_fit(self) -> BundleMetadata:
-        if max(self.scales) > self.input_size:
+        # Training allows one exception (`check_scales_fit_cache`): a scale at the architecture's
+        # minimum input (Inception-v3's 75 px) above a small image cache, upsampled in the model.
+        # A bundle trained that way must load; any other scale above input_size is refused.
+        minimum = MIN_INPUT.get(str(self.model_spec.get("architecture")), 0)
+        if any(s > self.input_size and s > minimum for s in self.scales):
             raise KeyProblem(
                 "scales", f"{self.scales} exceed input_size {self.input_size} (the model input)"
             )
