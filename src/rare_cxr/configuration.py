@@ -69,6 +69,8 @@ def validate_parameters(
                 problems.append(str(error))
         elif (
             is_model_block(value)
+            # `<model>: null` in an environment removes a model of conf/base (conf/longtail)
+            or value is None
             or name in allowed
             or name in EXTERNAL_BLOCKS
             or name in SHORTCUT_KEYS

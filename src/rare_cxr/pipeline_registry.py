@@ -14,7 +14,10 @@ the bundle). Compositions:
 * `nih` — the study on real data: every stage *except* the phantom generator (which would
   otherwise write into your download), for every configured model:
   `kedro run --env nih --pipelines nih`.
-* `all_models` — the same composition under a data-neutral name; `kedro run --namespaces X`
+* `phantom_study` — the phantom generator, then every configured model: what an environment
+  that compares several models on synthetic data runs in one command
+  (`kedro run --env longtail --pipelines phantom_study`, the long-tail methods).
+* `all_models` — the same composition as `nih` under a data-neutral name; `kedro run --namespaces X`
   without `--pipelines` selects model X's nodes from it (see `rare_cxr.cli`).
 * `inference` and `onnx_export` — on demand only, in no composition: predict a folder of new
   images with a model bundle, or export it to ONNX; the bundle is `inference.model`'s or the
@@ -165,6 +168,9 @@ def register_pipelines() -> dict[str, Pipeline]:
     full = study + pipelines["baselines"] + _stage("reporting", roster=roster)
     pipelines["nih"] = full
     pipelines[ALL_MODELS_PIPELINE] = full
+    # every configured model on the phantom, in one command: the comparisons of an environment
+    # that configures several models on synthetic data (conf/longtail)
+    pipelines["phantom_study"] = pipelines["phantom"] + full
     # on demand only, in no composition: new images through a model bundle, and its ONNX export
     from rare_cxr.pipelines.inference import create_onnx_pipeline
 

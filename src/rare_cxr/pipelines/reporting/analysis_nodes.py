@@ -7,13 +7,21 @@ ranking by tail mAP / tail AUROC. Thin adapters over `rare_cxr.evaluation.calibr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rare_cxr.evaluation import calibration, figures, longtail, metrics, paired, underdiagnosis
+from rare_cxr.evaluation import (
+    calibration,
+    figures,
+    longtail,
+    method_comparison,
+    metrics,
+    paired,
+    underdiagnosis,
+)
 from rare_cxr.findings import FINDINGS
 from rare_cxr.pipelines.reporting.params import ReportingParams, validate_reporting_params
 from rare_cxr.pipelines.reporting.test_arrays import (
@@ -170,18 +178,10 @@ def build_long_tail_ranking(
     }
 
     def paired_delta(model: str, leader: str, metric: str) -> dict[str, Any]:
-        seeds_m = metrics.prediction_seeds(preds[model])
-        seeds_l = metrics.prediction_seeds(preds[leader])
-        common = [s for s in seeds_m if s in seeds_l] if None not in seeds_m + seeds_l else [None]
-        if not common:
+        arrays = _pair_arrays(preds, cuts, labels, model, leader)
+        if arrays is None:
             return {}
-        ids, patients, y, scores_m, t_m = _seed_arrays(preds[model], cuts[model], labels, common)
-        ids_l, _, _, scores_l, t_l = _seed_arrays(preds[leader], cuts[leader], labels, common)
-        if not np.array_equal(ids, ids_l):
-            raise ValueError(
-                f"{model} and {leader} were tested on different images; the ranking's paired "
-                "test needs the same test patients (same image cache)"
-            )
+        y, patients, scores_m, scores_l, t_m, t_l, seeds = arrays
         result = paired.paired_bootstrap_macro(
             y,
             scores_m,
@@ -193,7 +193,7 @@ def build_long_tail_ranking(
             findings=members[model],
             **cfg["bootstrap"],
         )[metric]
-        return {**result, "seeds": len(common)}
+        return {**result, "seeds": seeds}
 
     return longtail.group_ranking(
         tables, paired_delta, group=group, confidence=cfg["bootstrap"]["confidence"]
@@ -202,6 +202,83 @@ def build_long_tail_ranking(
 
 def _finding_order(row: Mapping[str, Any]) -> int:
     return FINDINGS.index(str(row["finding"]))
+
+
+def _pair_arrays(
+    preds: Mapping[str, pd.DataFrame],
+    cuts: Mapping[str, Mapping[str, Any]],
+    labels: pd.DataFrame,
+    model: str,
+    reference: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """(y, patients, scores_model [S,N,F], scores_ref, thresholds_model [S,F], thresholds_ref,
+    S) on the seeds both models have (seed s paired with seed s); None: no common seed."""
+    seeds_m = metrics.prediction_seeds(preds[model])
+    seeds_r = metrics.prediction_seeds(preds[reference])
+    common = [s for s in seeds_m if s in seeds_r] if None not in seeds_m + seeds_r else [None]
+    if not common:
+        return None
+    ids, patients, y, scores_m, t_m = _seed_arrays(preds[model], cuts[model], labels, common)
+    ids_r, _, _, scores_r, t_r = _seed_arrays(preds[reference], cuts[reference], labels, common)
+    if not np.array_equal(ids, ids_r):
+        raise ValueError(
+            f"{model} and {reference} were tested on different images; a paired test needs "
+            "the same test patients (same image cache)"
+        )
+    return y, patients, scores_m, scores_r, t_m, t_r, len(common)
+
+
+# --- long-tail methods against their reference ------------------------------------------------
+
+
+def build_method_comparison(
+    labels: pd.DataFrame,
+    reporting: ReportingParams,
+    *,
+    pairs: Sequence[tuple[str, str]] = (),
+    **inputs: Any,
+) -> pd.DataFrame:
+    """`method_comparison.csv`: each model against its reference (the roster's pairs) on mAP
+    (all findings), tail mAP, tail AUROC and macro ECE, by the paired patient bootstrap
+    (`rare_cxr.evaluation.method_comparison`). Inputs `<model>__predictions`,
+    `<model>__thresholds`, `<model>__long_tail` (the tail findings: the training split's
+    frequency groups, the same for every model)."""
+    cfg = validate_reporting_params(reporting)
+    preds, cuts = _by_model(inputs, "predictions"), _by_model(inputs, "thresholds")
+    groups = {
+        str(row["finding"]): row["group"]
+        for value in _by_model(inputs, "long_tail").values()
+        for row in value["per_finding"]
+    }
+    tail = np.array([groups.get(f) == "tail" for f in FINDINGS])
+    return method_comparison.method_comparison(
+        pairs,
+        lambda model, reference: _pair_arrays(preds, cuts, labels, model, reference),
+        tail,
+        n_bins=cfg["calibration"]["n_bins"],
+        binning=cfg["calibration"]["binning"],
+        **cfg["bootstrap"],
+    )
+
+
+def method_comparison_section(table: pd.DataFrame | None) -> list[tuple[str, str, pd.DataFrame]]:
+    if table is None or not len(table):
+        return []
+    return [
+        (
+            "Long-tail methods: each model against its reference",
+            "What a long-tail method (a loss, a decoupled head; docs/training.md) is meant to "
+            "change, each model minus its reference on the same test patients: mAP over all "
+            "findings and over the tail findings (the mean AUPRC, the CXR-LT challenges' "
+            "score), the tail's mean AUROC, and the macro expected calibration error of the raw "
+            "scores (lower is better). Paired patient bootstrap (the same resamples for both "
+            "models; seed s with seed s), Holm-adjusted across the models compared on one "
+            "metric (p_holm); better = the side the difference favours where p_holm < 1 - "
+            "confidence, else neither. Tail: fewer than reporting.long_tail.tail_max training "
+            "positives.",
+            table.round(4),
+        )
+    ]
 
 
 # --- report sections --------------------------------------------------------------------------

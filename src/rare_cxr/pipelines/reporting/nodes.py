@@ -1071,6 +1071,7 @@ def render_report(
     long_tail_ranking: pd.DataFrame | None = None,
     calibration: pd.DataFrame | None = None,
     underdiagnosis: pd.DataFrame | None = None,
+    method_comparison: pd.DataFrame | None = None,
     **pngs: bytes,
 ) -> str:
     """report.html: tables, every saved figure (PNG bytes of this run), definitions, data, params.
@@ -1126,6 +1127,7 @@ def render_report(
             cfg["min_positives"],
             extra={
                 "long_tail_ranking": long_tail_ranking,
+                "method_comparison": method_comparison,
                 "calibration": calibration,
                 "underdiagnosis": underdiagnosis,
             },
@@ -1252,6 +1254,7 @@ def _analysis_sections(
             )
         )
     out += analysis_nodes.ranking_section(extra.get("long_tail_ranking"))
+    out += analysis_nodes.method_comparison_section(extra.get("method_comparison"))
     if long_tail_findings is not None and len(long_tail_findings):
         out.append(
             (

@@ -280,6 +280,7 @@ def create_pipeline(
         "long_tail_findings": "long_tail_findings",
         "subgroups": "subgroup_table",
         "long_tail_ranking": "long_tail_ranking",
+        "method_comparison": "method_comparison",
         "calibration": "calibration_table",
         "underdiagnosis": "underdiagnosis_table",
         "table1": "table1",
@@ -349,6 +350,13 @@ def create_pipeline(
                     tags=["tables", "long_tail", "paired"],
                 ),
                 Node(
+                    _method_comparison_of(pairs),
+                    ranking_inputs,
+                    "method_comparison",
+                    name="build_method_comparison",
+                    tags=["tables", "long_tail", "calibration", "paired"],
+                ),
+                Node(
                     analysis_nodes.build_calibration_table,
                     calibration_inputs,
                     "calibration_table",
@@ -388,6 +396,18 @@ def _paired_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.Data
         return nodes.paired_comparison(labels, reporting, pairs=pairs, **inputs)
 
     return paired_comparison
+
+
+def _method_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.DataFrame]:
+    """`analysis_nodes.build_method_comparison` with the pairs bound (see
+    `_paired_comparison_of`)."""
+
+    def build_method_comparison(
+        labels: pd.DataFrame, reporting: ReportingParams, **inputs: Any
+    ) -> pd.DataFrame:
+        return analysis_nodes.build_method_comparison(labels, reporting, pairs=pairs, **inputs)
+
+    return build_method_comparison
 
 
 def _combined_pipeline(
