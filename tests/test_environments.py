@@ -18,6 +18,7 @@ import yaml
 from rare_cxr.models.roster import roster_from_parameters
 from rare_cxr.ownership import PHANTOM_MARKER
 from rare_cxr.pipeline_registry import project_parameters
+from rare_cxr.pipelines.reporting.pipeline import FIGURES
 
 # the models conf/nih configures (six), in report order
 ALL_MODELS = roster_from_parameters(
@@ -118,7 +119,12 @@ def check_full_report(reports: Path) -> str:
     assert set(metrics_all) == set(ALL_MODELS)
     assert metrics_all["multiscale_resnet"]["cost"]["scales"] == [16, 32]
     html = one(reports, "report.html/*/report.html").read_text()
-    assert html.count("data:image/png;base64,") == 8 + len(ALL_MODELS)  # figures + Grad-CAMs
+    # every figure the run wrote (each one versioned folder under figures/) and one Grad-CAM per
+    # model, embedded: counted from the run, so a new figure needs no edit here
+    figures = {p.name for p in (reports / "figures").iterdir() if p.suffix == ".png"}
+    assert {"paired_forest.png", "reliability_rare.png"} <= figures, figures
+    assert len(figures) == len(FIGURES), (figures, FIGURES)  # every figure dataset of the pipeline
+    assert html.count("data:image/png;base64,") == len(figures) + len(ALL_MODELS)
     for section in ("Paired comparison", "Long tail", "Subgroups", "Expert labels", "Sources"):
         assert section in html, section
     assert "Localisation on every boxed test image" not in html  # no boxes in this download

@@ -529,7 +529,7 @@ def test_a_markdown_escaped_value_renders_as_exactly_its_text(value):
 
     from markdown_it import MarkdownIt
 
-    from rare_cxr.inference.templating import md_code, md_escape
+    from rare_cxr.templating import md_code, md_escape
 
     text = " ".join(value.split())
     for preset in ("commonmark", "js-default"):

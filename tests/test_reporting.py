@@ -13,10 +13,13 @@ from test_metrics import make_frames
 from torch import nn
 
 from rare_cxr.evaluation import cam, cost, figures
+from rare_cxr.evaluation.localisation import parse_bbox_list
+from rare_cxr.evaluation.tables import TABLE1_COLUMNS
 from rare_cxr.findings import FINDINGS
 from rare_cxr.models.roster import roster_from_parameters
 from rare_cxr.pipeline_registry import project_parameters
 from rare_cxr.pipelines.reporting import create_pipeline, nodes
+from rare_cxr.pipelines.reporting.params import validate_reporting_params
 
 # the checkout's configured models (conf/base), in report order
 ROSTER = roster_from_parameters(project_parameters(PROJECT_ROOT, env="base"))
@@ -208,39 +211,39 @@ def test_bbox_list_parsing_uses_alias():
         "00000001_000.png,Infiltrate,10.5,20,30,40\n"
         "00000002_000.png,Hernia,1,2,3,4\n"
     )
-    boxes = nodes._bbox_table(text)
+    boxes = parse_bbox_list(text)
     assert list(boxes["finding"]) == ["Infiltration", "Hernia"]
     assert boxes.loc[0, "x"] == pytest.approx(10.5)
 
 
 def test_params_are_validated_with_the_key_named():
     with pytest.raises(ValueError, match="reporting.threshold_method"):
-        nodes.validate_reporting_params({"threshold_method": "median"})
+        validate_reporting_params({"threshold_method": "median"})
     with pytest.raises(ValueError, match="reporting.bootstrap.n_resamples"):
-        nodes.validate_reporting_params({"bootstrap": {"n_resamples": 0}})
+        validate_reporting_params({"bootstrap": {"n_resamples": 0}})
     with pytest.raises(ValueError, match=r"reporting\.bootsrap: unknown key"):
-        nodes.validate_reporting_params({"bootsrap": {}})
+        validate_reporting_params({"bootsrap": {}})
     # every sub-block too: a typo must not be silently ignored, and the error names its full key
     with pytest.raises(
         ValueError, match=r"^reporting\.gradcam\.devcie: unknown key \(did you mean 'device'\?\)"
     ):
-        nodes.validate_reporting_params({"gradcam": {"devcie": "cuda"}})
+        validate_reporting_params({"gradcam": {"devcie": "cuda"}})
     with pytest.raises(ValueError, match=r"^reporting\.cost\.batchsize: unknown key"):
-        nodes.validate_reporting_params({"cost": {"batchsize": 2}})
+        validate_reporting_params({"cost": {"batchsize": 2}})
     with pytest.raises(ValueError, match=r"^reporting\.bootstrap\.n_resample: unknown key"):
-        nodes.validate_reporting_params({"bootstrap": {"n_resample": 20}})
+        validate_reporting_params({"bootstrap": {"n_resample": 20}})
     with pytest.raises(ValueError, match=r"^reporting\.rare_findings\.nrarest: unknown key"):
-        nodes.validate_reporting_params({"rare_findings": {"nrarest": 3}})
+        validate_reporting_params({"rare_findings": {"nrarest": 3}})
     with pytest.raises(ValueError, match=r"^reporting\.cost\.device: expected auto, cpu, cuda"):
-        nodes.validate_reporting_params({"cost": {"device": "gpu"}})
+        validate_reporting_params({"cost": {"device": "gpu"}})
     with pytest.raises(
         ValueError,
         match=r"^reporting\.long_tail\.head_min: 0\.01 must be greater than "
         r"reporting\.long_tail\.tail_max \(0\.02\)",
     ):
-        nodes.validate_reporting_params({"long_tail": {"head_min": 0.01, "tail_max": 0.02}})
+        validate_reporting_params({"long_tail": {"head_min": 0.01, "tail_max": 0.02}})
     with pytest.raises(ValueError, match=r"reporting\.min_positives"):
-        nodes.validate_reporting_params({"min_positives": 0})
+        validate_reporting_params({"min_positives": 0})
 
 
 def roster():
@@ -475,13 +478,13 @@ def test_several_seeds_give_per_seed_metrics_mean_sd_in_table1_and_paired_rows()
     assert m["per_seed"]["42"]["macro"]["auroc"] == pytest.approx(
         one_seed["test"]["macro"]["auroc"]
     )
-    for key in nodes.TABLE1_COLUMNS.values():
+    for key in TABLE1_COLUMNS.values():
         values = [m["per_seed"][s]["macro"][key] for s in ("42", "43")]
         assert m["seed_summary"][key]["mean"] == pytest.approx(np.mean(values)), key
         assert m["seed_summary"][key]["sd"] == pytest.approx(np.std(values, ddof=1)), key
     table, _ = nodes.build_table1({"m": {"metrics": m, "cost": {}}})
     assert table.loc[0, "Seeds"] == 2
-    for column in nodes.TABLE1_COLUMNS:
+    for column in TABLE1_COLUMNS:
         assert " ± " in table.loc[0, column], column  # every column, balanced ACC included
     assert table.loc[0, "Uncertainty"] == "mean ± sd over 2 seeds: training variation only"
     assert table.loc[0, "Resamples dropped"] == "n/a"
@@ -525,7 +528,7 @@ def test_paired_rows_say_how_many_test_positives_and_flag_unreliable_findings():
     )
     assert list(rows.columns) == list(nodes.PAIRED_COLUMNS)
     test = labels.set_index("image_id").loc[preds.loc[preds["split"] == "test", "image_id"]]
-    minimum = nodes.validate_reporting_params(PARAMS)["min_positives"]
+    minimum = validate_reporting_params(PARAMS)["min_positives"]
     for finding in FINDINGS:
         (row,) = rows[rows["finding"] == finding].to_dict("records")
         positive = test[test[finding] == 1]
@@ -580,7 +583,6 @@ def test_calibration_underdiagnosis_and_ranking_nodes_on_hand_made_predictions()
     'any finding' underdiagnosis by sex and age, the tail ranking, their report sections and
     the bundle's temperatures."""
     from rare_cxr.evaluation import calibration
-    from rare_cxr.pipelines.reporting import analysis_nodes
 
     preds, labels = make_frames()
     rng = np.random.default_rng(0)
@@ -592,7 +594,7 @@ def test_calibration_underdiagnosis_and_ranking_nodes_on_hand_made_predictions()
     lineage = {"model": "a", "checkpoint_version": "2026-01-01T00.00.00.000Z"}
     thresholds = nodes.select_thresholds(preds, labels, lineage, PARAMS)
 
-    result = analysis_nodes.calibration_metrics(preds, labels, PARAMS)
+    result = nodes.calibration_metrics(preds, labels, PARAMS)
     json.dumps(result, allow_nan=False)
     assert result["split"] == "val" and result["binning"] == "equal_mass"
     assert result["temperatures"]["Hernia"] is None  # no validation positive
@@ -601,8 +603,7 @@ def test_calibration_underdiagnosis_and_ranking_nodes_on_hand_made_predictions()
     test = moved["split"] == "test"
     moved.loc[test, list(FINDINGS)] = rng.random((int(test.sum()), len(FINDINGS)))
     assert (
-        analysis_nodes.calibration_metrics(moved, labels, PARAMS)["temperatures"]
-        == (result["temperatures"])
+        nodes.calibration_metrics(moved, labels, PARAMS)["temperatures"] == (result["temperatures"])
     )
     val = preds[preds["split"] == "val"]
     mass = FINDINGS.index("Mass")
@@ -613,7 +614,7 @@ def test_calibration_underdiagnosis_and_ranking_nodes_on_hand_made_predictions()
     assert rows["Mass"]["val_nll_calibrated"] <= rows["Mass"]["val_nll_raw"]
     assert mass >= 0 and set(rows) == {*FINDINGS, "macro"}
 
-    under = analysis_nodes.underdiagnosis_metrics(preds, labels, thresholds, PARAMS)
+    under = nodes.underdiagnosis_metrics(preds, labels, thresholds, PARAMS)
     json.dumps(under, allow_nan=False)
     table = pd.DataFrame(under["rows"])
     assert table["attribute"].tolist()[:3] == ["all", "sex", "sex"]
@@ -638,7 +639,7 @@ def test_calibration_underdiagnosis_and_ranking_nodes_on_hand_made_predictions()
     )
     thresholds_b = nodes.select_thresholds(other, labels, lineage, PARAMS)
     long_b = nodes.long_tail_metrics(other, labels, splits, thresholds_b, tail_params)
-    ranking = analysis_nodes.build_long_tail_ranking(
+    ranking = nodes.build_long_tail_ranking(
         labels,
         PARAMS,
         a__long_tail=long_a,
@@ -656,10 +657,10 @@ def test_calibration_underdiagnosis_and_ranking_nodes_on_hand_made_predictions()
         assert second["delta_vs_leader"] == pytest.approx(second["value"] - part.iloc[0]["value"])
         assert second["delta_ci_low"] <= second["delta_vs_leader"] <= second["delta_ci_high"]
 
-    calibration_table = analysis_nodes.build_calibration_table(a__calibration=result)
+    calibration_table = nodes.build_calibration_table(a__calibration=result)
     assert calibration_table["model"].unique().tolist() == ["a"]
-    under_table = analysis_nodes.build_underdiagnosis_table(a__underdiagnosis=under)
-    fig = analysis_nodes.plot_reliability_rare(
+    under_table = nodes.build_underdiagnosis_table(a__underdiagnosis=under)
+    fig = nodes.plot_reliability_rare(
         labels,
         {"findings": ["Hernia", "Pneumonia", "Mass"]},
         PARAMS,
@@ -726,3 +727,21 @@ def test_calibration_underdiagnosis_and_ranking_nodes_on_hand_made_predictions()
     assert bundle["metadata"]["underdiagnosis"] == under["rows"]
     assert "| tail |" in card and "| all |" in card and "mAP" in card
     assert "threshold, calibrated" in card and "Underdiagnosis" in card
+
+
+def test_nodes_read_the_validated_reporting_params_as_they_are():
+    """Kedro hands every node the ReportingParams it validated at run start: the nodes use it
+    as it is (no second validation, no dict), and give what they give for the same mapping."""
+    from rare_cxr.pipelines.reporting.params import ReportingParams, reporting_params
+
+    typed = ReportingParams.model_validate(PARAMS)
+    assert reporting_params(typed) is typed
+    preds, labels = make_frames()
+    lineage = {"model": "a", "checkpoint_version": "v"}
+    thresholds = nodes.select_thresholds(preds, labels, lineage, typed)
+    assert thresholds == nodes.select_thresholds(preds, labels, lineage, PARAMS)
+    assert nodes.evaluate_model(preds, labels, thresholds, typed) == nodes.evaluate_model(
+        preds, labels, thresholds, PARAMS
+    )
+    with pytest.raises(ValueError, match=r"^reporting\.bootstrap\.n_resample: unknown key"):
+        nodes.evaluate_model(preds, labels, thresholds, {"bootstrap": {"n_resample": 5}})

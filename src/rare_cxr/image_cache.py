@@ -477,68 +477,12 @@ class ImageCachePlan:
             npy = folder / f"{split.name}.npy"
             table = split.table.reset_index(drop=True)
             if reuse is not None:
-                # same pixels: share the big file, keep the previous row selection
-                _link_or_copy(reuse.path / f"{split.name}.npy", npy)
-                kept_ids = pd.Index(reuse.split(split.name).table["image_id"])
-                # keep the decode-time failures of the previous build (same files, same result):
-                # the images planned for decoding that the previous build did not keep, with
-                # whatever reason it found (corrupt, too-large, not-a-file, missing)
-                old = reuse.skipped
-                known = set(self.skipped["image_id"].astype(str))
-                planned = set(table["image_id"].astype(str))
-                skipped.append(
-                    old[
-                        (old["split"] == split.name)
-                        & old["image_id"].isin(planned)
-                        & ~old["image_id"].isin(known)
-                    ]
-                )
-                table = table.set_index("image_id").loc[kept_ids].reset_index()
-                old_sums = reuse.checksums()
-                checksum_tables.append(old_sums[old_sums["split"] == split.name])
+                table, old_skipped, sums = self._reuse_split(split.name, table, npy, reuse)
             else:
-                n = len(split.paths)
-                allocate_npy(npy, n, self.size)
-                failures, sums = decode_into(
-                    npy,
-                    split.paths,
-                    self.size,
-                    self.workers,
-                    desc=f"image cache {split.name}",
-                    max_pixels=self.max_image_pixels,
-                )
-                decoded += n
-                if failures:
-                    logger.warning(
-                        "image cache %s: %d image(s) failed to decode and are skipped: %s",
-                        split.name,
-                        len(failures),
-                        dict(Counter(reason for reason, _ in failures.values())),
-                    )
-                    keep = np.array([i for i in range(n) if i not in failures], dtype=np.int64)
-                    _compact(npy, keep, self.size)
-                    sums = sums[keep]
-                    bad = table.iloc[sorted(failures)]
-                    skipped.append(
-                        pd.DataFrame(
-                            {
-                                "image_id": bad["image_id"].astype(str).to_numpy(),
-                                "split": split.name,
-                                "reason": [failures[i][0] for i in sorted(failures)],
-                                "detail": [failures[i][1] for i in sorted(failures)],
-                            }
-                        )
-                    )
-                    table = table.iloc[keep].reset_index(drop=True)
-                checksum_tables.append(
-                    pd.DataFrame(
-                        {
-                            "split": split.name,
-                            "image_id": table["image_id"].astype(str).to_numpy(),
-                            "pixel_blake2b": [bytes(row).hex() for row in sums],
-                        }
-                    )
-                )
+                table, old_skipped, sums = self._decode_split(split, table, npy)
+                decoded += len(split.paths)
+            skipped.append(old_skipped)
+            checksum_tables.append(sums)
             table.to_parquet(folder / f"{split.name}.parquet", index=False)
             counts[split.name] = len(table)
         all_skipped = (
@@ -569,6 +513,71 @@ class ImageCachePlan:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "fingerprint": content_fingerprint(self.size, checksums),
         }
+
+    def _reuse_split(
+        self, name: str, table: pd.DataFrame, npy: Path, reuse: ImageCache
+    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """Same pixels: share the big file, keep the previous row selection and checksums.
+        Returns (table, skipped rows carried over, checksums)."""
+        _link_or_copy(reuse.path / f"{name}.npy", npy)
+        kept_ids = pd.Index(reuse.split(name).table["image_id"])
+        # keep the decode-time failures of the previous build (same files, same result):
+        # the images planned for decoding that the previous build did not keep, with
+        # whatever reason it found (corrupt, too-large, not-a-file, missing)
+        old = reuse.skipped
+        known = set(self.skipped["image_id"].astype(str))
+        planned = set(table["image_id"].astype(str))
+        carried = old[
+            (old["split"] == name) & old["image_id"].isin(planned) & ~old["image_id"].isin(known)
+        ]
+        table = table.set_index("image_id").loc[kept_ids].reset_index()
+        old_sums = reuse.checksums()
+        return table, carried, old_sums[old_sums["split"] == name]
+
+    def _decode_split(
+        self, split: Any, table: pd.DataFrame, npy: Path
+    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """Decode a split's images into `npy`; images that fail are dropped (compacting the
+        file) and recorded. Returns (table of the kept rows, skipped rows, checksums)."""
+        n = len(split.paths)
+        allocate_npy(npy, n, self.size)
+        failures, sums = decode_into(
+            npy,
+            split.paths,
+            self.size,
+            self.workers,
+            desc=f"image cache {split.name}",
+            max_pixels=self.max_image_pixels,
+        )
+        skipped = pd.DataFrame(columns=SKIPPED_COLUMNS)
+        if failures:
+            logger.warning(
+                "image cache %s: %d image(s) failed to decode and are skipped: %s",
+                split.name,
+                len(failures),
+                dict(Counter(reason for reason, _ in failures.values())),
+            )
+            keep = np.array([i for i in range(n) if i not in failures], dtype=np.int64)
+            _compact(npy, keep, self.size)
+            sums = sums[keep]
+            bad = table.iloc[sorted(failures)]
+            skipped = pd.DataFrame(
+                {
+                    "image_id": bad["image_id"].astype(str).to_numpy(),
+                    "split": split.name,
+                    "reason": [failures[i][0] for i in sorted(failures)],
+                    "detail": [failures[i][1] for i in sorted(failures)],
+                }
+            )
+            table = table.iloc[keep].reset_index(drop=True)
+        checksums = pd.DataFrame(
+            {
+                "split": split.name,
+                "image_id": table["image_id"].astype(str).to_numpy(),
+                "pixel_blake2b": [bytes(row).hex() for row in sums],
+            }
+        )
+        return table, skipped, checksums
 
 
 def content_fingerprint(size: int, checksums: pd.DataFrame) -> str:

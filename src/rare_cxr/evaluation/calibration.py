@@ -286,42 +286,15 @@ def calibration_table(  # noqa: PLR0913 -- (val, test) data, then the reporting 
     temps = np.array([NAN if fit.temperature is None else fit.temperature for fit in fits.values()])
     pc = apply_temperature(pt, temps)
     # equal-mass bins on raw and calibrated scores hold the same images (monotone map)
-    bins_raw = np.stack(
-        [assign_bins(pt[:, i], bin_edges(pt[:, i], n_bins, binning)) for i in range(pt.shape[1])],
-        axis=1,
-    )
-    bins_cal = np.stack(
-        [assign_bins(pc[:, i], bin_edges(pc[:, i], n_bins, binning)) for i in range(pc.shape[1])],
-        axis=1,
-    )
+    bins = {"raw": _bins(pt, n_bins, binning), "calibrated": _bins(pc, n_bins, binning)}
+    probs = {"raw": pt, "calibrated": pc}
     samples: dict[str, list[np.ndarray]] = {"raw": [], "calibrated": []}
     for w in patient_weights(pids, n_resamples, seed):
-        for name, probs, bins in (("raw", pt, bins_raw), ("calibrated", pc, bins_cal)):
-            samples[name].append(
-                np.stack(
-                    [
-                        weighted_ece(yt[:, i], probs[:, i], bins[:, i], w)
-                        for i in range(pt.shape[1])
-                    ],
-                    axis=1,
-                )
-            )
+        for name, found in samples.items():
+            found.append(_ece_per_finding(yt, probs[name], bins[name], w))
     boot = {k: np.concatenate(v) for k, v in samples.items()}  # [R, F]
     ones = np.ones((1, len(yt)))
-    point = {
-        "raw": np.array(
-            [
-                weighted_ece(yt[:, i], pt[:, i], bins_raw[:, i], ones)[0]
-                for i in range(len(FINDINGS))
-            ]
-        ),
-        "calibrated": np.array(
-            [
-                weighted_ece(yt[:, i], pc[:, i], bins_cal[:, i], ones)[0]
-                for i in range(len(FINDINGS))
-            ]
-        ),
-    }
+    point = {name: _ece_per_finding(yt, probs[name], bins[name], ones)[0] for name in probs}
     people = positive_patients(yt, pids) if len(yt) else np.zeros(len(FINDINGS), int)
     rows = []
     for i, f in enumerate(FINDINGS):
@@ -342,6 +315,27 @@ def calibration_table(  # noqa: PLR0913 -- (val, test) data, then the reporting 
         rows.append(row)
     rows.append(_macro_row(rows, point, boot, confidence))
     return pd.DataFrame(rows, columns=list(ROW_COLUMNS)), fits
+
+
+def _bins(probs: np.ndarray, n_bins: int, binning: str) -> np.ndarray:
+    """The ECE bin of every image, per finding `[N, F]`."""
+    return np.stack(
+        [
+            assign_bins(probs[:, i], bin_edges(probs[:, i], n_bins, binning))
+            for i in range(probs.shape[1])
+        ],
+        axis=1,
+    )
+
+
+def _ece_per_finding(
+    y: np.ndarray, probs: np.ndarray, bins: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """Weighted ECE `[R, F]` of every finding for resample weights `[R, N]`."""
+    return np.stack(
+        [weighted_ece(y[:, i], probs[:, i], bins[:, i], weights) for i in range(probs.shape[1])],
+        axis=1,
+    )
 
 
 def _ece_columns(

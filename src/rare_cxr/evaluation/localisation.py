@@ -29,6 +29,7 @@ images of a patient -- and the boxes of an image -- move together.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator, Sequence
 
@@ -36,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from rare_cxr.evaluation.bootstrap import patient_weights, percentile_interval
+from rare_cxr.findings import FINDINGS, finding_index
 
 Box = tuple[float, float, float, float]
 
@@ -64,7 +66,7 @@ def rescale_box(
 ) -> Box:
     """A box in original-image pixels -> the same box in a `target_hw` image (cache pixels).
 
-    The rule of `reporting.nodes.gradcam_examples`: x and w scale by target width / original
+    The rule of `cam.gradcam_example_rows`: x and w scale by target width / original
     width, y and h by target height / original height (NIH films are not all square, caches
     are). Note the argument orders: NIH states sizes as (width, height), arrays as (H, W).
     """
@@ -262,3 +264,28 @@ def localisation_summary(
             }
         )
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+BBOX_COLUMNS = ["image_id", "finding", "x", "y", "w", "h"]
+
+
+def parse_bbox_list(raw_bbox_list: str | None) -> pd.DataFrame:
+    """`BBox_List_2017.csv` text -> image_id, finding (canonical), x, y, w, h (original px).
+
+    Empty text (the optional file is absent) gives an empty table: no boxes are drawn."""
+    if not raw_bbox_list or not raw_bbox_list.strip():
+        return pd.DataFrame(columns=BBOX_COLUMNS)
+    # image ids and names as written (`NA` or `0001` must not become missing or a number)
+    raw = pd.read_csv(
+        io.StringIO(raw_bbox_list),
+        header=None,
+        skiprows=1,
+        usecols=range(6),
+        dtype={0: str, 1: str},
+        keep_default_na=False,
+    )
+    raw.columns = BBOX_COLUMNS
+    for column in ("x", "y", "w", "h"):
+        raw[column] = pd.to_numeric(raw[column], errors="coerce")
+    raw["finding"] = raw["finding"].map(lambda n: FINDINGS[finding_index(str(n).strip())])
+    return raw

@@ -252,48 +252,85 @@ def long_tail_tables(
     groups = frequency_groups({f: train_positives[f] for f in FINDINGS}, head_min, tail_max)
 
     patients_with = positive_patients(y, pids)
-    rows = []
-    for i, f in enumerate(FINDINGS):
-        yi, si = y[:, i], s[:, i]
-        row = {
-            "finding": f,
-            "group": groups[f],
-            "train_positives": int(train_positives[f]),
-            "test_positives": int(yi.sum()),
-            "test_positive_patients": int(patients_with[i]),
-            "auroc": auroc(yi, si),
-            "auprc": auprc(yi, si),
-            "balanced_accuracy": balanced_accuracy(yi, si, t[i]),
-            "specificity": threshold_metrics(yi, si, t[i])["specificity"],
-        }
-        for target in specificities:
-            row[_spec_column(target)] = sensitivity_at_specificity(yi, si, target)["sensitivity"]
-        row["reliable"] = bool(patients_with[i] >= max(int(min_positives), 2))
-        rows.append(row)
-    per_finding = pd.DataFrame(rows)
-
+    per_finding = pd.DataFrame(
+        [
+            _finding_row(
+                i,
+                y[:, i],
+                s[:, i],
+                t[i],
+                group=groups[FINDINGS[i]],
+                train_positives=int(train_positives[FINDINGS[i]]),
+                positive_patients=int(patients_with[i]),
+                min_positives=min_positives,
+                specificities=specificities,
+            )
+            for i in range(len(FINDINGS))
+        ]
+    )
     boot = group_bootstrap_samples(y, s, t, pids, groups, n_resamples=n_resamples, seed=seed)
     group_rows = []
     for g in (*GROUPS, ALL):
         idx = [i for i, f in enumerate(FINDINGS) if groups[f] == g or g == ALL]
-        if not idx:
-            continue
-        row = {
-            "group": g,
-            "findings": "|".join(FINDINGS[i] for i in idx),
-            "n_findings": len(idx),
-        }
-        for m in GROUP_METRICS:
-            name = GROUP_COLUMNS[m]
-            row[name] = float(_nanmean_rows(per_finding[m].to_numpy(dtype=float)[idx]))
-            low, high = percentile_interval(boot[m][g], confidence)
-            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low), float(high)
-        for m in GROUP_METRICS:  # additive columns (issue 18), after the issue-13 ones
-            defined = np.isfinite(per_finding[m].to_numpy(dtype=float)[idx]).any()
-            dropped = int(np.isnan(boot[m][g]).sum()) if defined else 0
-            row[f"{GROUP_COLUMNS[m]}_resamples_dropped"] = dropped
-        group_rows.append(row)
+        if idx:
+            group_rows.append(_group_row(g, idx, per_finding, boot, confidence))
     return per_finding, pd.DataFrame(group_rows, columns=list(GROUP_TABLE_COLUMNS))
+
+
+def _finding_row(
+    i: int,
+    yi: np.ndarray,
+    si: np.ndarray,
+    ti: float,
+    *,
+    group: str,
+    train_positives: int,
+    positive_patients: int,
+    min_positives: int,
+    specificities: Sequence[float],
+) -> dict[str, object]:
+    """One finding's row of the per-finding long-tail table."""
+    row: dict[str, object] = {
+        "finding": FINDINGS[i],
+        "group": group,
+        "train_positives": train_positives,
+        "test_positives": int(yi.sum()),
+        "test_positive_patients": positive_patients,
+        "auroc": auroc(yi, si),
+        "auprc": auprc(yi, si),
+        "balanced_accuracy": balanced_accuracy(yi, si, ti),
+        "specificity": threshold_metrics(yi, si, ti)["specificity"],
+    }
+    for target in specificities:
+        row[_spec_column(target)] = sensitivity_at_specificity(yi, si, target)["sensitivity"]
+    row["reliable"] = bool(positive_patients >= max(int(min_positives), 2))
+    return row
+
+
+def _group_row(
+    g: str,
+    idx: list[int],
+    per_finding: pd.DataFrame,
+    boot: Mapping[str, Mapping[str, np.ndarray]],
+    confidence: float,
+) -> dict[str, object]:
+    """One group's row: the mean over its findings of each metric, with the interval of the
+    group mean and the resamples it dropped."""
+    row: dict[str, object] = {
+        "group": g,
+        "findings": "|".join(FINDINGS[i] for i in idx),
+        "n_findings": len(idx),
+    }
+    for m in GROUP_METRICS:
+        name = GROUP_COLUMNS[m]
+        row[name] = float(_nanmean_rows(per_finding[m].to_numpy(dtype=float)[idx]))
+        low, high = percentile_interval(boot[m][g], confidence)
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low), float(high)
+    for m in GROUP_METRICS:  # additive columns (issue 18), after the issue-13 ones
+        defined = np.isfinite(per_finding[m].to_numpy(dtype=float)[idx]).any()
+        dropped = int(np.isnan(boot[m][g]).sum()) if defined else 0
+        row[f"{GROUP_COLUMNS[m]}_resamples_dropped"] = dropped
+    return row
 
 
 GROUP_TABLE_COLUMNS = (

@@ -244,35 +244,9 @@ def evaluate_split(
         bad = [k for k, v in m.items() if isinstance(v, float) and math.isnan(v)]
         if bad:
             undefined[f] = bad
-    keys = ("auroc", "auprc", *THRESHOLD_METRICS)
-    macro = {k: _nanmean([per[f][k] for f in FINDINGS]) for k in keys}
-    macro["n_defined"] = {k: int(sum(not math.isnan(per[f][k]) for f in FINDINGS)) for k in keys}
-    # no predicted positive although the finding occurs: precision 0, not "missing"
-    zero_filled = [
-        f
-        for f in FINDINGS
-        if math.isnan(per[f]["precision"])
-        and not math.isnan(per[f]["threshold"])
-        and per[f]["positives"] > 0
-    ]
-    macro["precision"] = _nanmean(
-        [0.0 if f in zero_filled else per[f]["precision"] for f in FINDINGS]
-    )
-    macro["precision_zero_filled"] = len(zero_filled)
-    macro["n_defined"]["precision"] += len(zero_filled)
+    macro = _macro(per)
     # Undefined thresholds predict "absent": the prior, and what the all-negative baseline does.
     pred = s >= np.where(np.isnan(t), np.inf, t)[None, :]
-    tp = float(np.sum(pred & (y == 1)))
-    fp = float(np.sum(pred & (y == 0)))
-    fn = float(np.sum(~pred & (y == 1)))
-    tn = float(np.sum(~pred & (y == 0)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        micro = {
-            "auroc": auroc(y.ravel(), s.ravel()),
-            "auprc": auprc(y.ravel(), s.ravel()),
-            **rates_from_counts(tp, fp, fn, tn),
-        }
     paper = {
         "ACC": macro["accuracy"],
         "Recall": macro["recall"],
@@ -288,12 +262,49 @@ def evaluate_split(
         "n_images": int(len(y)),
         "per_finding": per,
         "macro": macro,
-        "micro": micro,
+        "micro": _micro(y, s, pred),
         "paper": paper,
         "all_negative": all_negative,
         "subset_accuracy": subset,
         "undefined": undefined,
     }
+
+
+def _macro(per: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Means over the findings where each metric is defined; precision 0-filled (see the
+    module doc), with how many findings each mean covers."""
+    keys = ("auroc", "auprc", *THRESHOLD_METRICS)
+    macro: dict[str, Any] = {k: _nanmean([per[f][k] for f in FINDINGS]) for k in keys}
+    macro["n_defined"] = {k: int(sum(not math.isnan(per[f][k]) for f in FINDINGS)) for k in keys}
+    # no predicted positive although the finding occurs: precision 0, not "missing"
+    zero_filled = [
+        f
+        for f in FINDINGS
+        if math.isnan(per[f]["precision"])
+        and not math.isnan(per[f]["threshold"])
+        and per[f]["positives"] > 0
+    ]
+    macro["precision"] = _nanmean(
+        [0.0 if f in zero_filled else per[f]["precision"] for f in FINDINGS]
+    )
+    macro["precision_zero_filled"] = len(zero_filled)
+    macro["n_defined"]["precision"] += len(zero_filled)
+    return macro
+
+
+def _micro(y: np.ndarray, s: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """The ratios from TP/FP/FN/TN pooled over all findings, and the pooled AUROC/AUPRC."""
+    tp = float(np.sum(pred & (y == 1)))
+    fp = float(np.sum(pred & (y == 0)))
+    fn = float(np.sum(~pred & (y == 1)))
+    tn = float(np.sum(~pred & (y == 0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "auroc": auroc(y.ravel(), s.ravel()),
+            "auprc": auprc(y.ravel(), s.ravel()),
+            **rates_from_counts(tp, fp, fn, tn),
+        }
 
 
 def split_prevalence(labels: pd.DataFrame, splits: pd.DataFrame, split: str) -> dict[str, float]:

@@ -650,7 +650,18 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
         confidence=confidence,
         progress_desc=progress_desc,
     )
-    ones = np.ones((1, y.shape[0]))
+    names = {"model": model, "reference": reference}
+    rows = _macro_rows(names, macro, data)
+    rows += _finding_rows(names, data, patient_ids, confidence)
+    return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+
+
+def _macro_rows(
+    names: dict[str, str], macro: dict[str, dict[str, float]], data: _Paired
+) -> list[dict[str, object]]:
+    """The paired bootstrap's macro rows (no Holm adjustment: each is its own question), with
+    the sd over seeds of the per-seed differences."""
+    ones = np.ones((1, data.y.shape[0]))
     rows = []
     for m, r in macro.items():
         per_seed = [
@@ -659,8 +670,7 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
         ]
         rows.append(
             {
-                "model": model,
-                "reference": reference,
+                **names,
                 "finding": "macro",
                 "metric": m,
                 "delta": r["delta"],
@@ -673,6 +683,15 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
                 "resamples_dropped": r["resamples_dropped"],
             }
         )
+    return rows
+
+
+def _finding_rows(
+    names: dict[str, str], data: _Paired, patient_ids: np.ndarray, confidence: float
+) -> list[dict[str, object]]:
+    """One AUROC row per finding by the patient-clustered paired DeLong test, Holm-adjusted
+    together over the findings where the test is defined."""
+    y = data.y
     per = [
         delong_paired(
             y[:, i],
@@ -684,10 +703,9 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
         for i in range(y.shape[1])
     ]
     adjusted = holm([r["p_value"] for r in per])
-    rows += [
+    return [
         {
-            "model": model,
-            "reference": reference,
+            **names,
             "finding": f,
             "metric": "auroc",
             "delta": r["delta"],
@@ -701,7 +719,6 @@ def paired_comparison_rows(  # noqa: PLR0917 -- (y, scores, thresholds, patients
         }
         for i, (f, r) in enumerate(zip(FINDINGS, per, strict=True))
     ]
-    return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
 
 
 def _sd(values: Sequence[float]) -> float:

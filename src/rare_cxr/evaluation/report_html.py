@@ -1,19 +1,24 @@
-"""One self-contained `report.html`: tables, base64-embedded figures, definitions, data, params.
+"""One self-contained `report.html`: the answer first (the summary), then tables,
+base64-embedded figures, definitions, data and parameters.
 
 Self-contained because a report is mailed, attached to tickets and opened years later: no
 external CSS, scripts or image files, only inline styles and `data:image/png;base64` images.
+The page is the template `rare_cxr/templates/report.html.j2` (autoescaped); this module only
+builds the data it shows.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
+
+from rare_cxr.evaluation.report_sections import Section
+from rare_cxr.templating import render
 
 METRIC_EXPLANATIONS: list[tuple[str, str]] = [
     (
@@ -95,18 +100,6 @@ METRIC_EXPLANATIONS: list[tuple[str, str]] = [
     ),
 ]
 
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-table{border-collapse:collapse;margin:.6em 0;font-size:.85em}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
-img{max-width:100%;border:1px solid #ddd;margin:.4em 0}
-.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em 1em}
-code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;overflow-x:auto}
-dt{font-weight:600}dd{margin:0 0 .5em 1.2em}
-"""
-
 
 def class_weight_table(
     cards: Mapping[str, Mapping[str, Any]], data_summary: Mapping[str, Any]
@@ -153,102 +146,151 @@ def png_data_uri(png: bytes | str) -> str:
     return f"data:image/png;base64,{b64}"
 
 
-def _defined(value: float | None) -> bool:
-    return value is not None and not math.isnan(value)
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
 
 
-def _table(df: pd.DataFrame) -> str:
-    table = df.to_html(index=False, na_rep="n/a", border=0, escape=True)
-    return f"<div style='overflow-x:auto'>{table}</div>"
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def paired_answer(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One macro ΔAUROC row of the paired comparison, as the summary states it."""
+    delta, low, high = (_number(row.get(k)) for k in ("delta", "ci_low", "ci_high"))
+    p = _number(row.get("p_value"))
+    if delta is None:
+        text, verdict = "n/a", "undefined (a model has no defined macro AUROC)"
+    else:
+        text = f"{delta:+.3f}"
+        if low is not None and high is not None:
+            text += f" [{low:.3f}, {high:.3f}]"
+        if low is not None and low > 0:
+            verdict = f"{row['model']} is better: the interval excludes 0"
+        elif high is not None and high < 0:
+            verdict = f"{row['reference']} is better: the interval excludes 0"
+        else:
+            verdict = "no difference shown: the interval includes 0"
+    return {
+        "model": str(row["model"]),
+        "reference": str(row["reference"]),
+        "delta": text,
+        "p": _p_text(p),
+        "seeds": row.get("seeds"),
+        "verdict": verdict,
+    }
+
+
+def report_summary(
+    all_metrics: Mapping[str, Any],
+    table1: pd.DataFrame,
+    paired_comparison: pd.DataFrame | None,
+    min_positives: int,
+) -> dict[str, Any]:
+    """What the report opens with: each comparison's paired macro ΔAUROC (interval, p), each
+    model's macro AUROC (Table 1's cell), and the warnings: findings with too few positive test
+    patients to read, and models whose macro AUROC interval reaches chance (0.5)."""
+    auroc_cell = dict(zip(table1["Model"], table1["AUROC"], strict=True)) if len(table1) else {}
+    models, not_learnt = [], []
+    for model, both in all_metrics.items():
+        m = both["metrics"]
+        point = _number(m["test"]["macro"].get("auroc"))
+        ci = m["intervals"]["macro"].get("auroc") or [None, None]
+        low = _number(ci[0]) if ci else None
+        learnt = point is not None and point > 0.5 and (low is None or low > 0.5)
+        models.append({"model": model, "auroc": auroc_cell.get(model, "n/a"), "learnt": learnt})
+        if not learnt:
+            not_learnt.append(model)
+    comparisons = []
+    if paired_comparison is not None and len(paired_comparison):
+        macro = paired_comparison[
+            (paired_comparison["finding"] == "macro") & (paired_comparison["metric"] == "auroc")
+        ]
+        comparisons = [paired_answer(row) for _, row in macro.iterrows()]
+    return {
+        "comparisons": comparisons,
+        "models": models,
+        "not_learnt": not_learnt,
+        "unreliable": _unreliable_findings(all_metrics, min_positives),
+        "min_positives": int(min_positives),
+    }
+
+
+def _unreliable_findings(
+    all_metrics: Mapping[str, Any], min_positives: int
+) -> list[dict[str, Any]]:
+    """Findings with fewer positive test patients than `min_positives` (or than 2): every
+    model is tested on the same patients, so the first model's counts hold for all."""
+    first = next(iter(all_metrics.values()), None)
+    if first is None:
+        return []
+    per = first["metrics"]["test"]["per_finding"]
+    out = []
+    for finding, values in per.items():
+        people = int(values.get("positive_patients", values.get("positives") or 0) or 0)
+        if people < max(int(min_positives), 2):
+            out.append({"finding": finding, "patients": people})
+    return out
 
 
 def render_report(
     *,
     title: str,
+    summary: Mapping[str, Any],
     table1: pd.DataFrame,
     all_negative: Mapping[str, float],
     per_finding_auroc: pd.DataFrame,
     rare_table: pd.DataFrame,
     rare_findings: Mapping[str, Any],
     data_summary: Mapping[str, Any],
-    figures: Mapping[str, tuple[str, bytes | str]],
+    figures: Sequence[Mapping[str, Any]],
     undefined: Mapping[str, Mapping[str, list[str]]],
     params: Mapping[str, Any],
     lineage: Mapping[str, Mapping[str, Any]] | None = None,
-    sections: list[tuple[str, str, pd.DataFrame]] | None = None,
+    sections: Sequence[Section] = (),
     model_cards: Mapping[str, str] | None = None,
 ) -> str:
-    """The HTML text of the report. `figures`: key -> (caption, PNG bytes or base64);
-    `model_cards`: model -> its model card's HTML (rare_cxr.inference.model_card.card_html),
-    each shown folded."""
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{e(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{e(title)}</h1>",
-        "<p>Multi-label classification of 14 thoracic findings. Start with Table 1; read ACC "
-        "only next to the all-negative ACC; compare models on AUROC/AUPRC with their "
-        "intervals; the rare-finding block is the point of the study.</p>",
-        "<h2>Table 1 — test set, validation-tuned thresholds</h2>",
-        "<p>Column Uncertainty says what a row's brackets or ± are: a 95% patient-bootstrap "
-        "interval (one seed), or mean ± sd over seeds (training variation only: the "
-        "test-sampling error is not in it).</p>",
-        _table(table1),
-        "<p class='warn'>All-negative baseline (predict nothing): "
-        + ", ".join(
-            f"{e(k)} {v:.3f}"
-            for k, v in all_negative.items()
-            if v is not None and not math.isnan(v)
-        )
-        + ". A model's ACC close to this number has learnt nothing that ACC can show.</p>",
-        "<h2>Rare findings</h2>",
-        f"<p>{e(str(rare_findings.get('rule', '')))}: "
-        f"{e(', '.join(rare_findings.get('findings', [])))}.</p>",
-        _table(rare_table),
-        "<h2>Per-finding test AUROC</h2>",
-        _table(per_finding_auroc),
-    ]
-    for title_text, explanation, table in sections or []:
-        parts.append(f"<h2>{e(title_text)}</h2><p>{e(explanation)}</p>")
-        parts.append(_table(table))
-    for key, (caption, png) in figures.items():
-        parts.append(
-            f"<h3 id='{e(key)}'>{e(caption)}</h3><img alt='{e(key)}' src='{png_data_uri(png)}'>"
-        )
-    parts.append("<h2>What the metrics mean</h2><dl>")
-    parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in METRIC_EXPLANATIONS]
-    parts.append("</dl>")
-    if any(undefined.values()):
-        parts.append("<h2>Undefined metrics</h2><ul>")
-        for model, per in undefined.items():
-            for finding, names in per.items():
-                parts.append(f"<li>{e(model)} — {e(finding)}: {e(', '.join(names))}</li>")
-        parts.append("</ul>")
-    parts.append("<h2>Data used</h2>")
-    parts.append(f"<p>Source: <code>{e(str(data_summary.get('source', '')))}</code></p>")
-    counts = data_summary.get("splits")
-    if counts:
-        parts.append(_table(pd.DataFrame(counts)))
-    positives = data_summary.get("positives")
-    if positives:
-        parts.append("<p>Positive images per finding and split:</p>")
-        parts.append(_table(pd.DataFrame(positives)))
+    """The HTML text of the report. `figures`: {key, caption, uri}; `model_cards`: model -> its
+    card's HTML (rare_cxr.inference.model_card.card_html, already demoted), each shown folded."""
     boxes = data_summary.get("bounding_boxes") or {}
-    if boxes.get("present"):
-        parts.append(
-            f"<p>Bounding boxes: {boxes.get('boxes')} on {boxes.get('images')} images "
-            "(drawn on the Grad-CAM figures where a shown image has one).</p>"
-        )
-    elif boxes:
-        parts.append(f"<p class='warn'>Bounding boxes: {e(str(boxes.get('note', '')))}.</p>")
-    if lineage:
-        parts.append(
-            "<h2>Sources</h2><p>Each model's numbers come from one training: its checkpoint "
-            "version (the run id that saved it), training id and image cache were checked to "
-            "belong together before anything was computed (node <code>verify_lineage</code>). "
-            "The run that wrote this report is recorded in <code>data/&lt;env&gt;/runs/</code>.</p>"
-        )
-        rows = [
+    return render(
+        "report.html.j2",
+        title=title,
+        summary=summary,
+        table1=table1,
+        all_negative=[
+            (k, f"{v:.3f}") for k, v in all_negative.items() if v is not None and not math.isnan(v)
+        ],
+        rare_table=rare_table,
+        rare_rule=str(rare_findings.get("rule", "")),
+        rare_names=", ".join(rare_findings.get("findings", [])),
+        per_finding_auroc=per_finding_auroc,
+        sections=list(sections),
+        figures=list(figures),
+        explanations=METRIC_EXPLANATIONS,
+        undefined=[
+            (model, finding, ", ".join(names))
+            for model, per in undefined.items()
+            for finding, names in per.items()
+        ],
+        source=str(data_summary.get("source", "")),
+        split_counts=pd.DataFrame(data_summary.get("splits") or []),
+        positives=pd.DataFrame(data_summary.get("positives") or []),
+        boxes=boxes,
+        lineage=_lineage_table(lineage or {}),
+        model_cards=dict(model_cards or {}),
+        params_json=json.dumps(params, indent=2, sort_keys=True, default=str),
+    )
+
+
+def _lineage_table(lineage: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
             {
                 "Model": model,
                 "checkpoint version": rec.get("checkpoint_version", "n/a"),
@@ -258,19 +300,4 @@ def render_report(
             }
             for model, rec in lineage.items()
         ]
-        parts.append(_table(pd.DataFrame(rows)))
-    if model_cards:
-        parts.append(
-            "<h2 id='model-cards'>Model cards</h2><p>One per model, generated from this run "
-            "(also saved as <code>&lt;model&gt;/model_card.md</code>, beside the model bundle "
-            "that `kedro run --pipelines inference` uses). Not for clinical use.</p>"
-        )
-        for model, card in model_cards.items():
-            # the card's own headings, demoted under this section
-            body = card.replace("<h1>", "<h3>").replace("</h1>", "</h3>")
-            body = body.replace("<h2>", "<h4>").replace("</h2>", "</h4>")
-            parts.append(f"<details><summary>{e(model)}</summary>{body}</details>")
-    parts.append("<h2>Run parameters</h2><pre>")
-    parts.append(e(json.dumps(params, indent=2, sort_keys=True, default=str)))
-    parts.append("</pre></body></html>")
-    return "\n".join(parts)
+    )

@@ -162,52 +162,68 @@ def subgroup_aurocs(
     patients = meta["patient_id"].astype(str).to_numpy()
     rows = []
     for attribute, subgroup, mask in subgroup_masks(meta, age_edges):
-        ys, ss, ps = y[mask], s[mask], patients[mask]
-        point = np.array([auroc(ys[:, i], ss[:, i]) for i in range(len(FINDINGS))])
-        chunks = []
-        for w in patient_weights(ps, n_resamples, seed):
-            chunks.append(
-                np.stack(
-                    [weighted_auroc(ys[:, i], ss[:, i], w) for i in range(len(FINDINGS))],
-                    axis=1,
-                )
-            )
-        samples = np.concatenate(chunks, axis=0)  # [R, F]
-        low, high = percentile_interval(samples, confidence)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            macro_point = float(np.nanmean(point)) if np.isfinite(point).any() else NAN
-        macro_samples, macro_dropped = fixed_set_mean(samples, point)
-        macro_low, macro_high = percentile_interval(macro_samples, confidence)
-        undefined = np.isnan(samples).sum(axis=0)
         base = {
             "attribute": attribute,
             "subgroup": subgroup,
             "n_images": int(mask.sum()),
-            "n_patients": int(len(np.unique(ps))),
+            "n_patients": int(len(np.unique(patients[mask]))),
         }
-        positives = ys.sum(axis=0)
-        for i, f in enumerate(FINDINGS):
-            rows.append(
-                {
-                    **base,
-                    "finding": f,
-                    "positives": int(positives[i]),
-                    "auroc": float(point[i]),
-                    "ci_low": float(low[i]),
-                    "ci_high": float(high[i]),
-                    "resamples_dropped": int(undefined[i]) if np.isfinite(point[i]) else 0,
-                }
-            )
-        rows.append(
-            {
-                **base,
-                "finding": "macro",
-                "positives": int(positives.sum()),
-                "auroc": macro_point,
-                "ci_low": float(macro_low),
-                "ci_high": float(macro_high),
-                "resamples_dropped": macro_dropped,
-            }
+        rows += _subgroup_rows(
+            base, y[mask], s[mask], patients[mask], n_resamples, seed, confidence
         )
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _subgroup_rows(  # noqa: PLR0917 -- one subgroup's data, then the bootstrap settings
+    base: dict[str, object],
+    ys: np.ndarray,
+    ss: np.ndarray,
+    ps: np.ndarray,
+    n_resamples: int,
+    seed: int,
+    confidence: float,
+) -> list[dict[str, object]]:
+    """One subgroup's rows: AUROC per finding and the macro mean, each with its patient
+    bootstrap interval (the subgroup's own patients only)."""
+    point = np.array([auroc(ys[:, i], ss[:, i]) for i in range(len(FINDINGS))])
+    chunks = []
+    for w in patient_weights(ps, n_resamples, seed):
+        chunks.append(
+            np.stack(
+                [weighted_auroc(ys[:, i], ss[:, i], w) for i in range(len(FINDINGS))],
+                axis=1,
+            )
+        )
+    samples = np.concatenate(chunks, axis=0)  # [R, F]
+    low, high = percentile_interval(samples, confidence)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        macro_point = float(np.nanmean(point)) if np.isfinite(point).any() else NAN
+    macro_samples, macro_dropped = fixed_set_mean(samples, point)
+    macro_low, macro_high = percentile_interval(macro_samples, confidence)
+    undefined = np.isnan(samples).sum(axis=0)
+    positives = ys.sum(axis=0)
+    rows = [
+        {
+            **base,
+            "finding": f,
+            "positives": int(positives[i]),
+            "auroc": float(point[i]),
+            "ci_low": float(low[i]),
+            "ci_high": float(high[i]),
+            "resamples_dropped": int(undefined[i]) if np.isfinite(point[i]) else 0,
+        }
+        for i, f in enumerate(FINDINGS)
+    ]
+    rows.append(
+        {
+            **base,
+            "finding": "macro",
+            "positives": int(positives.sum()),
+            "auroc": macro_point,
+            "ci_low": float(macro_low),
+            "ci_high": float(macro_high),
+            "resamples_dropped": macro_dropped,
+        }
+    )
+    return rows

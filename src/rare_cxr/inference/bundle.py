@@ -123,7 +123,6 @@ def make_bundle(
     inference applies to write the calibrated probabilities.
     """
     import rare_cxr
-    from rare_cxr.image_cache import RESAMPLE_NAME
 
     meta = checkpoint["metadata"]
     if list(meta.get("findings", [])) != list(FINDINGS):
@@ -145,28 +144,14 @@ def make_bundle(
         "normalisation": dict(meta.get("normalisation") or {}),
         "scales": [int(s) for s in meta.get("scales") or spec.get("scales", [])],
         "input_size": int(meta["input_size"]),
-        "preprocessing": {
-            "grey": "rare_cxr.imaging.to_grayscale (8-bit as is; 16-bit scaled by 255/65535; "
-            "RGB/RGBA to ITU-R 601 luminance, alpha ignored); DICOM through "
-            "rare_cxr.inference.dicom (Modality LUT, VOI LUT or window, MONOCHROME1 inverted)",
-            "resize": f"{RESAMPLE_NAME} to input_size x input_size (aspect ratio not kept), "
-            "rare_cxr.image_cache.resize_square",
-            "input": "float [B, 1, input_size, input_size] in [0, 1]; the model normalises and "
-            "resizes to its scales itself",
-            "tta_hflip": bool(train_params.get("tta_hflip", False)),
-        },
+        "preprocessing": _preprocessing(train_params),
         "thresholds": {f: chosen.get(f) for f in FINDINGS},
         "threshold_method": thresholds.get("method"),
         "threshold_split": thresholds.get("split", "val"),
         "training": {
             "train_params": train_params,
             "best_epoch": meta.get("epoch"),
-            "metric": meta.get("metric"),
-            "metric_name": meta.get("metric_name"),
-            "training_id": meta.get("training_id"),
-            "checkpoint_version": meta.get("checkpoint_version"),
-            "seeds": meta.get("seeds"),
-            "image_cache": meta.get("image_cache"),
+            **{k: meta.get(k) for k in TRAINING_KEYS},
         },
         "data": dict(data_summary),
         "metrics": _metrics_summary(metrics),
@@ -183,6 +168,33 @@ def make_bundle(
     }
     state = {k: v.detach().cpu() for k, v in checkpoint["state_dict"].items()}
     return {"state_dict": state, "metadata": _plain(metadata)}
+
+
+# what the bundle keeps of the checkpoint's training metadata, under the same names
+TRAINING_KEYS = (
+    "metric",
+    "metric_name",
+    "training_id",
+    "checkpoint_version",
+    "seeds",
+    "image_cache",
+)
+
+
+def _preprocessing(train_params: Mapping[str, Any]) -> dict[str, Any]:
+    """How an image becomes the model's input (what inference repeats, and the card says)."""
+    from rare_cxr.image_cache import RESAMPLE_NAME
+
+    return {
+        "grey": "rare_cxr.imaging.to_grayscale (8-bit as is; 16-bit scaled by 255/65535; "
+        "RGB/RGBA to ITU-R 601 luminance, alpha ignored); DICOM through "
+        "rare_cxr.inference.dicom (Modality LUT, VOI LUT or window, MONOCHROME1 inverted)",
+        "resize": f"{RESAMPLE_NAME} to input_size x input_size (aspect ratio not kept), "
+        "rare_cxr.image_cache.resize_square",
+        "input": "float [B, 1, input_size, input_size] in [0, 1]; the model normalises and "
+        "resizes to its scales itself",
+        "tta_hflip": bool(train_params.get("tta_hflip", False)),
+    }
 
 
 def _calibration_summary(calibration: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -4,7 +4,7 @@ Why generated, never hand-written: every number in it (counts, metrics, interval
 comes from the run that made the bundle, so the card cannot drift from the model it describes.
 One Markdown text is the source, the template `templates/model_card.md.j2` filled with
 `card_context` (metadata values are escaped as Markdown text: a bundle cannot add a heading, an
-image or a link to its own card, see `rare_cxr.inference.templating`); `card_html` renders
+image or a link to its own card, see `rare_cxr.templating`); `card_html` renders
 that same text for report.html and inference_report.html (markdown-it-py with raw HTML
 disabled).
 """
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rare_cxr.findings import FINDINGS
-from rare_cxr.inference.templating import MdSafe, fmt_ci, fmt_number, md_escape, render
+from rare_cxr.templating import MdSafe, fmt_ci, fmt_number, md_escape, render
 
 CITATIONS = (
     "Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. ChestX-ray8: Hospital-scale Chest X-ray "
@@ -179,23 +179,7 @@ def card_context(metadata: Mapping[str, Any]) -> dict[str, Any]:
             for g in _rows(m.get("long_tail"))
         ],
         **_calibration_context(m),
-        "underdiagnosis_rows": [
-            (
-                r.get("attribute"),
-                r.get("subgroup"),
-                r.get("sick_images"),
-                r.get("sick_patients"),
-                _cell(
-                    fmt_ci(r.get("underdiagnosis_rate"), [r.get("ci_low"), r.get("ci_high")])
-                    + ("" if r.get("reliable") is True else " †"),
-                    r.get("underdiagnosis_rate"),
-                    r.get("ci_low"),
-                    r.get("ci_high"),
-                ),
-                _ci(r, "gap", "gap_ci_low", "gap_ci_high"),
-            )
-            for r in _rows(m.get("underdiagnosis"))
-        ],
+        "underdiagnosis_rows": [_underdiagnosis_row(r) for r in _rows(m.get("underdiagnosis"))],
         "subgroup_rows": [
             (
                 r.get("attribute"),
@@ -210,6 +194,24 @@ def card_context(metadata: Mapping[str, Any]) -> dict[str, Any]:
         "threshold_method": m.get("threshold_method", "n/a"),
         "citations": [MdSafe(c) for c in CITATIONS],
     }
+
+
+def _underdiagnosis_row(r: Mapping[str, Any]) -> tuple[Any, ...]:
+    """One subgroup's underdiagnosis row (the rate marked † where unreliable)."""
+    return (
+        r.get("attribute"),
+        r.get("subgroup"),
+        r.get("sick_images"),
+        r.get("sick_patients"),
+        _cell(
+            fmt_ci(r.get("underdiagnosis_rate"), [r.get("ci_low"), r.get("ci_high")])
+            + ("" if r.get("reliable") is True else " †"),
+            r.get("underdiagnosis_rate"),
+            r.get("ci_low"),
+            r.get("ci_high"),
+        ),
+        _ci(r, "gap", "gap_ci_low", "gap_ci_high"),
+    )
 
 
 def _map_ci(group: Mapping[str, Any]) -> Any:

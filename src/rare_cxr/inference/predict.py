@@ -8,6 +8,7 @@ batch on the chosen device, with a tqdm progress bar over files.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -226,28 +227,15 @@ def run_inference(
     """
     from tqdm.auto import tqdm
 
-    from rare_cxr.evaluation.cam import grad_cam
-    from rare_cxr.training.engine import amp_dtype, predict_probabilities
+    from rare_cxr.training.engine import amp_dtype
 
     cfg = validate_inference_params(params)
-    if not cfg["input_dir"]:
-        raise ValueError(
-            "inference.input_dir is not set: name the folder of images with "
-            "`kedro run --pipelines inference --params input_dir=/path/to/images`"
-        )
-    files = scan_folder(cfg["input_dir"])
+    files = _input_files(cfg)
     meta = bundle["metadata"]
     size = int(meta["input_size"])
     thresholds = bundle_thresholds(bundle)
     cutoffs = np.array([thresholds[f] for f in FINDINGS])
-    temperatures = bundle_temperatures(bundle)
-    if temperatures is None:
-        logger.warning(
-            "inference: the bundle has no temperatures (written before rare-cxr had them): "
-            "the <finding>%s columns stay empty; rerun `kedro run --pipelines reporting` for "
-            "a bundle with them",
-            CALIBRATED_SUFFIX,
-        )
+    temperatures = _temperatures(bundle)
     rescale = bool(cfg["rescale_to_threshold"])
     device = resolve_inference_device(cfg["device"])
     dtype = amp_dtype({"amp": cfg["amp"]}, device)
@@ -260,16 +248,15 @@ def run_inference(
     last_read: dict[str, Any] = {}  # the image the overlays being rendered belong to
     logger.info(
         "inference: %d file(s) under %s with %s (bundle %s) on %s",
-        len(files),
-        cfg["input_dir"],
-        meta["model"],
-        meta.get("bundle_version", "?"),
-        device,
+        *(len(files), cfg["input_dir"], meta["model"], meta.get("bundle_version", "?"), device),
     )
 
     def read(entry):
         return read_for_model(entry, size, cfg["max_image_pixels"], cfg["dicom"]["without_voi"])
 
+    render_cams = functools.partial(
+        _overlays, model, device, read=read, cam_cfg=cam_cfg, last_read=last_read
+    )
     batch = cfg["batch_size"]
     pool = ThreadPoolExecutor(cfg["loader_threads"]) if cfg["loader_threads"] > 0 else None
     bar = tqdm(total=len(files), unit="img", desc="inference", disable=not cfg["progress_bar"])
@@ -277,53 +264,21 @@ def run_inference(
         for start in range(0, len(files), batch):
             chunk = files[start : start + batch]
             results = list(pool.map(read, chunk) if pool else map(read, chunk))
-            ok = [i for i, r in enumerate(results) if r.status == "ok"]
-            probs = np.zeros((0, len(FINDINGS)), np.float32)
-            if ok:
-                images = np.stack([results[i].pixels for i in ok])
-                probs, _ = predict_probabilities(
-                    model, images, device, batch_size=len(ok), dtype=dtype, tta_hflip=tta
-                )
-            probability = dict(zip(ok, probs, strict=True))
+            probability = _probabilities(model, results, device, dtype=dtype, tta=tta)
             for i, (entry, result) in enumerate(zip(chunk, results, strict=True)):
-                row = _row(result, entry.relpath)
                 p = probability.get(i)
-                positives: list[str] = []
-                for k, f in enumerate(FINDINGS):
-                    row[f] = float(p[k]) if p is not None else math.nan
-                for k, f in enumerate(FINDINGS):
-                    t = thresholds[f]
-                    if p is None or math.isnan(t):
-                        row[f + DECISION_SUFFIX] = pd.NA
-                    else:
-                        row[f + DECISION_SUFFIX] = int(p[k] >= t)
-                        if p[k] >= t:
-                            positives.append(f)
-                positives.sort(key=lambda f: -row[f])
-                row["positive_findings"] = "|".join(positives)
-                row["overlays"] = ""
-                row["model"] = printable(str(meta["model"]))
-                row["bundle_version"] = printable(str(meta.get("bundle_version", "unversioned")))
+                row = _prediction_row(result, entry.relpath, p, thresholds, meta)
                 row.update(_calibrated_columns(p, temperatures, cutoffs, rescale))
                 rows.append(row)
                 if p is not None and cam_cfg["enabled"]:
+                    positives = [f for f in row["positive_findings"].split("|") if f]
                     cam_jobs += [
                         (len(rows), entry, result.pixels, f)
                         for f in positives[: cam_cfg["max_findings_per_image"]]
                     ]
             # Grad-CAM of every (image, positive finding) pair of the chunk, batched
             for first in range(0, len(cam_jobs), batch):
-                jobs = cam_jobs[first : first + batch]
-                x = torch.from_numpy(np.stack([j[2] for j in jobs]).astype(np.float32) / 255.0)
-                maps = grad_cam(model, x[:, None].to(device), [FINDINGS.index(j[3]) for j in jobs])
-                for layer, cams in maps.items():
-                    for (number, job_entry, _, finding), cam in zip(jobs, cams, strict=True):
-                        name = overlay_name(number, job_entry.relpath, finding, layer)
-                        row = rows[number - 1]
-                        row["overlays"] = "|".join(filter(None, [row["overlays"], name]))
-                        overlays[name] = LazyOverlay(
-                            job_entry, read, cam.float().cpu().numpy(), cam_cfg["alpha"], last_read
-                        )
+                overlays.update(render_cams(cam_jobs[first : first + batch], rows))
             cam_jobs.clear()
             bar.update(len(chunk))
     finally:
@@ -338,6 +293,102 @@ def run_inference(
     if not len(table):
         logger.warning("inference: the input folder %s holds no files", cfg["input_dir"])
     return table, overlays
+
+
+def _probabilities(
+    model: torch.nn.Module, results: list[Any], device: Any, *, dtype: Any, tta: bool
+) -> dict[int, np.ndarray]:
+    """{position in `results`: probabilities [F]} of the files read as `ok`, in one pass."""
+    from rare_cxr.training.engine import predict_probabilities
+
+    ok = [i for i, r in enumerate(results) if r.status == "ok"]
+    probs = np.zeros((0, len(FINDINGS)), np.float32)
+    if ok:
+        images = np.stack([results[i].pixels for i in ok])
+        probs, _ = predict_probabilities(
+            model, images, device, batch_size=len(ok), dtype=dtype, tta_hflip=tta
+        )
+    return dict(zip(ok, probs, strict=True))
+
+
+def _input_files(cfg: Mapping[str, Any]) -> list[Any]:
+    """The files under `inference.input_dir` (an unset folder is an error saying how to set it)."""
+    if not cfg["input_dir"]:
+        raise ValueError(
+            "inference.input_dir is not set: name the folder of images with "
+            "`kedro run --pipelines inference --params input_dir=/path/to/images`"
+        )
+    return scan_folder(cfg["input_dir"])
+
+
+def _temperatures(bundle: Mapping[str, Any]) -> Mapping[str, float] | None:
+    """The bundle's temperatures, with a warning when an older bundle has none."""
+    temperatures = bundle_temperatures(bundle)
+    if temperatures is None:
+        logger.warning(
+            "inference: the bundle has no temperatures (written before rare-cxr had them): "
+            "the <finding>%s columns stay empty; rerun `kedro run --pipelines reporting` for "
+            "a bundle with them",
+            CALIBRATED_SUFFIX,
+        )
+    return temperatures
+
+
+def _prediction_row(
+    result: Any,
+    relpath: str,
+    p: np.ndarray | None,
+    thresholds: Mapping[str, float],
+    meta: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One file's row: its reading, raw probabilities, decisions at the bundle's thresholds and
+    the positive findings, most probable first (`p` is None for a file not predicted)."""
+    row = _row(result, relpath)
+    positives: list[str] = []
+    for k, f in enumerate(FINDINGS):
+        row[f] = float(p[k]) if p is not None else math.nan
+    for k, f in enumerate(FINDINGS):
+        t = thresholds[f]
+        if p is None or math.isnan(t):
+            row[f + DECISION_SUFFIX] = pd.NA
+        else:
+            row[f + DECISION_SUFFIX] = int(p[k] >= t)
+            if p[k] >= t:
+                positives.append(f)
+    positives.sort(key=lambda f: -row[f])
+    row["positive_findings"] = "|".join(positives)
+    row["overlays"] = ""
+    row["model"] = printable(str(meta["model"]))
+    row["bundle_version"] = printable(str(meta.get("bundle_version", "unversioned")))
+    return row
+
+
+def _overlays(
+    model: torch.nn.Module,
+    device: Any,
+    jobs: list[tuple[int, Any, np.ndarray, str]],
+    rows: list[dict[str, Any]],
+    *,
+    read: Any,
+    cam_cfg: Mapping[str, Any],
+    last_read: dict[str, Any],
+) -> dict[str, LazyOverlay]:
+    """Grad-CAM of a batch of (row number, entry, pixels, finding) jobs in one pass: one lazy
+    overlay per job and CAM layer, named in its row's `overlays` column."""
+    from rare_cxr.evaluation.cam import grad_cam
+
+    x = torch.from_numpy(np.stack([j[2] for j in jobs]).astype(np.float32) / 255.0)
+    maps = grad_cam(model, x[:, None].to(device), [FINDINGS.index(j[3]) for j in jobs])
+    out: dict[str, LazyOverlay] = {}
+    for layer, cams in maps.items():
+        for (number, job_entry, _, finding), cam in zip(jobs, cams, strict=True):
+            name = overlay_name(number, job_entry.relpath, finding, layer)
+            row = rows[number - 1]
+            row["overlays"] = "|".join(filter(None, [row["overlays"], name]))
+            out[name] = LazyOverlay(
+                job_entry, read, cam.float().cpu().numpy(), cam_cfg["alpha"], last_read
+            )
+    return out
 
 
 def _calibrated_columns(

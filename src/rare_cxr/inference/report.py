@@ -6,8 +6,8 @@ the positive decisions (one per scale for the multi-scale model). Then every fil
 predicted, with its reason; then the model card. Self-contained like report.html (inline CSS,
 `data:` images) so it can be mailed or attached as it is.
 
-The page is the template `templates/inference_report.html.j2` (autoescaped: a file name or a
-bundle value is text, never markup); this module only gathers the data it shows.
+The page is the template `rare_cxr/templates/inference_report.html.j2` (autoescaped: a file
+name or a bundle value is text, never markup); this module only gathers the data it shows.
 """
 
 from __future__ import annotations
@@ -22,20 +22,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from rare_cxr.evaluation.report_html import STYLE, png_data_uri
+from rare_cxr.evaluation.report_html import png_data_uri
 from rare_cxr.findings import FINDINGS
 from rare_cxr.inference.bundle import bundle_thresholds
 from rare_cxr.inference.images import STATUSES, InputFile, read_for_model, scan_folder
 from rare_cxr.inference.model_card import NOT_FOR_CLINICAL_USE, card_html, card_markdown
 from rare_cxr.inference.predict import CALIBRATED_SUFFIX, DECISION_SUFFIX, row_overlays
-from rare_cxr.inference.templating import render
-
-EXTRA_STYLE = """
-.img{display:flex;gap:1em;align-items:flex-start;border-top:1px solid #ddd;padding:.6em 0}
-.img img{margin:0}.cams{display:flex;flex-wrap:wrap;gap:.4em}.cams figure{margin:0}
-.cams figcaption{font-size:.75em;text-align:center}.pos{font-weight:700;color:#b00}
-.flag{background:#fde2e2;padding:0 .4em;border-radius:3px;font-size:.8em}
-"""
+from rare_cxr.templating import render
 
 
 def _png(pixels: np.ndarray, side: int) -> str:
@@ -170,7 +163,6 @@ def render_inference_report(
     skipped = predictions[predictions["status"] != "ok"] if len(predictions) else predictions
     return render(
         "inference_report.html.j2",
-        style=STYLE + EXTRA_STYLE,
         warning_html=card_html(NOT_FOR_CLINICAL_USE),
         model=str(meta["model"]),
         input_root=input_root,

@@ -124,22 +124,9 @@ def index_images(
     with `TransientImageError` instead of marking a healthy image corrupt.
     """
     checked = check_image_params(params)
-    limit = checked["report_examples"]
     image_ids = labels["image_id"].astype(str).tolist()
     paths = [raw_images.get(image_id) for image_id in image_ids]
-    with ThreadPoolExecutor(max_workers=checked["workers"]) as pool:
-        results = list(
-            progress(
-                # on a TransientImageError, map's iterator cancels the images not yet started
-                pool.map(
-                    lambda p: _inspect(p, checked["check"], checked["max_image_pixels"]), paths
-                ),
-                total=len(paths),
-                desc="index_images",
-                unit="img",
-                enabled=checked["progress"],
-            )
-        )
+    results = _inspect_all(paths, checked)
     status, width, height, mode, error = zip(*results, strict=True) if results else ([],) * 5
     index = pd.DataFrame(
         {
@@ -156,57 +143,15 @@ def index_images(
     unreadable_rows = {
         status: index.loc[index["status"] == status] for status in UNREADABLE_STATUSES
     }
-    corrupt = unreadable_rows["corrupt"]["image_id"].tolist()
     unreadable = index.loc[index["status"].isin(UNREADABLE_STATUSES), "image_id"].tolist()
-    if missing and checked["on_missing"] == "error":
-        raise _policy_error("missing", missing, len(index), "data_processing.images.on_missing")
-    if unreadable and checked["on_corrupt"] == "error":
-        counts = {s: len(r) for s, r in unreadable_rows.items() if len(r)}
-        kind = (
-            "corrupt (cannot be decoded)"
-            if list(counts) == ["corrupt"]
-            else "unreadable (" + ", ".join(f"{s}: {n}" for s, n in counts.items()) + ")"
-        )
-        raise _policy_error(kind, unreadable, len(index), "data_processing.images.on_corrupt")
-
+    _apply_policies(checked, len(index), missing, unreadable, unreadable_rows)
     labelled = set(image_ids)
     unlabelled = sorted(image_id for image_id in raw_images if image_id not in labelled)
     ok = index.loc[index["status"] == "ok"]
     errors = dict(zip(index["image_id"], error, strict=True))
     report = {
         "labels": label_quality,
-        "images": {
-            "policy": {
-                k: checked[k] for k in ("on_missing", "on_corrupt", "check", "max_image_pixels")
-            },
-            "labelled": len(index),
-            "ok": len(ok),
-            "missing": {
-                "count": len(missing),
-                "action": checked["on_missing"],
-                "examples": missing[:limit],
-            },
-            **{
-                status: {
-                    "count": len(rows),
-                    "action": checked["on_corrupt"],
-                    "examples": [
-                        {"image_id": row.image_id, "path": row.path, "error": errors[row.image_id]}
-                        for row in rows.head(limit).itertuples(index=False)
-                    ],
-                }
-                for status, rows in unreadable_rows.items()
-            },
-            "unlabelled_on_disk": {"count": len(unlabelled), "examples": unlabelled[:limit]},
-            "modes": dict(sorted(Counter(ok["mode"].tolist()).items())),
-            "sizes": dict(
-                sorted(
-                    Counter(
-                        f"{w}x{h}" for w, h in zip(ok["width"], ok["height"], strict=True)
-                    ).items()
-                )
-            ),
-        },
+        "images": _image_report(checked, index, ok, missing, unreadable_rows, unlabelled, errors),
     }
     log = logger.warning if (missing or unreadable) else logger.info
     log(
@@ -216,13 +161,94 @@ def index_images(
         len(ok),
         len(missing),
         checked["on_missing"],
-        len(corrupt),
+        len(unreadable_rows["corrupt"]),
         len(unreadable_rows["too-large"]),
         len(unreadable_rows["not-a-file"]),
         checked["on_corrupt"],
         len(unlabelled),
     )
     return index[list(IMAGE_INDEX_COLUMNS)], report
+
+
+def _inspect_all(paths: list[str | None], checked: dict[str, Any]) -> list[tuple]:
+    """(status, width, height, mode, error) of every path, read by a thread pool."""
+    with ThreadPoolExecutor(max_workers=checked["workers"]) as pool:
+        return list(
+            progress(
+                # on a TransientImageError, map's iterator cancels the images not yet started
+                pool.map(
+                    lambda p: _inspect(p, checked["check"], checked["max_image_pixels"]), paths
+                ),
+                total=len(paths),
+                desc="index_images",
+                unit="img",
+                enabled=checked["progress"],
+            )
+        )
+
+
+def _apply_policies(
+    checked: dict[str, Any],
+    total: int,
+    missing: list[str],
+    unreadable: list[str],
+    unreadable_rows: dict[str, pd.DataFrame],
+) -> None:
+    """Stop when missing or unreadable images meet an `error` policy (the message says how to
+    go on without them)."""
+    if missing and checked["on_missing"] == "error":
+        raise _policy_error("missing", missing, total, "data_processing.images.on_missing")
+    if unreadable and checked["on_corrupt"] == "error":
+        counts = {s: len(r) for s, r in unreadable_rows.items() if len(r)}
+        kind = (
+            "corrupt (cannot be decoded)"
+            if list(counts) == ["corrupt"]
+            else "unreadable (" + ", ".join(f"{s}: {n}" for s, n in counts.items()) + ")"
+        )
+        raise _policy_error(kind, unreadable, total, "data_processing.images.on_corrupt")
+
+
+def _image_report(  # noqa: PLR0917 -- the index and what index_images found in it
+    checked: dict[str, Any],
+    index: pd.DataFrame,
+    ok: pd.DataFrame,
+    missing: list[str],
+    unreadable_rows: dict[str, pd.DataFrame],
+    unlabelled: list[str],
+    errors: dict[str, Any],
+) -> dict[str, Any]:
+    """The `images` block of the data-quality report: policy, counts, examples, modes, sizes."""
+    limit = checked["report_examples"]
+    return {
+        "policy": {
+            k: checked[k] for k in ("on_missing", "on_corrupt", "check", "max_image_pixels")
+        },
+        "labelled": len(index),
+        "ok": len(ok),
+        "missing": {
+            "count": len(missing),
+            "action": checked["on_missing"],
+            "examples": missing[:limit],
+        },
+        **{
+            status: {
+                "count": len(rows),
+                "action": checked["on_corrupt"],
+                "examples": [
+                    {"image_id": row.image_id, "path": row.path, "error": errors[row.image_id]}
+                    for row in rows.head(limit).itertuples(index=False)
+                ],
+            }
+            for status, rows in unreadable_rows.items()
+        },
+        "unlabelled_on_disk": {"count": len(unlabelled), "examples": unlabelled[:limit]},
+        "modes": dict(sorted(Counter(ok["mode"].tolist()).items())),
+        "sizes": dict(
+            sorted(
+                Counter(f"{w}x{h}" for w, h in zip(ok["width"], ok["height"], strict=True)).items()
+            )
+        ),
+    }
 
 
 def split_patients(
@@ -240,29 +266,9 @@ def split_patients(
     """
     checked = check_split_params(params)
     patients = patient_table(labels)
-    counts = patients[list(FINDINGS)].to_numpy()
-    sizes = patients["images"].to_numpy()
-    if checked["mode"] == "official":
-        part = official_assignment(labels, raw_train_val_list, raw_test_list)
-        official_test = set(labels.loc[part.to_numpy() == "test", "image_id"].astype(str))
-        test_patients = set(labels.loc[part.to_numpy() == "test", "patient_id"])
-        is_test = patients.index.isin(list(test_patients))
-        val_fraction = checked["val_fraction"]
-        inner = iterative_stratification(
-            counts[~is_test], sizes[~is_test], (1 - val_fraction, val_fraction), checked["seed"]
-        )
-        patient_split = np.empty(len(patients), dtype=object)
-        patient_split[is_test] = "test"
-        patient_split[~is_test] = np.array(["train", "val"], dtype=object)[inner]
-        fractions = {"val_fraction_of_train_val": val_fraction}
-    else:
-        val_fraction, test_fraction = checked["val_fraction"], checked["test_fraction"]
-        wanted = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
-        assignment = iterative_stratification(counts, sizes, wanted, checked["seed"])
-        patient_split = np.array(SPLIT_NAMES, dtype=object)[assignment]
-        fractions = dict(zip(SPLIT_NAMES, wanted, strict=True))
-        official_test = None
-
+    patient_split, fractions, official_test = _assign_patients(
+        checked, patients, labels, raw_train_val_list, raw_test_list
+    )
     by_patient = pd.Series(patient_split, index=patients.index)
     splits = pd.DataFrame(
         {
@@ -281,6 +287,60 @@ def split_patients(
         raise RuntimeError("internal error: the test split differs from test_list.txt")
 
     report = split_report_table(labels, splits)
+    unrepresented = _unrepresented(report)
+    summary = {
+        "mode": checked["mode"],
+        "seed": checked["seed"],
+        "requested": fractions,
+        "patient_overlap": 0,
+        "splits": _split_counts(report, len(splits)),
+        "unrepresented": unrepresented,
+    }
+    logger.info(
+        "Split %d patients (%s mode): %s",
+        len(patients),
+        checked["mode"],
+        ", ".join(
+            f"{n} {summary['splits'][n]['patients']} patients / {summary['splits'][n]['images']} "
+            "images"
+            for n in SPLIT_NAMES
+        ),
+    )
+    return splits[list(SPLIT_COLUMNS)], report, summary
+
+
+def _assign_patients(
+    checked: dict[str, Any],
+    patients: pd.DataFrame,
+    labels: pd.DataFrame,
+    raw_train_val_list: str,
+    raw_test_list: str,
+) -> tuple[np.ndarray, dict[str, float], set[str] | None]:
+    """(split of each patient, the fractions requested, the official test image ids or None)."""
+    counts = patients[list(FINDINGS)].to_numpy()
+    sizes = patients["images"].to_numpy()
+    if checked["mode"] != "official":
+        val_fraction, test_fraction = checked["val_fraction"], checked["test_fraction"]
+        wanted = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
+        assignment = iterative_stratification(counts, sizes, wanted, checked["seed"])
+        patient_split = np.array(SPLIT_NAMES, dtype=object)[assignment]
+        return patient_split, dict(zip(SPLIT_NAMES, wanted, strict=True)), None
+    part = official_assignment(labels, raw_train_val_list, raw_test_list)
+    official_test = set(labels.loc[part.to_numpy() == "test", "image_id"].astype(str))
+    test_patients = set(labels.loc[part.to_numpy() == "test", "patient_id"])
+    is_test = patients.index.isin(list(test_patients))
+    val_fraction = checked["val_fraction"]
+    inner = iterative_stratification(
+        counts[~is_test], sizes[~is_test], (1 - val_fraction, val_fraction), checked["seed"]
+    )
+    patient_split = np.empty(len(patients), dtype=object)
+    patient_split[is_test] = "test"
+    patient_split[~is_test] = np.array(["train", "val"], dtype=object)[inner]
+    return patient_split, {"val_fraction_of_train_val": val_fraction}, official_test
+
+
+def _unrepresented(report: pd.DataFrame) -> list[dict[str, Any]]:
+    """Findings with no positive image in a split that has images (each logged as a warning)."""
     unrepresented = [
         {"split": row.split, "finding": row.finding, "patients_with_finding": int(total)}
         for row, total in zip(
@@ -299,35 +359,22 @@ def split_patients(
             item["split"],
             item["patients_with_finding"],
         )
+    return unrepresented
+
+
+def _split_counts(report: pd.DataFrame, n_images: int) -> dict[str, Any]:
+    """Patients, images, image fraction and positives per finding of each split (and all)."""
     per_split = report.drop_duplicates("split").set_index("split")
-    total_images = max(len(splits), 1)
-    summary = {
-        "mode": checked["mode"],
-        "seed": checked["seed"],
-        "requested": fractions,
-        "patient_overlap": 0,
-        "splits": {
-            name: {
-                "patients": int(per_split.at[name, "patients"]),
-                "images": int(per_split.at[name, "images"]),
-                "image_fraction": round(int(per_split.at[name, "images"]) / total_images, 6),
-                "positives": {
-                    row.finding: int(row.positives)
-                    for row in report.loc[report["split"] == name].itertuples(index=False)
-                },
-            }
-            for name in (*SPLIT_NAMES, "all")
-        },
-        "unrepresented": unrepresented,
+    total_images = max(n_images, 1)
+    return {
+        name: {
+            "patients": int(per_split.at[name, "patients"]),
+            "images": int(per_split.at[name, "images"]),
+            "image_fraction": round(int(per_split.at[name, "images"]) / total_images, 6),
+            "positives": {
+                row.finding: int(row.positives)
+                for row in report.loc[report["split"] == name].itertuples(index=False)
+            },
+        }
+        for name in (*SPLIT_NAMES, "all")
     }
-    logger.info(
-        "Split %d patients (%s mode): %s",
-        len(patients),
-        checked["mode"],
-        ", ".join(
-            f"{n} {summary['splits'][n]['patients']} patients / {summary['splits'][n]['images']} "
-            "images"
-            for n in SPLIT_NAMES
-        ),
-    )
-    return splits[list(SPLIT_COLUMNS)], report, summary

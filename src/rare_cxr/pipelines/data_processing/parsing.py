@@ -186,8 +186,50 @@ def parse_data_entry(
     frame = _read_csv(text, source)
     if frame.empty:
         raise _fail(source, 2, "the file has a header but no data rows")
-
     names = frame["Image Index"]
+    _check_image_names(frame, names, source)
+    patient_id = _parse_int_column(frame, "Patient ID", source, "patient id")
+    follow_up = _parse_int_column(frame, "Follow-up #", source, "follow-up number")
+    age = _parse_age(frame, names, source)
+    too_old = (age > max_age).fillna(False).astype(bool)
+    sex = _parse_choice(frame, names, "Patient Gender", ("M", "F"), source)
+    view = _parse_choice(frame, names, "View Position", ("PA", "AP"), source)
+
+    findings, finding_counts = _parse_findings(frame, source)
+    has_no_finding = frame["Finding Labels"].str.contains(NO_FINDING, regex=False)
+    no_finding_mixed = has_no_finding & (findings.to_numpy().sum(axis=1) > 0)
+
+    labels = pd.DataFrame(
+        {
+            "image_id": names.astype(str).to_numpy(),
+            "patient_id": patient_id,
+            "follow_up": follow_up,
+            "age": age.where(~too_old, pd.NA).to_numpy(),
+            "sex": sex.to_numpy(),
+            "view": view.to_numpy(),
+        }
+    )
+    labels["age"] = labels["age"].astype("Int64")
+    for finding in FINDINGS:
+        labels[finding] = findings[finding].to_numpy(dtype=np.int8)
+    flags = {
+        "age_above_max": too_old,
+        "age_missing": age.isna() & ~too_old,
+        "no_finding_with_findings": no_finding_mixed,
+        **_file_name_differences(names, patient_id, follow_up),
+    }
+    quality = {
+        "source": source,
+        "rows": len(labels),
+        "patients": int(labels["patient_id"].nunique()),
+        "finding_alias_spellings": finding_counts["aliases"],
+        "oddities": _oddities(frame, names, flags, max_age, examples),
+    }
+    return labels[list(LABEL_COLUMNS)], quality
+
+
+def _check_image_names(frame: pd.DataFrame, names: pd.Series, source: str) -> None:
+    """Every image name is present, a plain file name, and unique."""
     empty = _first((names == "").to_numpy(dtype=bool))
     if empty is not None:
         raise _fail(source, int(frame["row"].iat[empty]), "empty 'Image Index'")
@@ -209,9 +251,9 @@ def parse_data_entry(
             f"duplicate image id {name!r} (first seen at row {first_row})",
         )
 
-    patient_id = _parse_int_column(frame, "Patient ID", source, "patient id")
-    follow_up = _parse_int_column(frame, "Follow-up #", source, "follow-up number")
 
+def _parse_age(frame: pd.DataFrame, names: pd.Series, source: str) -> pd.Series:
+    """'Patient Age' in whole years (`58`, `058Y`; empty = NA) as Int64."""
     age_text = frame["Patient Age"]
     age_match = age_text.str.extract(r"^(\d{1,4})\s*[Yy]?$", expand=False)
     bad_age = _first(((age_text != "") & age_match.isna()).to_numpy(dtype=bool))
@@ -222,106 +264,80 @@ def parse_data_entry(
             f"malformed age {age_text.iat[bad_age]!r} in column 'Patient Age' "
             f"(image {names.iat[bad_age]!r}); expected whole years such as 58 or 058Y",
         )
-    age = pd.to_numeric(age_match, errors="coerce").astype("Int64")
-    too_old = (age > max_age).fillna(False).astype(bool)
-    missing_age = age.isna() & ~too_old
+    return pd.to_numeric(age_match, errors="coerce").astype("Int64")
 
-    sex = frame["Patient Gender"].str.upper()
-    bad_sex = _first((~sex.isin(["M", "F"])).to_numpy(dtype=bool))
-    if bad_sex is not None:
+
+def _parse_choice(
+    frame: pd.DataFrame, names: pd.Series, column: str, allowed: tuple[str, str], source: str
+) -> pd.Series:
+    """`column` upper-cased, every value one of `allowed`."""
+    values = frame[column].str.upper()
+    bad = _first((~values.isin(list(allowed))).to_numpy(dtype=bool))
+    if bad is not None:
         raise _fail(
             source,
-            int(frame["row"].iat[bad_sex]),
-            f"malformed 'Patient Gender' {frame['Patient Gender'].iat[bad_sex]!r} "
-            f"(image {names.iat[bad_sex]!r}); expected M or F",
+            int(frame["row"].iat[bad]),
+            f"malformed {column!r} {frame[column].iat[bad]!r} "
+            f"(image {names.iat[bad]!r}); expected {allowed[0]} or {allowed[1]}",
         )
-    view = frame["View Position"].str.upper()
-    bad_view = _first((~view.isin(["PA", "AP"])).to_numpy(dtype=bool))
-    if bad_view is not None:
-        raise _fail(
-            source,
-            int(frame["row"].iat[bad_view]),
-            f"malformed 'View Position' {frame['View Position'].iat[bad_view]!r} "
-            f"(image {names.iat[bad_view]!r}); expected PA or AP",
-        )
+    return values
 
-    findings, finding_counts = _parse_findings(frame, source)
-    has_no_finding = frame["Finding Labels"].str.contains(NO_FINDING, regex=False)
-    no_finding_mixed = has_no_finding & (findings.to_numpy().sum(axis=1) > 0)
 
-    labels = pd.DataFrame(
-        {
-            "image_id": names.astype(str).to_numpy(),
-            "patient_id": patient_id,
-            "follow_up": follow_up,
-            "age": age.where(~too_old, pd.NA).to_numpy(),
-            "sex": sex.to_numpy(),
-            "view": view.to_numpy(),
-        }
-    )
-    labels["age"] = labels["age"].astype("Int64")
-    for finding in FINDINGS:
-        labels[finding] = findings[finding].to_numpy(dtype=np.int8)
-
-    # Informational: the file name says PPPPPPPP_FFF.png; the CSV is authoritative.
+def _file_name_differences(
+    names: pd.Series, patient_id: Any, follow_up: Any
+) -> dict[str, pd.Series]:
+    """Informational: the file name says PPPPPPPP_FFF.png; the CSV is authoritative."""
     parts = names.str.extract(_FILE_NAME)
     name_follow_up = pd.to_numeric(parts[1], errors="coerce")
     name_patient = pd.to_numeric(parts[0], errors="coerce")
-    follow_up_differs = (name_follow_up.notna() & (name_follow_up != follow_up)).astype(bool)
-    patient_differs = (name_patient.notna() & (name_patient != patient_id)).astype(bool)
-    nonstandard_name = parts[0].isna()
+    return {
+        "follow_up_differs_from_file_name": (
+            name_follow_up.notna() & (name_follow_up != follow_up)
+        ).astype(bool),
+        "patient_id_differs_from_file_name": (
+            name_patient.notna() & (name_patient != patient_id)
+        ).astype(bool),
+        "nonstandard_image_name": parts[0].isna(),
+    }
 
+
+def _oddities(
+    frame: pd.DataFrame,
+    names: pd.Series,
+    flags: dict[str, pd.Series],
+    max_age: int,
+    examples: int,
+) -> dict[str, Any]:
+    """The recorded, not fatal, oddities: each flag's count and first examples."""
     rows = frame[["row"]].assign(
         image_id=names.to_numpy(),
-        age=age_text.to_numpy(),
+        age=frame["Patient Age"].to_numpy(),
         findings=frame["Finding Labels"].to_numpy(),
         follow_up=frame["Follow-up #"].to_numpy(),
         patient=frame["Patient ID"].to_numpy(),
     )
-    oddities = {
-        "age_above_max": _oddity(
-            rows,
-            too_old,
+    what = {
+        "age_above_max": (
             f"age above {max_age} years (known NIH data-entry errors); set to NA",
             "age",
-            examples,
         ),
-        "age_missing": _oddity(rows, missing_age, "no age given; left NA", None, examples),
-        "no_finding_with_findings": _oddity(
-            rows,
-            no_finding_mixed,
+        "age_missing": ("no age given; left NA", None),
+        "no_finding_with_findings": (
             f"{NO_FINDING!r} listed together with findings; the findings are kept",
             "findings",
-            examples,
         ),
-        "follow_up_differs_from_file_name": _oddity(
-            rows,
-            follow_up_differs,
+        "follow_up_differs_from_file_name": (
             "'Follow-up #' differs from the file-name suffix (the 2020 revision renumbered "
             "follow-ups); the CSV value is used",
             "follow_up",
-            examples,
         ),
-        "patient_id_differs_from_file_name": _oddity(
-            rows,
-            patient_differs,
+        "patient_id_differs_from_file_name": (
             "'Patient ID' differs from the file-name prefix; the CSV value is used",
             "patient",
-            examples,
         ),
-        "nonstandard_image_name": _oddity(
-            rows,
-            nonstandard_name,
-            "image name is not PPPPPPPP_FFF.png (accepted as is)",
-            None,
-            examples,
-        ),
+        "nonstandard_image_name": ("image name is not PPPPPPPP_FFF.png (accepted as is)", None),
     }
-    quality = {
-        "source": source,
-        "rows": len(labels),
-        "patients": int(labels["patient_id"].nunique()),
-        "finding_alias_spellings": finding_counts["aliases"],
-        "oddities": oddities,
+    return {
+        key: _oddity(rows, flags[key], text, column, examples)
+        for key, (text, column) in what.items()
     }
-    return labels[list(LABEL_COLUMNS)], quality

@@ -132,7 +132,17 @@ class ReportingParams(Params):
         )
 
 
-def validate_reporting_params(params: Mapping[str, Any] | ReportingParams) -> dict[str, Any]:
-    """Check `params:reporting` (a mapping, or the model Kedro built) before any work and return
-    it as a plain dict with defaults filled in; errors name the offending key."""
-    return check(ReportingParams, params, "reporting").model_dump(exclude={"models"})
+def reporting_params(params: Mapping[str, Any] | ReportingParams | None) -> ReportingParams:
+    """`params:reporting` as a `ReportingParams`: the instance Kedro validated at run start
+    passes through as it is (never validated twice); a mapping (a test, a notebook) or None
+    (the defaults) is validated here, errors naming the offending key. Nodes read it by
+    attribute (`cfg.bootstrap.n_resamples`)."""
+    return check(ReportingParams, params, "reporting")
+
+
+def validate_reporting_params(
+    params: Mapping[str, Any] | ReportingParams | None,
+) -> dict[str, Any]:
+    """`params:reporting` checked and dumped to plain data with defaults filled in: only for
+    what is written out (the model bundle's metadata, the report's parameter section)."""
+    return reporting_params(params).model_dump(exclude={"models"})

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from kedro.pipeline import Node, Pipeline
 
-# the modules, not through the package (whose __init__ imports this module): no import cycle
-import rare_cxr.pipelines.reporting.analysis_nodes as analysis_nodes  # noqa: PLR0402
+# the module, not through the package (whose __init__ imports this module): no import cycle
 import rare_cxr.pipelines.reporting.nodes as nodes  # noqa: PLR0402
 from rare_cxr.pipelines.reporting.params import ReportingParams
 from rare_cxr.runs import DOWNSTREAM_TAG
@@ -55,6 +54,11 @@ FIGURES = (
 
 
 def _model_pipeline() -> Pipeline:
+    """Per model: lineage, metrics and thresholds; the analyses; cost, bundle, Grad-CAM."""
+    return _model_metric_nodes() + _model_analysis_nodes() + _model_artefact_nodes()
+
+
+def _model_metric_nodes() -> Pipeline:
     return Pipeline(
         [
             Node(
@@ -88,6 +92,13 @@ def _model_pipeline() -> Pipeline:
                 name="evaluate_model",
                 tags=["metrics"],
             ),
+        ]
+    )
+
+
+def _model_analysis_nodes() -> Pipeline:
+    return Pipeline(
+        [
             Node(
                 nodes.long_tail_metrics,
                 [
@@ -128,19 +139,26 @@ def _model_pipeline() -> Pipeline:
                 tags=["metrics", "subgroups"],
             ),
             Node(
-                analysis_nodes.calibration_metrics,
+                nodes.calibration_metrics,
                 ["verified_predictions", "labels", "params:reporting"],
                 "calibration",
                 name="calibration_metrics",
                 tags=["metrics", "calibration"],
             ),
             Node(
-                analysis_nodes.underdiagnosis_metrics,
+                nodes.underdiagnosis_metrics,
                 ["verified_predictions", "labels", "thresholds", "params:reporting"],
                 "underdiagnosis",
                 name="underdiagnosis_metrics",
                 tags=["metrics", "subgroups", "underdiagnosis"],
             ),
+        ]
+    )
+
+
+def _model_artefact_nodes() -> Pipeline:
+    return Pipeline(
+        [
             Node(
                 nodes.measure_cost,
                 ["checkpoint", "lineage", "params:reporting"],
@@ -242,36 +260,25 @@ def create_pipeline(
     histories = {m: f"{m}.verified_history" for m in models}
     predictions = {m: f"{m}.verified_predictions" for m in models}
     metric_inputs = {f"{m}__{k}": f"{m}.{k}" for m in models for k in ("metrics", "cost")}
-    long_tail_inputs = {f"{m}__long_tail": f"{m}.long_tail" for m in models}
-    subgroup_inputs = {f"{m}__subgroups": f"{m}.subgroups" for m in models}
-    calibration_inputs = {f"{m}__calibration": f"{m}.calibration" for m in models}
-    underdiagnosis_inputs = {f"{m}__underdiagnosis": f"{m}.underdiagnosis" for m in models}
-    ranking_inputs = {
-        "labels": "labels",
-        "reporting": "params:reporting",
-        **long_tail_inputs,
-        **{f"{m}__predictions": f"{m}.verified_predictions" for m in models},
-        **{f"{m}__thresholds": f"{m}.thresholds" for m in models},
-    }
-    reliability_inputs = {
-        "labels": "labels",
-        "rare_findings": "rare_findings",
-        "reporting": "params:reporting",
-        **calibration_inputs,
-        **{f"{m}__predictions": f"{m}.verified_predictions" for m in models},
-    }
-    paired_inputs = {
-        "labels": "labels",
-        "reporting": "params:reporting",
-        **{f"{m}__predictions": f"{m}.verified_predictions" for m in models},
-        **{f"{m}__thresholds": f"{m}.thresholds" for m in models},
-    }
-    localisation_inputs = {
-        "reporting": "params:reporting",
-        **{f"{m}__localisation": f"{m}.localisation" for m in models},
-    }
-    expert_inputs = {f"{m}__expert_labels": f"{m}.expert_labels" for m in models}
-    report_inputs = {
+    with warnings.catch_warnings():
+        # The combined nodes read other namespaces' datasets by their full dotted names on
+        # purpose; Kedro warns about any dotted name outside a namespace.
+        warnings.filterwarnings("ignore", message="One or more dataset names contain")
+        combined = (
+            _combined_table_nodes(metric_inputs)
+            + _combined_figure_nodes(histories, predictions, _report_inputs(models))
+            + _combined_paired_nodes(models, pairs)
+            + _combined_analysis_nodes(models)
+        )
+    # `downstream`: these nodes only read models' outputs and write their own, so a reporting
+    # run waits only for the models being trained right now (rare_cxr.runs.plan_locks)
+    combined = Pipeline(combined, tags=[DOWNSTREAM_TAG])
+    return Pipeline(per_model + combined, tags=["reporting"])
+
+
+def _report_inputs(models: Sequence[str]) -> dict[str, str]:
+    """`render_report`'s inputs: every combined table, the figures, Grad-CAMs and cards."""
+    return {
         "all_metrics": "metrics_all",
         "localisation": "localisation_table",
         "expert_labels": "expert_label_table",
@@ -293,96 +300,119 @@ def create_pipeline(
         **{f"{m}__gradcam": f"{m}.gradcam" for m in models},
         **{f"{m}__model_card": f"{m}.model_card" for m in models},
     }
-    with warnings.catch_warnings():
-        # The combined nodes read other namespaces' datasets by their full dotted names on
-        # purpose; Kedro warns about any dotted name outside a namespace.
-        warnings.filterwarnings("ignore", message="One or more dataset names contain")
-        combined = _combined_pipeline(histories, predictions, metric_inputs, report_inputs)
-        combined += Pipeline(
-            [
-                Node(
-                    nodes.build_long_tail_tables,
-                    long_tail_inputs,
-                    ["long_tail_table", "long_tail_findings"],
-                    name="build_long_tail_tables",
-                    tags=["tables", "long_tail"],
-                ),
-                Node(
-                    nodes.build_localisation_table,
-                    localisation_inputs,
-                    "localisation_table",
-                    name="build_localisation_table",
-                    tags=["tables", "localisation"],
-                ),
-                Node(
-                    nodes.build_expert_table,
-                    expert_inputs,
-                    "expert_label_table",
-                    name="build_expert_table",
-                    tags=["tables", "expert_labels"],
-                ),
-                Node(
-                    _paired_comparison_of(pairs),
-                    paired_inputs,
-                    "paired_comparison",
-                    name="paired_comparison",
-                    tags=["metrics", "paired"],
-                ),
-                Node(
-                    nodes.plot_paired_forest,
-                    "paired_comparison",
-                    "paired_forest",
-                    name="plot_paired_forest",
-                    tags=["figures", "paired"],
-                ),
-                Node(
-                    nodes.build_subgroup_table,
-                    subgroup_inputs,
-                    "subgroup_table",
-                    name="build_subgroup_table",
-                    tags=["tables", "subgroups"],
-                ),
-                Node(
-                    analysis_nodes.build_long_tail_ranking,
-                    ranking_inputs,
-                    "long_tail_ranking",
-                    name="build_long_tail_ranking",
-                    tags=["tables", "long_tail", "paired"],
-                ),
-                Node(
-                    _method_comparison_of(pairs),
-                    ranking_inputs,
-                    "method_comparison",
-                    name="build_method_comparison",
-                    tags=["tables", "long_tail", "calibration", "paired"],
-                ),
-                Node(
-                    analysis_nodes.build_calibration_table,
-                    calibration_inputs,
-                    "calibration_table",
-                    name="build_calibration_table",
-                    tags=["tables", "calibration"],
-                ),
-                Node(
-                    analysis_nodes.plot_reliability_rare,
-                    reliability_inputs,
-                    "reliability_rare",
-                    name="plot_reliability_rare",
-                    tags=["figures", "calibration"],
-                ),
-                Node(
-                    analysis_nodes.build_underdiagnosis_table,
-                    underdiagnosis_inputs,
-                    "underdiagnosis_table",
-                    name="build_underdiagnosis_table",
-                    tags=["tables", "subgroups", "underdiagnosis"],
-                ),
-            ]
-        )
-    # `downstream`: these nodes only read models' outputs and write their own, so a reporting
-    # run waits only for the models being trained right now (rare_cxr.runs.plan_locks)
-    combined = Pipeline(combined, tags=[DOWNSTREAM_TAG])
-    return Pipeline(per_model + combined, tags=["reporting"])
+
+
+def _per_model(models: Sequence[str], *kinds: str) -> dict[str, str]:
+    """`{<model>__<kind>: <model>.<dataset>}` inputs of a combined node; a kind of the form
+    `kind=dataset` reads another dataset name (`predictions=verified_predictions`)."""
+    out = {}
+    for kind in kinds:
+        name, _, dataset = kind.partition("=")
+        out.update({f"{m}__{name}": f"{m}.{dataset or name}" for m in models})
+    return out
+
+
+def _combined_paired_nodes(models: Sequence[str], pairs: list[tuple[str, str]]) -> Pipeline:
+    """The paired tests: each model against its reference (per finding, and on what a long-tail
+    method changes), and the long-tail ranking."""
+    shared = {"labels": "labels", "reporting": "params:reporting"}
+    predictions = "predictions=verified_predictions"
+    return Pipeline(
+        [
+            Node(
+                _paired_comparison_of(pairs),
+                {**shared, **_per_model(models, predictions, "thresholds")},
+                "paired_comparison",
+                name="paired_comparison",
+                tags=["metrics", "paired"],
+            ),
+            Node(
+                nodes.plot_paired_forest,
+                "paired_comparison",
+                "paired_forest",
+                name="plot_paired_forest",
+                tags=["figures", "paired"],
+            ),
+            Node(
+                nodes.build_long_tail_ranking,
+                {**shared, **_per_model(models, "long_tail", predictions, "thresholds")},
+                "long_tail_ranking",
+                name="build_long_tail_ranking",
+                tags=["tables", "long_tail", "paired"],
+            ),
+            Node(
+                _method_comparison_of(pairs),
+                {**shared, **_per_model(models, "long_tail", predictions, "thresholds")},
+                "method_comparison",
+                name="build_method_comparison",
+                tags=["tables", "long_tail", "calibration", "paired"],
+            ),
+        ]
+    )
+
+
+def _combined_analysis_nodes(models: Sequence[str]) -> Pipeline:
+    """The combined tables of the analyses (long tail, localisation, expert labels,
+    subgroups, calibration, underdiagnosis)."""
+    shared = {"labels": "labels", "reporting": "params:reporting"}
+    predictions = "predictions=verified_predictions"
+    return Pipeline(
+        [
+            Node(
+                nodes.build_long_tail_tables,
+                _per_model(models, "long_tail"),
+                ["long_tail_table", "long_tail_findings"],
+                name="build_long_tail_tables",
+                tags=["tables", "long_tail"],
+            ),
+            Node(
+                nodes.build_localisation_table,
+                {"reporting": "params:reporting", **_per_model(models, "localisation")},
+                "localisation_table",
+                name="build_localisation_table",
+                tags=["tables", "localisation"],
+            ),
+            Node(
+                nodes.build_expert_table,
+                _per_model(models, "expert_labels"),
+                "expert_label_table",
+                name="build_expert_table",
+                tags=["tables", "expert_labels"],
+            ),
+            Node(
+                nodes.build_subgroup_table,
+                _per_model(models, "subgroups"),
+                "subgroup_table",
+                name="build_subgroup_table",
+                tags=["tables", "subgroups"],
+            ),
+            Node(
+                nodes.build_calibration_table,
+                _per_model(models, "calibration"),
+                "calibration_table",
+                name="build_calibration_table",
+                tags=["tables", "calibration"],
+            ),
+            Node(
+                nodes.plot_reliability_rare,
+                {
+                    **shared,
+                    "rare_findings": "rare_findings",
+                    **_per_model(models, "calibration", predictions),
+                },
+                "reliability_rare",
+                name="plot_reliability_rare",
+                tags=["figures", "calibration"],
+            ),
+            Node(
+                nodes.build_underdiagnosis_table,
+                _per_model(models, "underdiagnosis"),
+                "underdiagnosis_table",
+                name="build_underdiagnosis_table",
+                tags=["tables", "subgroups", "underdiagnosis"],
+            ),
+        ]
+    )
 
 
 def _paired_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.DataFrame]:
@@ -399,24 +429,18 @@ def _paired_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.Data
 
 
 def _method_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.DataFrame]:
-    """`analysis_nodes.build_method_comparison` with the pairs bound (see
-    `_paired_comparison_of`)."""
+    """`nodes.build_method_comparison` with the pairs bound (see `_paired_comparison_of`)."""
 
     def build_method_comparison(
         labels: pd.DataFrame, reporting: ReportingParams, **inputs: Any
     ) -> pd.DataFrame:
-        return analysis_nodes.build_method_comparison(labels, reporting, pairs=pairs, **inputs)
+        return nodes.build_method_comparison(labels, reporting, pairs=pairs, **inputs)
 
     return build_method_comparison
 
 
-def _combined_pipeline(
-    histories: dict[str, str],
-    predictions: dict[str, str],
-    metric_inputs: dict[str, str],
-    report_inputs: dict[str, str],
-) -> Pipeline:
-    """The once-per-run nodes: shared inputs, combined tables, figures, report."""
+def _combined_table_nodes(metric_inputs: dict[str, str]) -> Pipeline:
+    """The once-per-run nodes: shared inputs, the metrics of every model, the summary tables."""
     return Pipeline(
         [
             Node(
@@ -461,6 +485,16 @@ def _combined_pipeline(
                 name="build_rare_findings_table",
                 tags=["tables"],
             ),
+        ]
+    )
+
+
+def _combined_figure_nodes(
+    histories: dict[str, str], predictions: dict[str, str], report_inputs: dict[str, str]
+) -> Pipeline:
+    """The figures of every model together, and the report that embeds them."""
+    return Pipeline(
+        [
             Node(
                 nodes.plot_validation_curves,
                 histories,

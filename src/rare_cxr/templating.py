@@ -1,5 +1,6 @@
-"""The documents of the inference side (model card, inference report) are Jinja2 templates
-filled with plain data; text that comes from a file or a bundle is escaped, never interpreted.
+"""Every document rare-cxr writes (report.html, the inference report, the model card) is a
+Jinja2 template filled with plain data; text that comes from a file or a bundle is escaped,
+never interpreted.
 
 Why templates: a bundle's metadata (model name, data source, subgroup names...) and file names
 are input, not markup. Built from string pieces, a source such as
@@ -7,7 +8,8 @@ are input, not markup. Built from string pieces, a source such as
 image in the card. Here escaping is the default, not a call someone can forget:
 
 * HTML templates (`*.html.j2`): Jinja2's autoescape. `|safe` is used only on fragments this
-  package rendered itself (the card's HTML, from escaped Markdown, and fixed CSS).
+  package rendered itself (the card's HTML, from escaped Markdown); tables go through the
+  `table` filter (pandas' `to_html(escape=True)`, marked safe there).
 * Markdown templates (`*.md.j2`): every `{{ value }}` goes through `finalize`, which escapes
   it as Markdown text (`md_escape`: whitespace collapsed to one space, so a value cannot start
   a block; every character that can open a link, image, emphasis, code, HTML tag, table cell,
@@ -15,7 +17,9 @@ image in the card. Here escaping is the default, not a call someone can forget:
   escaped too). Only values already turned into Markdown by this module's filters (`MdSafe`:
   numbers, code spans) pass unchanged.
 
-Templates live in `rare_cxr/inference/templates/` (package data, see pyproject.toml).
+Templates live in `rare_cxr/templates/` (package data, see pyproject.toml): `report.html.j2`,
+`inference_report.html.j2`, `model_card.md.j2`, and `style.css` (the pages' shared inline
+style: a report stays one self-contained file).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-TEMPLATE_PACKAGE = ("rare_cxr.inference", "templates")
+TEMPLATE_PACKAGE = ("rare_cxr", "templates")
 
 
 class MdSafe(Markup):
@@ -131,6 +135,12 @@ def _md_ci(value: Any, ci: Sequence[Any] | None = None, digits: int = 3) -> MdSa
     return MdSafe(fmt_ci(value, ci, digits))
 
 
+def html_table(frame: Any) -> Markup:
+    """A DataFrame as an HTML table, every cell escaped (pandas' `escape=True`); `n/a` for a
+    missing value. The one place a table becomes markup."""
+    return Markup(frame.to_html(index=False, na_rep="n/a", border=0, escape=True))
+
+
 @cache
 def _environment(markdown: bool) -> jinja2.Environment:
     """One environment per document kind, built on first use."""
@@ -148,7 +158,7 @@ def _environment(markdown: bool) -> jinja2.Environment:
         env.filters.update(code=md_code, num=_md_number, ci=_md_ci)
     else:
         env = jinja2.Environment(**common)
-        env.filters.update(num=fmt_number, ci=fmt_ci)
+        env.filters.update(num=fmt_number, ci=fmt_ci, table=html_table)
     return env
 
 
