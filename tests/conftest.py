@@ -118,7 +118,7 @@ class KedroProject:
 
     def enable_tracking(self) -> None:
         """MLflow tracking as a user gets it (conf/base), instead of the tests' default off."""
-        for env in ("local", "nih", "longtail"):
+        for env in ("local", "nih", "longtail", "phantom_study"):
             (self.path / "conf" / env / TRACKING_OFF).unlink()
 
     def write_local_params(self, params: dict[str, Any]) -> None:
@@ -158,7 +158,7 @@ def make_project(project: Path) -> KedroProject:
     # Experiment tracking off (for the default run and --env nih): MLflow costs ~2-4 s to import
     # and ~7 s to create a store, in every temporary project of every test.
     # tests/test_tracking.py turns it on (`enable_tracking`).
-    for env in ("local", "nih", "longtail"):
+    for env in ("local", "nih", "longtail", "phantom_study"):
         (project / "conf" / env / TRACKING_OFF).write_text("tracking:\n  enabled: false\n")
     for env in ("base", "nih"):  # each environment's data folder, with Kedro's layer folders
         for layer in DATA_LAYERS:

@@ -275,7 +275,7 @@ def test_pipeline_per_model_namespaces_and_inputs():
         ),
     }
     assert pipe.inputs() == expected
-    assert len(create_pipeline(roster()).nodes) == 12 * len(ALL_MODELS) + 24
+    assert len(create_pipeline(roster()).nodes) == 12 * len(ALL_MODELS) + 26
     with pytest.raises(ValueError, match="unknown model"):
         create_pipeline(roster(), models=["resnet9000"])
 

@@ -36,6 +36,15 @@ PAIRED = (
     "to be trusted, however small. Overlapping marginal intervals in Table 1 do not "
     "mean 'no difference', and separate ones do not prove one."
 )
+LESION_SIZE = (
+    "Where the pyramid helps: each model minus its reference on the localised findings, split "
+    "by the size of the planted lesion (the area of the image's largest box of the finding, in "
+    "the box list's pixels; size_bin 1 = the smallest third of that finding's boxed positive "
+    "test images). Each bin's positives are ranked against every negative test image, so the "
+    "AUROCs of one finding differ only in which lesions they must find. Paired patient "
+    "bootstrap (seed s with seed s, the same resamples for both models), conditional on the "
+    "trained weights like the paired comparison; a bin with few positive_patients says little."
+)
 LONG_TAIL = (
     "Findings grouped by training prevalence (reporting.long_tail); group means of "
     "AUROC, AUPRC — named mAP, as the CXR-LT challenges do: the mean over the "
@@ -157,10 +166,17 @@ def analysis_sections(
     tables: Mapping[str, pd.DataFrame | None], min_positives: int
 ) -> list[Section]:
     """The sections whose table is present and not empty, in reading order. `tables` by the
-    report node's input names (`paired_comparison`, `long_tail`, ..., `class_weights`)."""
+    report node's input names (`paired_comparison`, `lesion_size_delta`, `long_tail`, ...,
+    `class_weights`)."""
     t = dict(tables)
     candidates: list[tuple[str, str, Any, Any]] = [
         ("Paired comparison", PAIRED, t.get("paired_comparison"), _round3),
+        (
+            "Paired comparison by planted lesion size",
+            LESION_SIZE,
+            t.get("lesion_size_delta"),
+            _round3,
+        ),
         (
             "Long tail: head / medium / tail findings",
             LONG_TAIL,

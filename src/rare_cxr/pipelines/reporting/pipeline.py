@@ -288,6 +288,7 @@ def _report_inputs(models: Sequence[str]) -> dict[str, str]:
         "subgroups": "subgroup_table",
         "long_tail_ranking": "long_tail_ranking",
         "method_comparison": "method_comparison",
+        "lesion_size_delta": "lesion_size_delta",
         "calibration": "calibration_table",
         "underdiagnosis": "underdiagnosis_table",
         "table1": "table1",
@@ -313,8 +314,8 @@ def _per_model(models: Sequence[str], *kinds: str) -> dict[str, str]:
 
 
 def _combined_paired_nodes(models: Sequence[str], pairs: list[tuple[str, str]]) -> Pipeline:
-    """The paired tests: each model against its reference (per finding, and on what a long-tail
-    method changes), and the long-tail ranking."""
+    """The paired tests: each model against its reference (per finding, by planted lesion size,
+    and on what a long-tail method changes), and the long-tail ranking."""
     shared = {"labels": "labels", "reporting": "params:reporting"}
     predictions = "predictions=verified_predictions"
     return Pipeline(
@@ -325,6 +326,17 @@ def _combined_paired_nodes(models: Sequence[str], pairs: list[tuple[str, str]]) 
                 "paired_comparison",
                 name="paired_comparison",
                 tags=["metrics", "paired"],
+            ),
+            Node(
+                _lesion_size_delta_of(pairs),
+                {
+                    **shared,
+                    "raw_bbox_list": "raw_bbox_list",
+                    **_per_model(models, predictions, "thresholds"),
+                },
+                "lesion_size_delta",
+                name="lesion_size_delta",
+                tags=["metrics", "paired", "localisation"],
             ),
             Node(
                 nodes.plot_paired_forest,
@@ -426,6 +438,17 @@ def _paired_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.Data
         return nodes.paired_comparison(labels, reporting, pairs=pairs, **inputs)
 
     return paired_comparison
+
+
+def _lesion_size_delta_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.DataFrame]:
+    """`nodes.lesion_size_delta` with the pairs bound (see `_paired_comparison_of`)."""
+
+    def lesion_size_delta(
+        labels: pd.DataFrame, raw_bbox_list: str, reporting: ReportingParams, **inputs: Any
+    ) -> pd.DataFrame:
+        return nodes.lesion_size_delta(labels, raw_bbox_list, reporting, pairs=pairs, **inputs)
+
+    return lesion_size_delta
 
 
 def _method_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.DataFrame]:

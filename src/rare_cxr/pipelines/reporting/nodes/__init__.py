@@ -7,6 +7,7 @@
 * `paired`: each model against its reference on the same patients;
 * `long_tail`, `subgroups` (and underdiagnosis), `labels_and_boxes` (expert labels,
   localisation), `calibration`: the analyses beyond the paper;
+* `lesion_size`: ΔAUROC by planted lesion size (where boxes exist);
 * `explanations`: the Grad-CAM figure; `bundle`: model bundle and card;
 * `figures`: the combined figures; `report`: report.html.
 
@@ -39,6 +40,7 @@ from rare_cxr.pipelines.reporting.nodes.labels_and_boxes import (
     expert_label_metrics,
     localisation_metrics,
 )
+from rare_cxr.pipelines.reporting.nodes.lesion_size import lesion_size_delta
 from rare_cxr.pipelines.reporting.nodes.lineage import LineageError, verify_lineage
 from rare_cxr.pipelines.reporting.nodes.long_tail import (
     build_long_tail_ranking,
@@ -87,6 +89,7 @@ __all__ = [
     "evaluate_model",
     "expert_label_metrics",
     "gradcam_examples",
+    "lesion_size_delta",
     "localisation_metrics",
     "long_tail_metrics",
     "measure_cost",

@@ -52,6 +52,7 @@ def render_report(
     calibration: pd.DataFrame | None = None,
     underdiagnosis: pd.DataFrame | None = None,
     method_comparison: pd.DataFrame | None = None,
+    lesion_size_delta: pd.DataFrame | None = None,
     **pngs: bytes,
 ) -> str:
     """report.html: the summary first, then tables, every saved figure (PNG bytes of this
@@ -67,6 +68,7 @@ def render_report(
         "long_tail": long_tail,
         "long_tail_ranking": long_tail_ranking,
         "method_comparison": method_comparison,
+        "lesion_size_delta": lesion_size_delta,
         "long_tail_findings": long_tail_findings,
         "subgroups": subgroups,
         "underdiagnosis": underdiagnosis,
