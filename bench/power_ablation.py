@@ -5,7 +5,8 @@ and what that costs on 2 CPU cores. Prints the arithmetic that docs/results.md q
     python bench/power_ablation.py --delta 0.05 --patients 1000
 
 Inputs (defaults, all from docs/results.md "The ablation pair, three seeds" and "Phantom results",
-and /work/shared STACK-NOTES' CPU costs, which docs/benchmarks.md's img/s agree with):
+and the team's stack notes' CPU costs, measured on this project's 2-core machines, which
+docs/benchmarks.md's img/s agree with):
 
 * the paired macro ΔAUROC interval of the default run (seed 42): [-0.070, 0.080] on 33 test
   patients -> SE0 by `power.se_from_interval`;
