@@ -73,6 +73,8 @@ def test_nih_resolves_to_the_paper_protocol_at_full_size():
     for name in ("resnet_single_scale", "vgg16", "inception_v3", "densenet121", "efficientnet_b0"):
         assert nih[name]["model"]["pretrained"] == "imagenet", name
         assert nih[name]["model"]["name"] == name
+        # the phantom's BatchNorm momentum (8 steps per epoch from scratch) stays on the phantom
+        assert nih[name]["model"].get("batchnorm_momentum") is None, name
     assert nih["resnet_single_scale"]["model"]["scales"] == [448]
 
 
