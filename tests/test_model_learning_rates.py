@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from click import Context, Option
 
+from rare_cxr.cli import split_params
 from rare_cxr.pipelines.training.nodes import model_training_params
 
 MODELS = (
@@ -26,16 +26,8 @@ MODELS = (
 
 
 def cli_params(text: str) -> dict[str, Any]:
-    """`--params TEXT` exactly as `kedro run` parses it (its own click callback)."""
-    from kedro.framework.cli.utils import _split_params
-
-    return _split_params(Context(_cli_command()), Option(["--params"]), text)
-
-
-def _cli_command():
-    from kedro.framework.cli.project import run
-
-    return run
+    """`--params TEXT` exactly as this project's `kedro run` parses it (`rare_cxr.cli`)."""
+    return split_params(None, None, text)
 
 
 def effective_lrs(env: str | None, params: str = "") -> dict[str, float]:
