@@ -237,3 +237,106 @@ def test_inception_imagenet_aux_head_is_listed_as_unexpected_not_loaded(tmp_path
     assert aux and aux <= set(report.unexpected)
     assert not any(k.startswith("AuxLogits.") for k in report.loaded)
     assert "Conv2d_1a_3x3.conv.weight" in report.adapted  # RGB stem folded to grey
+
+
+# Every architecture with BatchNorm, at its smallest cheap size (both BatchNorm modes of the
+# multi-scale trunk: per_scale builds one BatchNorm set per scale).
+BATCHNORM_SPECS = [
+    {"architecture": "multiscale_resnet", "scales": [16, 32], "batchnorm": "shared"},
+    {"architecture": "multiscale_resnet", "scales": [16, 32], "batchnorm": "per_scale"},
+    {"architecture": "multiscale_resnet", "scales": [16, 32], "shared_trunk": False},
+    {"architecture": "inception_v3", "scales": [75]},
+    {"architecture": "densenet121", "scales": [32]},
+    {"architecture": "efficientnet_b0", "scales": [32]},
+]
+
+
+@pytest.mark.parametrize("spec", BATCHNORM_SPECS, ids=lambda s: str(s.get("batchnorm", s)))
+def test_batchnorm_momentum_reaches_every_batchnorm_layer(spec):
+    default = build_model(spec)
+    tuned = build_model({**spec, "batchnorm_momentum": 0.37})
+    layers = [m for m in tuned.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert layers, "the architecture has BatchNorm layers to reach"
+    assert {m.momentum for m in layers} == {0.37}
+    # the same layers exist without the key, at torchvision's own 0.1: nothing else changed
+    assert {
+        m.momentum
+        for m in default.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    } == {0.1}
+    assert sum(1 for m in default.modules() if isinstance(m, torch.nn.BatchNorm2d)) == len(layers)
+    # it goes into the spec the checkpoint keeps, so a reload builds the same model
+    assert tuned.spec["batchnorm_momentum"] == 0.37
+
+
+def test_batchnorm_momentum_changes_the_running_statistics_update():
+    # one training-mode batch moves the running mean by exactly `momentum` of the batch mean
+    model = build_model({"architecture": "densenet121", "scales": [32], "batchnorm_momentum": 0.5})
+    model.train()
+    model(_x(4, 32))
+    first = model.net.features.norm0
+    assert first.running_var is not None
+    batch_mean = None
+
+    def grab(module, inputs, output):
+        nonlocal batch_mean
+        batch_mean = inputs[0].mean(dim=(0, 2, 3))
+
+    hook = first.register_forward_hook(grab)
+    before = first.running_mean.clone()
+    model(_x(4, 32))
+    hook.remove()
+    torch.testing.assert_close(first.running_mean, 0.5 * before + 0.5 * batch_mean)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (
+            {"name": "m", "architecture": "efficientnet_b0", "scales": [64]},
+            {
+                "name": "m",
+                "architecture": "efficientnet_b0",
+                "scales": [64],
+                "dropout": 0.0,
+                "pretrained": "none",
+            },
+        ),
+        (
+            {"name": "m", "architecture": "multiscale_resnet", "scales": [64, 128]},
+            {
+                "name": "m",
+                "architecture": "multiscale_resnet",
+                "scales": [64, 128],
+                "backbone": "resnet18",
+                "fusion": "concat",
+                "shared_trunk": True,
+                "batchnorm": "shared",
+                "dropout": 0.0,
+                "pretrained": "none",
+            },
+        ),
+    ],
+)
+def test_a_spec_without_batchnorm_momentum_keeps_its_fingerprint(spec, expected):
+    # The spec's plain dict is what the training fingerprint hashes (resume, reuse of finished
+    # trainings): adding the optional key must not change it for specs that do not use it.
+    assert validate_model_spec(spec) == expected
+    assert validate_model_spec({**spec, "batchnorm_momentum": None}) == expected
+    assert validate_model_spec({**spec, "batchnorm_momentum": 0.5}) == {
+        **expected,
+        "batchnorm_momentum": 0.5,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "key"),
+    [
+        ({"architecture": "vgg16", "scales": [64], "batchnorm_momentum": 0.5}, "no BatchNorm"),
+        ({"architecture": "densenet121", "scales": [64], "batchnorm_momentum": 0}, "momentum"),
+        ({"architecture": "densenet121", "scales": [64], "batchnorm_momentum": 1.5}, "momentum"),
+    ],
+)
+def test_invalid_batchnorm_momentum_names_the_key(spec, key):
+    with pytest.raises(ValueError, match=f"batchnorm_momentum.*{key}|{key}"):
+        validate_model_spec({"name": "m", **spec})

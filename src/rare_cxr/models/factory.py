@@ -9,6 +9,7 @@ A spec is the plain dict of `params:<model>.model`:
     fusion: concat|mean|attention # multiscale_resnet only
     shared_trunk: true            # multiscale_resnet only
     batchnorm: shared|per_scale   # multiscale_resnet only: BatchNorm of a shared trunk
+    batchnorm_momentum: 0.5       # optional, not vgg16: momentum of BatchNorm running stats
     dropout: 0.0                  # before the classifier
     pretrained: none | imagenet | /path/to/state_dict.pt
 
@@ -145,6 +146,8 @@ ARCHITECTURES = ("multiscale_resnet", *BASELINES)
 
 ScaleList = Annotated[list[Annotated[int, Field(gt=0)]], Field(strict=False, min_length=1)]
 MULTISCALE_ONLY = ("backbone", "fusion", "shared_trunk", "batchnorm")
+# torchvision's plain VGG16 (no `_bn`): a `batchnorm_momentum` there would silently do nothing
+WITHOUT_BATCHNORM = ("vgg16",)
 
 
 class ModelSpec(Params):
@@ -161,6 +164,10 @@ class ModelSpec(Params):
     fusion: Literal[FUSIONS] | None = None  # type: ignore[valid-type]
     shared_trunk: bool | None = None
     batchnorm: Literal[BATCHNORM_MODES] | None = None  # type: ignore[valid-type]
+    # Momentum of every BatchNorm layer's running statistics (PyTorch's convention: the weight of
+    # the newest batch); None = the architecture's own (0.1 for every torchvision model here).
+    # See docs/training.md, "BatchNorm running statistics in a short training".
+    batchnorm_momentum: float | None = Field(None, gt=0.0, le=1.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     pretrained: str = Field("none", min_length=1)  # none | imagenet | /path/to/state_dict.pt
     training: TrainingOverrides | None = None
@@ -178,6 +185,8 @@ class ModelSpec(Params):
     @model_validator(mode="after")
     def _architecture_keys(self) -> ModelSpec:
         arch = self.architecture
+        if self.batchnorm_momentum is not None and arch in WITHOUT_BATCHNORM:
+            raise KeyProblem("batchnorm_momentum", f"{arch} has no BatchNorm layer")
         if arch == "multiscale_resnet":
             return self
         for key in MULTISCALE_ONLY:
@@ -207,6 +216,9 @@ class ModelSpec(Params):
                 shared_trunk=True if self.shared_trunk is None else self.shared_trunk,
                 batchnorm=self.batchnorm or "shared",
             )
+        if self.batchnorm_momentum is not None:
+            # only when set: a spec without it keeps its training fingerprint (resume, reuse)
+            out["batchnorm_momentum"] = float(self.batchnorm_momentum)
         out.update(dropout=float(self.dropout), pretrained=self.pretrained)
         return out
 
@@ -231,6 +243,21 @@ def validate_model_spec(spec: Mapping[str, Any] | ModelSpec) -> dict[str, Any]:
             f"model: expected a mapping of model parameters, got {type(spec).__name__}"
         )
     return check(ModelSpec, spec, spec_where(spec)).as_dict()
+
+
+def set_batchnorm_momentum(model: nn.Module, momentum: float) -> int:
+    """Set the running-statistics momentum of every BatchNorm layer of `model`; returns how many.
+
+    Why a model-wide knob: eval mode (validation, early stopping, prediction) normalises with the
+    running statistics, which start at mean 0 / variance 1 and move towards the batch statistics
+    by `momentum` per training step. A short training (the phantom: 8 steps per epoch) with
+    layers whose activations are far from variance 1 at initialisation ends an epoch with
+    statistics that still mostly reflect the initial values (docs/training.md).
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)
 
 
 def build_model(spec: Mapping[str, Any], load_weights: bool = True) -> nn.Module:
@@ -258,6 +285,8 @@ def build_model(spec: Mapping[str, Any], load_weights: bool = True) -> nn.Module
             net.set_submodule(head, nn.Sequential(nn.Dropout(spec["dropout"]), head_module))
             head = f"{head}.1"
         model = SingleScaleNet(net, spec["scales"][0], cam, head, normalisation_for(arch))
+    if spec.get("batchnorm_momentum") is not None:
+        set_batchnorm_momentum(model, spec["batchnorm_momentum"])
     model.spec = spec  # plain dict: goes into checkpoint metadata
     if load_weights and spec["pretrained"] != "none":
         from rare_cxr.models.transfer import load_pretrained
