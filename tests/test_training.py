@@ -372,3 +372,19 @@ def test_changed_settings_start_afresh_naming_what_changed_and_keep_the_old_stat
         )
     assert "data.arrays" in caplog.text and "augmentation" in caplog.text
     assert len(_state_files(tmp_path)) == 4
+
+
+def test_max_steps_per_epoch_caps_the_optimiser_steps_and_is_fingerprinted(tmp_path):
+    """The benchmark cap (conf/rehearsal): 96 training images in batches of 16 are 6 steps; a
+    cap of 2 makes 2 per epoch (32 images seen), and the capped training is its own state."""
+    cache = blob_cache(n_train=96, n_val=16)
+    steps: list[tuple[int, int]] = []
+    on_step = TrainingCallbacks(on_step=lambda epoch, step: steps.append((epoch, step)))
+    fit(TINY_SPEC, cache, None, tiny_params(tmp_path, max_steps_per_epoch=2), callbacks=on_step)
+    assert steps == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    steps.clear()
+    fit(TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=1), callbacks=on_step)
+    assert steps == [(0, s) for s in range(6)]  # uncapped: not the capped state reused
+    assert len(_state_files(tmp_path)) == 2
+    with pytest.raises(ValueError, match="max_steps_per_epoch"):
+        validate_training_params({"max_steps_per_epoch": 0})

@@ -384,7 +384,13 @@ def training_settings(
         "model": dict(spec),
         # what the model is fed: part of the result even when the spec does not say it
         "normalisation": normalisation_for(spec["architecture"]),
-        "training": {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS},
+        # an unset step cap is left out, so that trainings fingerprinted before it existed
+        # are still resumed and reused
+        "training": {
+            k: v
+            for k, v in cfg.items()
+            if k not in NON_RESULT_KEYS and not (k == "max_steps_per_epoch" and v is None)
+        },
         "data": data_fingerprint(cache),
         "augmentation": dict(policy) if isinstance(policy, Mapping) else repr(augment),
         "processes": world,
@@ -865,6 +871,8 @@ class _Trainer:
                 self.accumulation,
             )
         )
+        if cfg.get("max_steps_per_epoch"):
+            steps_per_epoch = min(steps_per_epoch, int(cfg["max_steps_per_epoch"]))
         schedule = LRSchedule(
             self.optimizer, cfg["optimizer"]["lr"], cfg["schedule"], steps_per_epoch, stage.epochs
         )
@@ -986,6 +994,8 @@ class _Trainer:
             world,
             self.accumulation,
         )
+        if cfg.get("max_steps_per_epoch"):  # a benchmark's cap (conf/rehearsal): the first steps
+            jobs = jobs[: int(cfg["max_steps_per_epoch"])]
         rank_jobs = [micro_batches(j, world, self.rank, self.accumulation) for j in jobs]
         batches = _prefetch(
             [np.concatenate(micros) for micros in rank_jobs],
