@@ -1,6 +1,9 @@
 # The two commands of the README: `make run` and `make test`.
 # Both create .venv on first use (Python 3.11) and reinstall only when pyproject.toml changes.
-PYTHON ?= python3
+# requirements-lock.txt is resolved for Python 3.11: the first python3.11 on PATH, else python3
+# (checked below: another version stops with a message instead of a half-working venv).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
+NEED_PYTHON := 3.11
 # No usage telemetry from kedro-telemetry (the project also ships a `.telemetry` opt-out file).
 export KEDRO_DISABLE_TELEMETRY := true
 VENV := .venv
@@ -11,7 +14,11 @@ STAMP := $(VENV)/.installed
 
 # The tested set first (requirements-lock.txt, nothing resolved), then the project itself.
 $(STAMP): pyproject.toml requirements-lock.txt
+	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(0 if "%d.%d" % sys.version_info[:2] == "$(NEED_PYTHON)" else 1)' \
+	  || { echo "make: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '(not found)'); the lock (requirements-lock.txt) is for Python $(NEED_PYTHON). Install Python $(NEED_PYTHON), or run: make PYTHON=/path/to/python$(NEED_PYTHON)" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; sys.exit(0 if "%d.%d" % sys.version_info[:2] == "$(NEED_PYTHON)" else 1)' \
+	  || { echo "make: $(VENV) was made with Python $$($(BIN)/python -c 'import platform; print(platform.python_version())'), the lock is for $(NEED_PYTHON): delete $(VENV) and run make again" >&2; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-lock.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
@@ -30,8 +37,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench notebooks
-	$(BIN)/ruff format --check src tests bench notebooks
+	$(BIN)/ruff check src tests bench notebooks scripts
+	$(BIN)/ruff format --check src tests bench notebooks scripts
 
 viz: $(STAMP)
 	$(BIN)/kedro viz run

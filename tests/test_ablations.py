@@ -11,6 +11,7 @@ from test_training import TINY_SPEC, blob_cache, tiny_params
 
 from rare_cxr.cli import split_params
 from rare_cxr.training import fit
+from rare_cxr.training.config import merge_overrides, validate_training_params
 from rare_cxr.training.engine import epoch_order, sample_weights
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
@@ -21,11 +22,21 @@ def test_documented_ablation_commands_parse_to_the_switches():
         r"`kedro run --env nih --pipelines training --params \"([^\"]+)\"`", DOCS.read_text()
     )
     parsed = [split_params(None, None, c) for c in commands]
-    assert len(parsed) == 3
+    assert len(parsed) == 8
     assert parsed[0]["training"]["transfer"]["two_stage"] is True
     assert parsed[1]["training"]["loss"]["name"] == "focal"
     assert parsed[2]["training"]["oversample_rare"]["enabled"] is True
+    # the long-tail methods (docs/training.md, "Long-tail methods")
+    assert parsed[3]["training"]["loss"] == {"name": "class_balanced", "cb_beta": 0.9999}
+    assert [p["training"]["loss"]["name"] for p in parsed[4:7]] == [
+        "asl",
+        "logit_adjusted",
+        "ldam_drw",
+    ]
+    assert parsed[7]["training"]["crt"]["epochs"] == 10
     assert all(p["data_root"] == "/data/nih" for p in parsed)
+    for p in parsed:  # each one a valid training block, merged over the defaults
+        validate_training_params(merge_overrides({"epochs": 30}, p["training"]))
 
 
 def test_oversampling_draws_rare_images_more_often_and_trains():

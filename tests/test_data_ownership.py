@@ -125,3 +125,15 @@ def test_unchanged_phantom_is_not_rewritten_and_a_changed_one_is(kedro_project) 
     kedro_project.run(pipeline="phantom", params={"phantom": {**params["phantom"], "seed": 7}})
     assert image.stat().st_mtime_ns != stats[image.name] or not image.exists()
     assert json.loads((root / PHANTOM_MARKER).read_text())["images_fingerprint"]
+
+
+def test_a_fresh_data_folder_holding_only_the_run_locks_is_claimed(tmp_path):
+    """The first run of an environment can be a model-only run (inference, one model's
+    training): its per-model locks exist before the folder is claimed, and are the project's."""
+    from rare_cxr.ownership import ENV_MARKER, claim_data_dir
+    from rare_cxr.runs import LockPlan, RunLocks
+
+    data_dir = tmp_path / "data" / "base"
+    with RunLocks(data_dir, LockPlan(False, (("multiscale_resnet", False),), combined=True)):
+        claim_data_dir(data_dir, None)
+    assert (data_dir / ENV_MARKER).is_file()

@@ -29,6 +29,7 @@ from rare_cxr.findings import FINDINGS
 from rare_cxr.models import build_model
 from rare_cxr.pipelines.training.nodes import make_augmenter
 from rare_cxr.training import TrainingCallbacks, engine, fit
+from rare_cxr.training import data as training_data
 
 TWO_STAGE = {
     "two_stage": True,
@@ -317,7 +318,7 @@ class InstantPool:
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_prefetch_keeps_threads_plus_one_batches_in_flight(monkeypatch, threads):
-    monkeypatch.setattr(engine, "ThreadPoolExecutor", InstantPool)
+    monkeypatch.setattr(training_data, "ThreadPoolExecutor", InstantPool)
     InstantPool.submitted = 0
     images = np.arange(40 * 2 * 2, dtype=np.uint8).reshape(40, 2, 2)
     labels = np.arange(40, dtype=np.float32)[:, None]

@@ -48,7 +48,13 @@ COMMAND_BUNDLE_FILE = (
     'kedro run --pipelines inference,onnx_export --params "bundle=/path/to/model_bundle.pt,'
     'input_dir=/path/to/images"'
 )
+COMMAND_DOTTED = (
+    'kedro run --pipelines inference --params "inference.bundle=/path/to/model_bundle.pt,'
+    'inference.input_dir=/path/to/images"'
+)
 FAST = {"device": "cpu", "progress_bar": False, "loader_threads": 1}
+# one temperature per finding (what calibration_metrics fits on validation); Hernia has none
+TEMPERATURES = {f: 2.0 for f in FINDINGS} | {"Mass": 0.5, "Hernia": None}
 
 
 def tiny_bundle() -> dict:
@@ -126,6 +132,33 @@ def tiny_bundle() -> dict:
             ]
         },
         reporting={"min_positives": 10, "bootstrap": {"n_resamples": 20, "confidence": 0.95}},
+        calibration={
+            "method": "temperature scaling",
+            "split": "val",
+            "binning": "equal_mass",
+            "n_bins": 15,
+            "temperatures": TEMPERATURES,
+            "per_finding": [
+                {"finding": f, "ece_raw": 0.2, "ece_calibrated": 0.05} for f in (*FINDINGS, "macro")
+            ],
+        },
+        underdiagnosis={
+            "rows": [
+                {
+                    "attribute": "sex",
+                    "subgroup": "F",
+                    "sick_images": 12,
+                    "sick_patients": 11,
+                    "underdiagnosis_rate": 0.25,
+                    "ci_low": 0.1,
+                    "ci_high": 0.5,
+                    "gap": 0.05,
+                    "gap_ci_low": -0.1,
+                    "gap_ci_high": 0.2,
+                    "reliable": True,
+                }
+            ]
+        },
     )
 
 
@@ -224,6 +257,73 @@ def test_png_jpeg_and_monochrome1_dicom_give_the_cache_pixels_and_probabilities(
     assert any(overlays)
     with Image.open(io.BytesIO(next(iter(overlays.values()))())) as overlay:
         assert overlay.size == (SIZE, SIZE) and overlay.mode == "RGB"
+
+
+def test_calibrated_and_rescaled_columns_from_the_bundle(tmp_path, bundle):
+    """<finding>_calibrated = sigmoid(logit(p) / T) with the bundle's temperatures (none: the
+    raw p); with rescale_to_threshold, <finding>_rescaled >= 0.5 exactly at the decision."""
+    from rare_cxr.datasets.inference import PredictionsCSVDataset
+    from rare_cxr.evaluation.calibration import apply_temperature
+    from rare_cxr.inference.predict import CALIBRATED_SUFFIX, RESCALED_SUFFIX
+
+    folder = tmp_path / "in"
+    for k in range(3):
+        png(folder / f"{k}.png", radiograph(k))
+    (folder / "notes.txt").write_text("x")
+    cfg = {**FAST, "input_dir": str(folder), "rescale_to_threshold": True}
+    table, _ = run_inference(bundle, {**cfg, "gradcam": {"enabled": False}})
+    assert list(table.columns) == prediction_columns(rescaled=True)
+    assert prediction_columns(rescaled=True)[: len(prediction_columns())] == prediction_columns()
+    ok = table[table["status"] == "ok"]
+    assert len(ok) == 3
+    for f in FINDINGS:
+        raw, calibrated = ok[f].to_numpy(), ok[f + CALIBRATED_SUFFIX].to_numpy()
+        np.testing.assert_allclose(calibrated, apply_temperature(raw, TEMPERATURES[f]))
+        t = bundle["metadata"]["thresholds"][f]
+        rescaled = ok[f + RESCALED_SUFFIX].to_numpy()
+        if t is None:
+            assert np.isnan(rescaled).all()
+            continue
+        expected = np.where(raw < t, raw / (2 * t), 1 - (1 - raw) / (2 * (1 - t)))
+        np.testing.assert_allclose(rescaled, expected)
+        assert ((rescaled >= 0.5) == (ok[f + DECISION_SUFFIX].to_numpy() == 1)).all()
+    np.testing.assert_array_equal(ok["Hernia_calibrated"], ok["Hernia"])  # no temperature
+    assert (ok["Mass_calibrated"] - 0.5).abs().ge((ok["Mass"] - 0.5).abs()).all()  # T < 1
+    bad = table[table["status"] != "ok"]
+    assert bad[[f + CALIBRATED_SUFFIX for f in FINDINGS]].isna().all().all()
+    # predictions.csv keeps them as numbers
+    dataset = PredictionsCSVDataset(filepath=str(tmp_path / "predictions.csv"))
+    dataset.save(table)
+    loaded = dataset.load()
+    assert loaded["Mass_calibrated"].dtype == "float64"
+    np.testing.assert_allclose(loaded["Mass_calibrated"], table["Mass_calibrated"])
+
+    # a bundle from before temperatures: the calibrated columns stay empty, no rescaled ones
+    older = {**bundle, "metadata": {k: v for k, v in bundle["metadata"].items()}}
+    del older["metadata"]["calibration"]
+    validate_bundle(older, check_weights=False)
+    plain, _ = run_inference(older, {**FAST, "input_dir": str(folder)})
+    assert list(plain.columns) == prediction_columns()
+    assert plain[[f + CALIBRATED_SUFFIX for f in FINDINGS]].isna().all().all()
+    np.testing.assert_allclose(plain[list(FINDINGS)], table[list(FINDINGS)])
+
+
+def test_bundle_temperatures_are_checked_key_by_key(bundle):
+    meta = bundle["metadata"]
+    for temperatures, message in (
+        ({**TEMPERATURES, "Mass": -1.0}, r"calibration\.temperatures\.Mass"),
+        ({**TEMPERATURES, "Mass": "hot"}, r"calibration\.temperatures\.Mass"),
+        ({k: v for k, v in TEMPERATURES.items() if k != "Edema"}, "missing \\['Edema'\\]"),
+    ):
+        broken = {
+            **bundle,
+            "metadata": {
+                **meta,
+                "calibration": {**meta["calibration"], "temperatures": temperatures},
+            },
+        }
+        with pytest.raises(BundleError, match=message):
+            validate_bundle(broken, "b.pt", check_weights=False)
 
 
 # --------------------------------------------------------------------- bad input
@@ -375,6 +475,9 @@ def test_bundle_round_trip_loads_weights_only_and_refuses_what_is_not_one(tmp_pa
     assert meta["normalisation"] == bundle["metadata"]["normalisation"]
     assert {"train_params", "training_id", "checkpoint_version"} <= set(meta["training"])
     assert meta["data"]["positives"] and meta["metrics"]["intervals"]["macro"]["auroc"]
+    assert meta["calibration"]["temperatures"] == TEMPERATURES  # fitted on validation
+    assert meta["calibration"]["split"] == "val"
+    assert meta["calibration"]["test_ece"]["macro"] == {"raw": 0.2, "calibrated": 0.05}
     assert loaded["state_dict"].keys() == bundle["state_dict"].keys()
     for name, tensor in bundle["state_dict"].items():
         assert torch.equal(loaded["state_dict"][name], tensor), name
@@ -424,6 +527,19 @@ def test_model_card_covers_use_data_metrics_thresholds_limits_and_citations(bund
     hernia = next(line for line in card.splitlines() if line.startswith("| Hernia (rare)"))
     assert hernia.rstrip(" |").endswith("n/a")  # no threshold
     assert "| view | AP | 9 | 9 | 0.610 [0.400, 0.800] |" in card
+    # what a probability and 0.5 mean; the temperatures and the threshold on both scales
+    assert "## Decision thresholds and what a probability means" in card
+    assert "**0.5 is not the decision threshold" in card
+    assert "`<finding>_calibrated`" in card and "`<finding>_rescaled`" in card
+    t_mass = bundle["metadata"]["thresholds"]["Mass"]
+    on_calibrated = 1 / (1 + ((1 - t_mass) / t_mass) ** 2)  # T = 0.5 doubles the logit
+    section = card.split("## Decision thresholds and what a probability means")[1]
+    mass = next(line for line in section.splitlines() if line.startswith("| Mass | "))
+    assert mass == f"| Mass | {t_mass:.4f} | 0.500 | {on_calibrated:.4f} | 0.200 | 0.050 |"
+    hernia_t = next(line for line in section.splitlines() if line.startswith("| Hernia | "))
+    assert hernia_t == "| Hernia | n/a | n/a | n/a | 0.200 | 0.050 |"
+    assert "raw 0.200, calibrated 0.050 (mean over findings)" in card
+    assert "| sex | F | 12 | 11 | 0.250 [0.100, 0.500] | 0.050 [-0.100, 0.200] |" in card
     html = card_html(card)
     assert "<table>" in html and "&lt;script&gt;" in html and "<script>" not in html
 
@@ -474,6 +590,7 @@ def test_docs_show_the_tested_commands():
         text = (ROOT / doc).read_text()
         assert COMMAND_ENV_MODEL in text, doc
     assert COMMAND_BUNDLE_FILE in (ROOT / "docs" / "inference.md").read_text()
+    assert COMMAND_DOTTED in (ROOT / "docs" / "inference.md").read_text()
 
 
 @pytest.mark.slow
@@ -525,6 +642,14 @@ def test_a_bundle_file_and_a_folder_give_predictions_report_and_a_checked_onnx(t
     meta = {p.key: p.value for p in __import__("onnx").load(str(onnx_file)).metadata_props}
     assert json.loads(meta["rare_cxr.findings"]) == list(FINDINGS)
     assert json.loads(meta["rare_cxr.thresholds"])["Hernia"] is None
+
+    # the dotted form of the same parameters (the review found it resolved to the project folder)
+    command = COMMAND_DOTTED.replace("/path/to/model_bundle.pt", str(bundle_file))
+    command = command.replace("/path/to/images", str(images))
+    project.cli(*command.split(" ", 1)[1].replace('"', "").split(" "))
+    again = read_predictions(_one(data, "07_model_output/inference/predictions.csv/*/*.csv"))
+    pd.testing.assert_frame_equal(again.drop(columns="run_id", errors="ignore"),
+                                  predictions.drop(columns="run_id", errors="ignore"))  # fmt: skip
 
 
 def check_inference_on_trained_model(project, tmp_path: Path) -> None:

@@ -239,6 +239,13 @@ def injected_bundle(bundle: dict) -> dict:
     meta["data"]["splits"][0]["split"] = "1. [x](javascript:alert(1))"
     meta["rare_findings"]["rule"] = "<b>bold</b> &amp; **strong**"
     meta["subgroups"][0]["subgroup"] = "-\n=== "
+    # issue 20's sections: subgroup names and numbers that are text, calibration fields
+    meta["underdiagnosis"][0]["subgroup"] = INJECTED
+    meta["underdiagnosis"][0]["underdiagnosis_rate"] = "![u](http://evil.example/u.png)"
+    meta["calibration"]["binning"] = "[c](http://evil.example)"
+    meta["calibration"]["split"] = "`x` <img src=http://evil.example/s.png>"
+    meta["calibration"]["test_ece"]["Mass"]["raw"] = "<img src=http://evil.example/e.png>"
+    meta["calibration"]["test_ece"]["macro"]["calibrated"] = "[m](http://evil.example)"
     return out
 
 
@@ -260,7 +267,7 @@ def test_bundle_metadata_is_rendered_as_plain_text_in_the_card_and_the_report(tm
                 "Model",
                 "Data",
                 "Metrics (test split)",
-                "Decision thresholds",
+                "Decision thresholds and what a probability means",
                 "Limitations",
                 "Citations",
             )
@@ -343,6 +350,10 @@ MALFORMED = {
         "metadata.thresholds: expected one threshold per finding; missing ['Mass']",
     ),
     "key missing": (_set("metadata.scales", DROP), "metadata.scales: required key is missing"),
+    "scale above the input": (
+        _set("metadata.input_size", 16),
+        "metadata.scales: [16, 32] exceed input_size 16 (the model input)",
+    ),
     "unknown architecture": (
         _set("metadata.model_spec.architecture", "evil"),
         "metadata.model_spec.architecture: expected one of 'multiscale_resnet'",
@@ -395,6 +406,23 @@ def test_a_malformed_bundle_is_refused_naming_the_file_and_the_key(tmp_path, bun
         ModelBundleDataset(str(path)).load()
     assert str(caught.value).startswith(f"{path}: "), str(caught.value)
     assert message in str(caught.value)
+
+
+def test_a_bundle_at_inceptions_minimum_input_above_a_small_cache_loads(bundle):
+    """Training lets Inception-v3 upsample a small cache to its 75 px minimum (with a warning,
+    `check_scales_fit_cache`); the bundle it makes must then validate -- the CLI run of the
+    user guide's CPU configuration once died saving it. 76 px is still refused."""
+    from rare_cxr.inference.bundle import BundleError, validate_bundle
+
+    inception = copy.deepcopy(bundle)
+    meta = inception["metadata"]
+    meta["model_spec"] = {**meta["model_spec"], "architecture": "inception_v3", "scales": [75]}
+    meta["model_spec"].pop("backbone", None)
+    meta.update(scales=[75], input_size=32)
+    validate_bundle(inception, "inception.pt", check_weights=False)
+    meta["scales"] = [76]
+    with pytest.raises(BundleError, match=r"inception.pt: metadata.scales: \[76\] exceed"):
+        validate_bundle(inception, "inception.pt", check_weights=False)
 
 
 # --------------------------------------------------------------------- the real command line

@@ -226,7 +226,8 @@ def test_reliable_counts_patients_not_films():
 
 def test_group_means_by_hand():
     _, _, _, _, per, groups = tables()
-    assert groups["group"].tolist() == ["head", "medium", "tail"]
+    # the three groups, then every finding (the CXR-LT challenges' overall mAP)
+    assert groups["group"].tolist() == ["head", "medium", "tail", "all"]
     members = {
         "head": ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pneumonia"],
         "medium": [
@@ -239,14 +240,16 @@ def test_group_means_by_hand():
             "Pneumothorax",
         ],
         "tail": ["Hernia", "Nodule"],
+        "all": list(FINDINGS),
     }
     row = per.set_index("finding")
     for _, g in groups.iterrows():
         assert g["findings"] == "|".join(members[g["group"]])
         assert g["n_findings"] == len(members[g["group"]])
-        for m in ("auroc", "auprc", "balanced_accuracy"):
+        # the group mean of AUPRC is named mAP, as the CXR-LT challenges name it
+        for m, column in (("auroc", "auroc"), ("auprc", "mAP"), ("balanced_accuracy",) * 2):
             vals = [row.loc[f, m] for f in members[g["group"]] if not math.isnan(row.loc[f, m])]
-            assert g[m] == pytest.approx(sum(vals) / len(vals))
+            assert g[column] == pytest.approx(sum(vals) / len(vals))
     # tail: Hernia undefined, so the mean is Nodule's alone
     tail = groups.set_index("group").loc["tail"]
     assert tail["auroc"] == pytest.approx(row.loc["Nodule", "auroc"])
@@ -257,8 +260,8 @@ def test_only_groups_with_findings_appear():
     _, groups = longtail.long_tail_tables(
         y, s, t, dict.fromkeys(FINDINGS, 50), patients, head_min=1001, tail_max=10, n_resamples=5
     )
-    assert groups["group"].tolist() == ["medium"]
-    assert groups["n_findings"].tolist() == [F]
+    assert groups["group"].tolist() == ["medium", "all"]
+    assert groups["n_findings"].tolist() == [F, F]
 
 
 def expanded_group_samples(y, s, t, patients, groups_of, *, n_resamples, seed):
@@ -267,7 +270,7 @@ def expanded_group_samples(y, s, t, patients, groups_of, *, n_resamples, seed):
     lost one of them)."""
     full = per_finding_sklearn(y, s, t)
     out = {
-        m: {g: [] for g in ("head", "medium", "tail")}
+        m: {g: [] for g in ("head", "medium", "tail", "all")}
         for m in ("auroc", "auprc", "balanced_accuracy")
     }
     w_all = np.concatenate(list(patient_weights(patients, n_resamples, seed)), axis=0)
@@ -276,7 +279,9 @@ def expanded_group_samples(y, s, t, patients, groups_of, *, n_resamples, seed):
         per = per_finding_sklearn(y[rows], s[rows], t)
         for m, by_group in out.items():
             for g, values in by_group.items():
-                members = [f for f in FINDINGS if groups_of[f] == g and not np.isnan(full[m][f])]
+                members = [
+                    f for f in FINDINGS if g in (groups_of[f], "all") and not np.isnan(full[m][f])
+                ]
                 values.append(np.mean([per[m][f] for f in members]) if members else np.nan)
     return {m: {g: np.array(v) for g, v in d.items()} for m, d in out.items()}
 
@@ -316,12 +321,13 @@ def test_group_bootstrap_matches_expanded_rows_and_nanquantile():
     by_group = groups.set_index("group")
     alpha = (1 - confidence) / 2
     for m in ref:
+        c = longtail.GROUP_COLUMNS[m]  # auprc -> mAP
         for g in ref[m]:
             lo, hi = np.nanquantile(ref[m][g], [alpha, 1 - alpha])
-            assert by_group.loc[g, f"{m}_ci_low"] == pytest.approx(lo)
-            assert by_group.loc[g, f"{m}_ci_high"] == pytest.approx(hi)
-            assert by_group.loc[g, f"{m}_ci_low"] <= by_group.loc[g, f"{m}_ci_high"]
-            assert by_group.loc[g, f"{m}_resamples_dropped"] == np.isnan(ref[m][g]).sum()
+            assert by_group.loc[g, f"{c}_ci_low"] == pytest.approx(lo)
+            assert by_group.loc[g, f"{c}_ci_high"] == pytest.approx(hi)
+            assert by_group.loc[g, f"{c}_ci_low"] <= by_group.loc[g, f"{c}_ci_high"]
+            assert by_group.loc[g, f"{c}_resamples_dropped"] == np.isnan(ref[m][g]).sum()
     # Fibrosis (3 positive patients, medium group here) is lost by some resamples: dropped
     assert by_group.loc["medium", "auroc_resamples_dropped"] > 0
 
@@ -336,14 +342,14 @@ def test_group_table_columns_and_seed():
         "auroc",
         "auroc_ci_low",
         "auroc_ci_high",
-        "auprc",
-        "auprc_ci_low",
-        "auprc_ci_high",
+        "mAP",
+        "mAP_ci_low",
+        "mAP_ci_high",
         "balanced_accuracy",
         "balanced_accuracy_ci_low",
         "balanced_accuracy_ci_high",
         "auroc_resamples_dropped",
-        "auprc_resamples_dropped",
+        "mAP_resamples_dropped",
         "balanced_accuracy_resamples_dropped",
     ]
     assert g1.equals(g2)
@@ -355,3 +361,73 @@ def test_long_tail_tables_input_errors():
         longtail.long_tail_tables(y, s, t, {"Atelectasis": 1}, patients, head_min=10, tail_max=1)
     with pytest.raises(ValueError, match="patient_ids"):
         longtail.long_tail_tables(y, s, t, TRAIN, patients[:-1], head_min=10, tail_max=1)
+
+
+def test_old_auprc_group_columns_are_read_as_map():
+    """long_tail.csv and bundles written before issue 20 name the group mean AUPRC `auprc`."""
+    import pandas as pd
+
+    old = pd.DataFrame({"group": ["tail"], "auprc": [0.25], "auprc_ci_low": [0.1], "auroc": [0.7]})
+    new = longtail.read_group_table(old)
+    assert list(new.columns) == ["group", "mAP", "mAP_ci_low", "auroc"]
+    row = old.iloc[0].to_dict()
+    assert longtail.group_field(row, "mAP") == 0.25
+    assert longtail.group_field(row, "mAP_ci_low") == 0.1
+    assert longtail.group_field(row, "mAP_ci_high") is None
+    assert longtail.group_field({"mAP": 0.3, "auprc": 0.9}, "mAP") == 0.3  # the new name wins
+    assert longtail.read_group_table(new).equals(new)
+
+
+def test_ranking_by_tail_map_and_auroc_with_the_paired_test_against_the_leader():
+    import pandas as pd
+
+    def table(m, auroc):
+        return pd.DataFrame(
+            [
+                {"group": "head", "findings": "A", "mAP": 0.9, "auroc": 0.9},
+                {
+                    "group": "tail",
+                    "findings": "Hernia|Nodule",
+                    "mAP": m,
+                    "mAP_ci_low": m - 0.1,
+                    "mAP_ci_high": m + 0.1,
+                    "auroc": auroc,
+                    "auroc_ci_low": auroc - 0.1,
+                    "auroc_ci_high": auroc + 0.1,
+                },
+            ]
+        )
+
+    groups = {"a": table(0.20, 0.80), "b": table(0.35, 0.70), "c": table(0.20, np.nan)}
+    # the old name (a file from before issue 20) is read as mAP
+    groups["c"] = groups["c"].rename(columns={"mAP": "auprc"})
+    calls = []
+
+    def paired(model, leader, metric):
+        calls.append((model, leader, metric))
+        p = {"a": 0.01, "c": 0.04}[model] if metric == "auprc" else 0.2
+        return {
+            "delta": -0.1,
+            "ci_low": -0.2,
+            "ci_high": -0.01,
+            "p_value": p,
+            "seeds": 1,
+            "resamples_dropped": 3,
+        }
+
+    ranking = longtail.group_ranking(groups, paired, group="tail", confidence=0.95)
+    assert list(ranking.columns) == list(longtail.RANKING_COLUMNS)
+    by_map = ranking[ranking["metric"] == "mAP"]
+    assert by_map["model"].tolist() == ["b", "a", "c"]
+    assert by_map["rank"].tolist() == [1, 2, 2]  # equal values share a rank
+    assert (by_map["leader"] == "b").all()
+    assert sorted(calls[:2]) == [("a", "b", "auprc"), ("c", "b", "auprc")]
+    # Holm over the two comparisons: 0.01 -> 0.02, 0.04 -> 0.04
+    holm = by_map.set_index("model")["p_holm"]
+    assert holm["a"] == pytest.approx(0.02) and holm["c"] == pytest.approx(0.04)
+    assert pd.isna(by_map.iloc[0]["differs_from_leader"]) and by_map.iloc[0]["method"] == ""
+    by_auroc = ranking[ranking["metric"] == "auroc"]
+    assert by_auroc["model"].tolist() == ["a", "b", "c"]  # undefined last, never tested
+    assert calls[2:] == [("b", "a", "auroc")]
+    assert not by_auroc.iloc[1]["differs_from_leader"]
+    assert longtail.group_ranking({}, paired).empty

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from rare_cxr.configuration import BLOCKS, block_model, validate_parameters
 from rare_cxr.models.factory import ModelSpec
 from rare_cxr.models.roster import roster_from_parameters
-from rare_cxr.parameters import BLOCKS, ParameterError, block_model, validate_parameters
+from rare_cxr.parameters import ParameterError
 from rare_cxr.pipeline_registry import project_parameters
 from rare_cxr.training.config import TrainingParams
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -242,8 +243,15 @@ def test_params_are_validated_with_the_key_named():
         nodes.validate_reporting_params({"min_positives": 0})
 
 
+def roster():
+    """The configured models (conf/base), as the registry hands them to the pipeline."""
+    from rare_cxr.pipeline_registry import current_roster
+
+    return current_roster()
+
+
 def test_pipeline_per_model_namespaces_and_inputs():
-    pipe = create_pipeline(models=["multiscale_resnet", "vgg16"])
+    pipe = create_pipeline(roster(), models=["multiscale_resnet", "vgg16"])
     names = {n.name for n in pipe.nodes}
     for model in ("multiscale_resnet", "vgg16"):
         for node in ("select_thresholds", "evaluate_model", "measure_cost", "gradcam_examples"):
@@ -264,14 +272,14 @@ def test_pipeline_per_model_namespaces_and_inputs():
         ),
     }
     assert pipe.inputs() == expected
-    assert len(create_pipeline().nodes) == 10 * len(ALL_MODELS) + 20
+    assert len(create_pipeline(roster()).nodes) == 12 * len(ALL_MODELS) + 24
     with pytest.raises(ValueError, match="unknown model"):
-        create_pipeline(models=["resnet9000"])
+        create_pipeline(roster(), models=["resnet9000"])
 
 
 def test_every_reporting_output_is_persisted(kedro_project):
     catalog = kedro_project.catalog()
-    pipe = create_pipeline()
+    pipe = create_pipeline(roster())
     # verify_lineage hands the tables it checked on, in memory, within the run (by design)
     in_memory = {
         n for n in pipe.all_outputs() if n.endswith((".verified_predictions", ".verified_history"))
@@ -565,3 +573,156 @@ def test_class_weight_table_shows_the_cap_and_what_it_changed():
     row = table.iloc[0]
     assert row["pos_weight_cap"] == 100.0 and row["largest pos_weight used"] == 100.0
     assert row["capped (uncapped weight)"] == "Hernia (500)"  # Mass: 901/100 = 9 < 100
+
+
+def test_calibration_underdiagnosis_and_ranking_nodes_on_hand_made_predictions():
+    """Issue 20's nodes: temperatures from validation only, test ECE raw and calibrated, the
+    'any finding' underdiagnosis by sex and age, the tail ranking, their report sections and
+    the bundle's temperatures."""
+    from rare_cxr.evaluation import calibration
+    from rare_cxr.pipelines.reporting import analysis_nodes
+
+    preds, labels = make_frames()
+    rng = np.random.default_rng(0)
+    labels["sex"] = np.where(labels["patient_id"].astype(int) % 2 == 0, "F", "M")
+    labels["age"] = (labels["patient_id"].astype(int) * 7) % 90
+    labels["view"] = "PA"
+    splits = labels[["image_id", "patient_id"]].assign(split="test")
+    splits.loc[: len(splits) // 3, "split"] = "train"
+    lineage = {"model": "a", "checkpoint_version": "2026-01-01T00.00.00.000Z"}
+    thresholds = nodes.select_thresholds(preds, labels, lineage, PARAMS)
+
+    result = analysis_nodes.calibration_metrics(preds, labels, PARAMS)
+    json.dumps(result, allow_nan=False)
+    assert result["split"] == "val" and result["binning"] == "equal_mass"
+    assert result["temperatures"]["Hernia"] is None  # no validation positive
+    # the temperatures are a function of the validation rows only: test scores do not move them
+    moved = preds.copy()
+    test = moved["split"] == "test"
+    moved.loc[test, list(FINDINGS)] = rng.random((int(test.sum()), len(FINDINGS)))
+    assert (
+        analysis_nodes.calibration_metrics(moved, labels, PARAMS)["temperatures"]
+        == (result["temperatures"])
+    )
+    val = preds[preds["split"] == "val"]
+    mass = FINDINGS.index("Mass")
+    y_val = labels.set_index("image_id").loc[val["image_id"], "Mass"].to_numpy()
+    fit = calibration.fit_temperature(y_val, val["Mass"].to_numpy())
+    assert result["temperatures"]["Mass"] == pytest.approx(fit.temperature)
+    rows = {r["finding"]: r for r in result["per_finding"]}
+    assert rows["Mass"]["val_nll_calibrated"] <= rows["Mass"]["val_nll_raw"]
+    assert mass >= 0 and set(rows) == {*FINDINGS, "macro"}
+
+    under = analysis_nodes.underdiagnosis_metrics(preds, labels, thresholds, PARAMS)
+    json.dumps(under, allow_nan=False)
+    table = pd.DataFrame(under["rows"])
+    assert table["attribute"].tolist()[:3] == ["all", "sex", "sex"]
+    assert set(table["subgroup"]) >= {"all", "F", "M", "0-17", "80+"}
+    overall = table.iloc[0]
+    y_test = labels.set_index("image_id").loc[
+        preds.loc[preds["split"] == "test", "image_id"], list(FINDINGS)
+    ]
+    assert overall["sick_images"] == int((y_test.sum(axis=1) > 0).sum())
+
+    # cut-offs that put Fibrosis, Infiltration, Mass (11-12 training positives) and Hernia in
+    # the tail of this small training split
+    tail_params = {**PARAMS, "long_tail": {"head_min": 0.35, "tail_max": 0.27}}
+    long_a = nodes.long_tail_metrics(preds, labels, splits, thresholds, tail_params)
+    tail = next(g for g in long_a["groups"] if g["group"] == "tail")
+    assert tail["findings"] == "Fibrosis|Hernia|Infiltration|Mass"
+    assert [g["group"] for g in long_a["groups"]][-1] == "all"
+    assert "mAP" in long_a["groups"][0] and "auprc" not in long_a["groups"][0]
+    other = preds.copy()
+    other[list(FINDINGS)] = np.clip(
+        preds[list(FINDINGS)] + rng.normal(0, 0.2, (len(preds), 14)), 0, 1
+    )
+    thresholds_b = nodes.select_thresholds(other, labels, lineage, PARAMS)
+    long_b = nodes.long_tail_metrics(other, labels, splits, thresholds_b, tail_params)
+    ranking = analysis_nodes.build_long_tail_ranking(
+        labels,
+        PARAMS,
+        a__long_tail=long_a,
+        b__long_tail=long_b,
+        a__predictions=preds,
+        b__predictions=other,
+        a__thresholds=thresholds,
+        b__thresholds=thresholds_b,
+    )
+    assert set(ranking["metric"]) == {"mAP", "auroc"}
+    for _, part in ranking.groupby("metric"):
+        assert part["rank"].tolist() == [1, 2] and part["value"].is_monotonic_decreasing
+        second = part.iloc[1]
+        assert second["leader"] == part.iloc[0]["model"] and second["seeds"] == 1
+        assert second["delta_vs_leader"] == pytest.approx(second["value"] - part.iloc[0]["value"])
+        assert second["delta_ci_low"] <= second["delta_vs_leader"] <= second["delta_ci_high"]
+
+    calibration_table = analysis_nodes.build_calibration_table(a__calibration=result)
+    assert calibration_table["model"].unique().tolist() == ["a"]
+    under_table = analysis_nodes.build_underdiagnosis_table(a__underdiagnosis=under)
+    fig = analysis_nodes.plot_reliability_rare(
+        labels,
+        {"findings": ["Hernia", "Pneumonia", "Mass"]},
+        PARAMS,
+        a__predictions=preds,
+        a__calibration=result,
+    )
+    assert len(_png(fig)) > 1000
+    m = nodes.evaluate_model(preds, labels, thresholds, PARAMS)
+    all_metrics = nodes.combine_metrics(a__metrics=m)
+    table1, _ = nodes.build_table1(all_metrics)
+    rare = nodes.select_rare_findings(labels, splits, PARAMS)
+    long_table, long_findings = nodes.build_long_tail_tables(a__long_tail=long_a)
+    html = nodes.render_report(
+        all_metrics=all_metrics,
+        table1=table1,
+        per_finding_auroc=nodes.build_per_finding_auroc(all_metrics),
+        rare_findings_table=nodes.build_rare_findings_table(all_metrics, rare, PARAMS),
+        rare_findings=rare,
+        data_summary=nodes.summarise_data(labels, splits, "", PARAMS),
+        reporting=PARAMS,
+        long_tail=long_table,
+        long_tail_findings=long_findings,
+        long_tail_ranking=ranking,
+        calibration=calibration_table,
+        underdiagnosis=under_table,
+        reliability_rare=_png(fig),
+    )
+    order = [
+        "Long tail: head / medium / tail findings",
+        "Long tail: ranking by tail mAP and tail AUROC",
+        "Underdiagnosis by sex and age",
+        "Calibration: raw and temperature-scaled probabilities",
+        "Reliability per rare finding",
+    ]
+    positions = [html.index(title) for title in order]
+    assert positions == sorted(positions)
+    assert "<th>mAP</th>" in html and "<th>ece_calibrated</th>" in html
+    assert "<th>underdiagnosis_rate</th>" in html and "<th>differs_from_leader</th>" in html
+
+    checkpoint = {
+        "state_dict": {"fc.weight": torch.zeros(14, 2)},
+        "metadata": {
+            "model_spec": {"name": "a", "architecture": "multiscale_resnet", "scales": [8]},
+            "findings": list(FINDINGS),
+            "normalisation": {"mean": 0.5, "std": 0.25},
+            "input_size": 8,
+            "checkpoint_version": lineage["checkpoint_version"],
+        },
+    }
+    bundle, card = nodes.build_model_bundle(
+        checkpoint=checkpoint,
+        lineage=lineage,
+        thresholds=thresholds,
+        metrics=m,
+        long_tail=long_a,
+        subgroups={"rows": []},
+        data_summary=nodes.summarise_data(labels, splits, "", PARAMS),
+        rare_findings=rare,
+        reporting=PARAMS,
+        calibration=result,
+        underdiagnosis=under,
+    )
+    assert bundle["metadata"]["calibration"]["temperatures"] == result["temperatures"]
+    assert bundle["metadata"]["underdiagnosis"] == under["rows"]
+    assert "| tail |" in card and "| all |" in card and "mAP" in card
+    assert "threshold, calibrated" in card and "Underdiagnosis" in card

@@ -97,6 +97,41 @@ def test_makefile_installs_the_lock_without_resolving():
     assert re.search(r"pip install .*--no-deps .*-e", makefile)
 
 
+def _make_setup(folder: Path, python: str) -> subprocess.CompletedProcess:
+    """`make`'s set-up step (`.venv/.installed`) in a bare folder, with PYTHON=`python`."""
+    for name in ("Makefile", "pyproject.toml", "requirements-lock.txt"):
+        shutil.copy(ROOT / name, folder / name)
+    return subprocess.run(
+        ["make", ".venv/.installed", f"PYTHON={python}"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_make_refuses_a_python_the_lock_was_not_made_for(tmp_path):
+    """The lock is for 3.11; `make` with another interpreter stops and names it, before a
+    venv is made (the review found `make` built .venv with whatever `python3` was)."""
+    other = tmp_path / "python3.12"
+    other.write_text(  # answers like a Python 3.12 would, to the two questions make asks
+        '#!/bin/sh\ncase "$2" in *platform*) echo 3.12.1;; *) exit 1;; esac\n'
+    )
+    other.chmod(0o755)
+    folder = tmp_path / "clone"
+    folder.mkdir()
+    done = _make_setup(folder, str(other))
+    assert done.returncode != 0
+    assert f"{other} is Python 3.12.1; the lock (requirements-lock.txt) is for Python 3.11" in (
+        done.stderr
+    )
+    assert "make PYTHON=/path/to/python3.11" in done.stderr
+    assert not (folder / ".venv").exists()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "command -v python3.11" in makefile  # the default: a 3.11 on PATH, if any
+
+
 def _docker_daemon() -> bool:
     if not shutil.which("docker"):
         return False

@@ -118,6 +118,49 @@ def test_store_holds_the_run_its_model_runs_metrics_and_artefacts(
         assert (artefacts / name).read_bytes() == newest(reports, f"{name}/*/{name}").read_bytes()
 
 
+@pytest.mark.slow
+def test_a_moved_store_finds_its_artefacts_again(tiny_default_run, tmp_path) -> None:
+    """A store made in one place (the Docker image's /app) opened in another (the host): MLflow
+    records absolute artefact locations, so the moved store lists its runs but loses their
+    artefacts until `python -m rare_cxr.tracking STORE` (also run by every `kedro run`)
+    rewrites them to the store's own artifacts/ folder."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    reports = tiny_default_run.data() / "08_reporting"
+    first = tmp_path / "image" / "mlflow"  # where the store was made
+    shutil.copytree(tiny_default_run.data() / "mlflow", first)
+    from rare_cxr.tracking.store import relocate_store
+
+    relocate_store(first)  # as made there: its locations point into `first`
+    moved = tmp_path / "host" / "mlflow"
+    moved.parent.mkdir()
+    first.rename(moved)  # the place it was made is gone
+
+    def report_artefact(store: Path) -> Path:
+        client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+        (parent,) = [
+            r
+            for r in client.search_runs([client.get_experiment_by_name("rare-cxr").experiment_id])
+            if "mlflow.parentRunId" not in r.data.tags
+        ]
+        return Path(client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path)))
+
+    with pytest.raises(Exception):  # noqa: B017 - MLflow's own error for a missing folder
+        report_artefact(moved)
+
+    def relocate() -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "rare_cxr.tracking", str(moved)]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    done = relocate()
+    assert done.returncode == 0 and "location(s) rewritten" in done.stdout, done.stderr
+    expected = newest(reports, "report.html/*/report.html").read_bytes()
+    assert report_artefact(moved).read_bytes() == expected
+    assert relocate().stdout.strip().endswith(": ok")  # nothing left to rewrite
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

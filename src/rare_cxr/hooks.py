@@ -173,9 +173,9 @@ def sweep_data_dir(data_dir: Path, data_root: Path) -> list[Path]:
 
 def check_parameters(context) -> None:
     """Validate every parameter block of the context's configuration (all pipelines, all model
-    namespaces) with `rare_cxr.parameters.validate_parameters`; raises ParameterError naming
+    namespaces) with `rare_cxr.configuration.validate_parameters`; raises ParameterError naming
     every bad key. Kedro itself validates only the typed blocks of the pipelines it runs."""
-    from rare_cxr.parameters import validate_parameters
+    from rare_cxr.configuration import validate_parameters
     from rare_cxr.pipeline_registry import current_parameters
 
     # the parameters `use_context` just read for this context (with --params)

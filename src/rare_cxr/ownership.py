@@ -31,7 +31,7 @@ PHANTOM_OWNER = "rare-cxr phantom"
 ENV_MARKER = ".rare-cxr-env.json"
 # What a fresh checkout's data folder may hold before the project claims it.
 _CLAIMABLE_DATA_ENTRIES = re.compile(
-    r"^(\.gitkeep|\.rare-cxr\.lock|README\.md|0[1-8]_[a-z_]+|runs)$"
+    r"^(\.gitkeep|\.rare-cxr\.lock|\.rare-cxr-locks|README\.md|0[1-8]_[a-z_]+|runs)$"
 )
 
 

@@ -13,10 +13,9 @@ What this module adds, and why:
   to 1 [type=greater_than_equal, ...]"). `check` turns each problem into one sentence that
   names the key as it is written in the YAML files, namespace included:
   `densenet121.model.scales: expected at least 1 item(s), got []`.
-* **All blocks at once, when the run starts.** Kedro validates only the blocks that typed nodes
-  of the selected pipelines read. `validate_parameters` checks every block of the
-  configuration (all model namespaces too) from the project hook `after_context_created`, so a
-  typo anywhere fails in seconds, whatever pipeline is run.
+* **All blocks at once, when the run starts** (`rare_cxr.configuration.validate_parameters`,
+  which knows every block; this module knows none, so any layer may use it without importing
+  the model or training code).
 
 Models use strict types (`True` is not an integer, `"128"` is not a number: the YAML must say
 what it means) and `extra="forbid"`.
@@ -25,7 +24,6 @@ what it means) and `extra="forbid"`.
 from __future__ import annotations
 
 import difflib
-import importlib
 import logging
 from collections.abc import Mapping
 from typing import Any, TypeVar, get_args, get_origin
@@ -201,74 +199,3 @@ def describe(error: ValidationError, model: type[BaseModel], where: str) -> str:
         dict.fromkeys(_sentence(e, model, where) for e in error.errors(include_url=False))
     )
     return "\n".join(sentences)
-
-
-# ------------------------------------------------------------------------- the whole parameters
-
-# Top-level parameter block -> its model ("module:Class", imported when needed). A pipeline
-# that adds a parameter block adds it here; model namespaces (blocks whose `model:` is a spec) are
-# recognised by their shape (rare_cxr.models.roster).
-BLOCKS: dict[str, str] = {
-    "phantom": "rare_cxr.phantom.params:PhantomConfig",
-    "data_processing": "rare_cxr.pipelines.data_processing.validation:DataProcessingParams",
-    "image_cache": "rare_cxr.image_cache:ImageCacheParams",
-    "augmentation": "rare_cxr.augment:AugmentationPolicy",
-    "augmentation_preview": "rare_cxr.pipelines.augmentation.nodes:PreviewParams",
-    "training": "rare_cxr.training.config:TrainingParams",
-    "reporting": "rare_cxr.pipelines.reporting.params:ReportingParams",
-    "inference": "rare_cxr.inference.predict:InferenceParams",
-}
-# Top-level blocks read (and checked) outside the nodes, e.g. by a project hook.
-EXTERNAL_BLOCKS: set[str] = {"tracking"}
-# Top-level keys given on the command line as shortcuts for a key inside a block (resolved by
-# `${runtime_params:...}` in that block): `--params input_dir=...` is `inference.input_dir`.
-SHORTCUT_KEYS: dict[str, str] = {"input_dir": "inference.input_dir", "bundle": "inference.bundle"}
-
-
-def block_model(name: str) -> type[BaseModel]:
-    module, _, attribute = BLOCKS[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def validate_parameters(
-    params: Mapping[str, Any], *, allowed: set[str] | frozenset[str] = frozenset()
-) -> dict[str, Any]:
-    """Check every block of a run's parameters; raise one ParameterError listing every problem.
-
-    Returns `{block: validated model}` plus `"models"`: the validated model roster. `allowed`
-    names further top-level keys that are not blocks (e.g. the `globals` keys that
-    `--params data_root=...` overrides). A top-level key that is none of these is reported in
-    the log (not an error: another pipeline or plugin may read it), naming the closest block.
-    """
-    from rare_cxr.models.roster import is_model_block, roster_from_parameters
-
-    problems: list[str] = []
-    checked: dict[str, Any] = {}
-    for name, value in params.items():
-        if name in BLOCKS:
-            try:
-                checked[name] = check(block_model(name), value, name)
-            except ParameterError as error:
-                problems.append(str(error))
-        elif (
-            is_model_block(value)
-            or name in allowed
-            or name in EXTERNAL_BLOCKS
-            or name in SHORTCUT_KEYS
-        ):
-            continue
-        else:
-            near = difflib.get_close_matches(name, [*BLOCKS, *params], n=2, cutoff=0.75)
-            near = [n for n in near if n != name]
-            logger.warning(
-                "parameters: top-level key %r is read by no rare-cxr pipeline%s",
-                name,
-                f" (did you mean {near[0]!r}?)" if near else "",
-            )
-    try:
-        checked["models"] = roster_from_parameters(params)
-    except ParameterError as error:
-        problems.append(str(error))
-    if problems:
-        raise ParameterError("invalid parameters:\n" + "\n".join(problems))
-    return checked

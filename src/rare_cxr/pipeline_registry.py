@@ -2,10 +2,11 @@
 
 The models are not listed in code: every top-level parameter block whose `model:` key is a
 spec is a model (`rare_cxr.models.roster`), with a role (`main`: the study's model; `baseline`: the
-others) and a paired-comparison `reference`. Every folder under `pipelines/` is found by
-`find_pipelines()` and registered under its own name (`phantom`, `data_processing`,
-`augmentation`, `training` = the main model, `baselines` = every other model, `reporting`).
-Compositions:
+others) and a paired-comparison `reference`. Every folder under `pipelines/` is registered
+under its own name (`phantom`, `data_processing`, `augmentation`, `training` = the main model,
+`baselines` = every other model, `reporting`, `inference`, `onnx_export`); this module reads the
+configuration and gives each `create_pipeline` what it needs (the roster, the models to report,
+the bundle). Compositions:
 
 * `__default__` — the demo: generate the phantom, then every stage for the main model and its
   reference (the multi-scale model and its ablation, the single-scale ResNet: same trunk, same
@@ -30,11 +31,9 @@ hook when Kedro creates the context, before it asks for the pipelines). Without 
 from __future__ import annotations
 
 import importlib
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
 if TYPE_CHECKING:
@@ -84,7 +83,7 @@ def project_parameters(
     from kedro.utils import find_kedro_project
 
     if not PACKAGE_NAME:  # no project configured yet (a plain import): this project's settings
-        from rare_cxr import settings
+        from rare_cxr import config_loader as settings
     project = Path(
         project_path or find_kedro_project(Path.cwd()) or Path(__file__).resolve().parents[2]
     )
@@ -131,38 +130,44 @@ def _stage(name: str, **kwargs: object) -> Pipeline:
     return importlib.import_module(f"rare_cxr.pipelines.{name}").create_pipeline(**kwargs)
 
 
+# The pipeline folders that need no configuration to be built (Kedro's `create_pipeline()`).
+PLAIN_PIPELINES = ("phantom", "data_processing", "augmentation")
+
+
 def register_pipelines() -> dict[str, Pipeline]:
-    # Kedro 1.7 loads pipelines lazily: under `kedro run --pipelines nih`, find_pipelines()
-    # returns only the *folders* named on the command line -- none, for a composition. So the
-    # compositions are built from the pipeline modules directly, never from find_pipelines()'s
-    # (possibly partial) result; otherwise `--pipelines nih` would silently be empty.
-    with warnings.catch_warnings():
-        # ...and warns that "module rare_cxr.pipelines.nih" failed to import: not an error here
-        for name in ("nih", ALL_MODELS_PIPELINE, "onnx_export"):
-            warnings.filterwarnings("ignore", message=rf".*'rare_cxr\.pipelines\.{name}' module")
-        pipelines = find_pipelines()
-    study = sum((_stage(name) for name in STAGES), Pipeline([]))  # `training`: the main model
+    """Every pipeline, built from the run's parameters: this registry is the one place that reads
+    the configuration (the roster of models, `reporting.models`, the inference bundle) and hands
+    it to the pipelines' `create_pipeline(...)`, which never look it up themselves.
+
+    Why not `find_pipelines()`: the pipelines of the models take the roster as an argument, which
+    a no-argument discovery cannot give, and Kedro 1.7's lazy loading makes `find_pipelines()`
+    return only the folders named on the command line -- none for a composition such as `nih`.
+    """
+    roster = current_roster()
+    pipelines = {name: _stage(name) for name in PLAIN_PIPELINES}
+    pipelines["training"] = _stage("training", roster=roster)
+    pipelines["baselines"] = _stage("baselines", roster=roster)
+    pipelines["reporting"] = _stage("reporting", roster=roster, models=reporting_models())
     # the demo: the main model and its reference (the ablation pair: the same trunk and
     # protocol with one scale and with the pyramid)
     from rare_cxr.pipelines.training.pipeline import create_model_pipeline
 
-    roster = current_roster()
+    study = sum((pipelines[name] for name in STAGES), Pipeline([]))  # `training`: the main model
     pipelines["__default__"] = (
-        _stage("phantom")
+        pipelines["phantom"]
         + study
         + sum(
             (create_model_pipeline(m) for m in roster.default_models if m != roster.main),
             Pipeline([]),
         )
-        + _stage("reporting", models=roster.default_models)
+        + _stage("reporting", roster=roster, models=roster.default_models)
     )
-    full = study + _stage("baselines") + _stage("reporting")
-    pipelines["reporting"] = _stage("reporting", models=reporting_models())
+    full = study + pipelines["baselines"] + _stage("reporting", roster=roster)
     pipelines["nih"] = full
+    pipelines[ALL_MODELS_PIPELINE] = full
     # on demand only, in no composition: new images through a model bundle, and its ONNX export
     from rare_cxr.pipelines.inference import create_onnx_pipeline
 
     pipelines["inference"] = _stage("inference", **inference_bundle_choice())
     pipelines["onnx_export"] = create_onnx_pipeline(**inference_bundle_choice())
-    pipelines[ALL_MODELS_PIPELINE] = full
     return pipelines

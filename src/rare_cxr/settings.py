@@ -2,8 +2,9 @@
 
 import warnings
 
-from kedro.config import OmegaConfigLoader
-
+# CONFIG_LOADER_CLASS and CONFIG_LOADER_ARGS: rare_cxr.config_loader (one place, read by Kedro
+# from here and by the code that reads the configuration outside a session)
+from rare_cxr.config_loader import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS  # noqa: F401
 from rare_cxr.hooks import ProjectHooks, RunSafetyHooks
 from rare_cxr.tracking import TrackingHooks
 
@@ -32,18 +33,3 @@ warnings.filterwarnings(
     message=r"Accessing the 'model_fields' attribute on the instance is deprecated",
     module=r"kedro\.validation\.utils",
 )
-
-CONFIG_LOADER_CLASS = OmegaConfigLoader
-CONFIG_LOADER_ARGS = {
-    "base_env": "base",
-    "default_run_env": "local",
-    # conf/nih repeats only the keys that differ from conf/base; "soft" merges them into the
-    # base blocks instead of replacing whole top-level keys.
-    "merge_strategy": {"parameters": "soft"},
-    # every pipeline owns its own catalog_<pipeline>.yml / parameters_<pipeline>.yml
-    "config_patterns": {
-        "catalog": ["catalog*", "catalog*/**", "**/catalog*"],
-        "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
-        "globals": ["globals.yml"],
-    },
-}

@@ -59,12 +59,22 @@ def inference_throughput(
     return float(batch_size * n_batches / elapsed) if elapsed > 0 else float("nan")
 
 
+def device_label(device: str) -> str:
+    """What the img/s were measured on: `cpu`, or `cuda (NVIDIA H100 80GB HBM3)`."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
 def model_cost(model: nn.Module, input_size: int, **throughput_args: Any) -> dict[str, Any]:
     """The cost block of table 1 for one model."""
+    gflops = gflops_per_image(model, input_size)  # on the CPU, before the model moves
+    device = str(throughput_args.get("device", "cpu"))
     return {
         "params": count_parameters(model),
-        "gflops": gflops_per_image(model, input_size),
+        "gflops": gflops,
         "img_per_s": inference_throughput(model, input_size, **throughput_args),
+        "device": device_label(device),
         "input_size": int(input_size),
         "scales": [int(s) for s in getattr(model, "scales", [input_size])],
         "flop_convention": "multiply-add = 2 FLOPs (torch.utils.flop_counter)",

@@ -201,6 +201,67 @@ def reliability_diagram(
     return fig
 
 
+def reliability_per_finding(
+    y_true: np.ndarray,
+    scores: Mapping[str, np.ndarray],
+    temperatures: Mapping[str, Sequence[float | None]],
+    findings: Sequence[str],
+    *,
+    n_bins: int = 15,
+    binning: str = "equal_mass",
+) -> Figure:
+    """One reliability panel per finding in `findings` (the rare ones): observed positive rate
+    against mean predicted probability in the ECE's bins, every model raw (solid) and after its
+    validation temperatures (dashed), with each curve's test ECE in the legend.
+
+    Why per finding: the pooled diagram is dominated by the common findings, and miscalibration
+    is worst for the rare ones (their scores are pushed up by the class weights)."""
+    from rare_cxr.evaluation import calibration
+
+    columns = max(1, min(len(findings), 3))
+    rows = max(1, math.ceil(len(findings) / columns))
+    fig = Figure(figsize=(4.2 * columns, 3.9 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False).ravel())
+    if not findings:
+        _note(axes[0], "no rare finding selected")
+    for ax, finding in zip(axes, findings, strict=False):
+        i = FINDINGS.index(finding)
+        y = y_true[:, i]
+        for k, (model, s) in enumerate(scores.items()):
+            colour = f"C{k % 10}"
+            t = temperatures.get(model, [None] * len(FINDINGS))[i]
+            for label, p, style in (
+                ("raw", s[:, i], "-o"),
+                ("calibrated", calibration.apply_temperature(s[:, i], t), "--x"),
+            ):
+                curve = calibration.reliability_curve(y, p, n_bins, binning)
+                ece = calibration.expected_calibration_error(y, p, n_bins, binning)
+                ax.plot(
+                    curve["mean_p"],
+                    curve["observed"],
+                    style,
+                    color=colour,
+                    ms=3,
+                    lw=1,
+                    label=f"{model} {label} (ECE {ece:.3f})",
+                )
+        ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability")
+        ax.set_ylabel("observed positive rate")
+        ax.set_title(f"{finding} (test positives: {int(y.sum())})", fontsize=9)
+        ax.legend(fontsize=6, loc="upper left")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(findings) :]:
+        ax.axis("off")
+    how = "equal-mass" if binning == "equal_mass" else "equal-width"
+    fig.suptitle(
+        f"Reliability of the rare findings (test; {n_bins} {how} bins; dashed: temperature "
+        "fitted on validation)",
+        fontsize=10,
+    )
+    return fig
+
+
 def gradcam_panel(model_name: str, rows: Sequence[Mapping[str, Any]]) -> Figure:
     """Grad-CAM rows: radiograph (+ planted/annotated box when known), then one map per layer.
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,12 @@ from rare_cxr.findings import FINDINGS
 
 NAN = float("nan")
 GROUPS = ("head", "medium", "tail")
+ALL = "all"  # the row over every finding (issue 20): the challenges' overall mAP
 GROUP_METRICS = ("auroc", "auprc", "balanced_accuracy")
+# long_tail.csv names the group mean of AUPRC (average precision) "mAP", as the CXR-LT
+# challenges (2023, 2024) do; files and bundles written before issue 20 call it "auprc".
+GROUP_COLUMNS = {"auroc": "auroc", "auprc": "mAP", "balanced_accuracy": "balanced_accuracy"}
+OLD_GROUP_COLUMNS = {"mAP": "auprc"}
 # The NIH-CXR-LT / OLTR convention: many-shot > 1,000, medium 100-1,000, few-shot < 100 images.
 NIH_CXR_LT_HEAD_MIN = 1001
 NIH_CXR_LT_TAIL_MAX = 100
@@ -162,7 +168,7 @@ def group_bootstrap_samples(
     findings per group, those defined on the test set as is (the point estimate's): a resample
     that drew none of a member's positive patients is NaN (dropped from the interval), not a
     mean over fewer findings (`bootstrap.fixed_set_mean`). The correlation between findings is
-    kept. Groups without findings are absent.
+    kept. Groups without findings are absent; `all` (every finding) is always there.
     """
     y, s = _check_arrays(y_true, y_score)
     t = _threshold_array(thresholds)
@@ -177,8 +183,8 @@ def group_bootstrap_samples(
     }
     point = _point_estimates(y, s, t)
     out: dict[str, dict[str, np.ndarray]] = {m: {} for m in GROUP_METRICS}
-    for g in GROUPS:
-        idx = [i for i, f in enumerate(FINDINGS) if groups.get(f) == g]
+    for g in (*GROUPS, ALL):
+        idx = [i for i, f in enumerate(FINDINGS) if groups.get(f) == g or g == ALL]
         if idx:
             for m in GROUP_METRICS:
                 out[m][g] = fixed_set_mean(per_finding[m][:, idx], point[m][idx])[0]
@@ -222,10 +228,12 @@ def long_tail_tables(
     AUROC 0.954 [0.900, 0.992]) although they say almost nothing; flagging keeps the number
     visible but marked.
 
-    Per group (head, medium, tail; only groups that have findings): `group, findings` ("A|B"),
-    `n_findings`, and for each of auroc, auprc, balanced_accuracy the mean over the group's
-    findings where the metric is defined plus `<metric>_ci_low`, `<metric>_ci_high` and
-    `<metric>_resamples_dropped`. The interval is the patient bootstrap of bootstrap.py with the
+    Per group (head, medium, tail; only groups that have findings; then `all`, every finding):
+    `group, findings` ("A|B"), `n_findings`, and for each of auroc, mAP (the mean AUPRC =
+    average precision, what the CXR-LT challenges call mAP; `auprc` before issue 20, see
+    `group_field`), balanced_accuracy the mean over the group's findings where the metric is
+    defined plus `<metric>_ci_low`, `<metric>_ci_high` and `<metric>_resamples_dropped`
+    (`GROUP_TABLE_COLUMNS`). The interval is the patient bootstrap of bootstrap.py with the
     group mean taken *inside* each resample over one fixed set of findings (see
     `group_bootstrap_samples`; resamples that lost a member's positives are dropped and
     counted), so the correlation between findings of the same patients is kept (averaging
@@ -266,8 +274,8 @@ def long_tail_tables(
 
     boot = group_bootstrap_samples(y, s, t, pids, groups, n_resamples=n_resamples, seed=seed)
     group_rows = []
-    for g in GROUPS:
-        idx = [i for i, f in enumerate(FINDINGS) if groups[f] == g]
+    for g in (*GROUPS, ALL):
+        idx = [i for i, f in enumerate(FINDINGS) if groups[f] == g or g == ALL]
         if not idx:
             continue
         row = {
@@ -276,16 +284,160 @@ def long_tail_tables(
             "n_findings": len(idx),
         }
         for m in GROUP_METRICS:
-            row[m] = float(_nanmean_rows(per_finding[m].to_numpy(dtype=float)[idx]))
+            name = GROUP_COLUMNS[m]
+            row[name] = float(_nanmean_rows(per_finding[m].to_numpy(dtype=float)[idx]))
             low, high = percentile_interval(boot[m][g], confidence)
-            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = float(low), float(high)
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low), float(high)
         for m in GROUP_METRICS:  # additive columns (issue 18), after the issue-13 ones
             defined = np.isfinite(per_finding[m].to_numpy(dtype=float)[idx]).any()
-            row[f"{m}_resamples_dropped"] = int(np.isnan(boot[m][g]).sum()) if defined else 0
+            dropped = int(np.isnan(boot[m][g]).sum()) if defined else 0
+            row[f"{GROUP_COLUMNS[m]}_resamples_dropped"] = dropped
         group_rows.append(row)
-    columns = (
-        ["group", "findings", "n_findings"]
-        + [c for m in GROUP_METRICS for c in (m, f"{m}_ci_low", f"{m}_ci_high")]
-        + [f"{m}_resamples_dropped" for m in GROUP_METRICS]
-    )
-    return per_finding, pd.DataFrame(group_rows, columns=columns)
+    return per_finding, pd.DataFrame(group_rows, columns=list(GROUP_TABLE_COLUMNS))
+
+
+GROUP_TABLE_COLUMNS = (
+    "group",
+    "findings",
+    "n_findings",
+    *(
+        c
+        for m in GROUP_METRICS
+        for c in (GROUP_COLUMNS[m], f"{GROUP_COLUMNS[m]}_ci_low", f"{GROUP_COLUMNS[m]}_ci_high")
+    ),
+    *(f"{GROUP_COLUMNS[m]}_resamples_dropped" for m in GROUP_METRICS),
+)
+
+
+def group_field(row: Mapping[str, Any], column: str) -> Any:
+    """A value of a long_tail.csv / `<model>.long_tail` group row by its current name (`mAP`,
+    `mAP_ci_low`, ...), read from the name files and bundles of earlier versions used
+    (`auprc`, `auprc_ci_low`, ...) when the current one is absent; None when neither is there."""
+    if column in row:
+        return row[column]
+    for new, old in OLD_GROUP_COLUMNS.items():
+        if column == new or column.startswith(new + "_"):
+            return row.get(old + column[len(new) :])
+    return None
+
+
+def read_group_table(table: pd.DataFrame) -> pd.DataFrame:
+    """long_tail.csv as this version names it: an older file's `auprc*` group columns renamed
+    to `mAP*` (nothing else changes)."""
+    renames = {}
+    for new, old in OLD_GROUP_COLUMNS.items():
+        if new not in table.columns:
+            renames.update(
+                {
+                    c: new + c[len(old) :]
+                    for c in table.columns
+                    if c == old or c.startswith(old + "_")
+                }
+            )
+    return table.rename(columns=renames)
+
+
+# The ranking of models (later: long-tail methods) as the CXR-LT challenges rank entries.
+RANKED_METRICS = (("mAP", "auprc"), ("auroc", "auroc"))  # (long_tail.csv column, paired metric)
+RANKING_COLUMNS = (
+    "metric",
+    "group",
+    "rank",
+    "model",
+    "value",
+    "ci_low",
+    "ci_high",
+    "leader",
+    "seeds",
+    "delta_vs_leader",
+    "delta_ci_low",
+    "delta_ci_high",
+    "p_value",
+    "p_holm",
+    "differs_from_leader",
+    "method",
+    "resamples_dropped",
+    "findings",
+)
+RANKING_METHOD = "paired patient bootstrap of the group mean (Holm across the models)"
+
+
+def group_ranking(
+    groups: Mapping[str, pd.DataFrame],
+    paired_delta: Callable[[str, str, str], Mapping[str, Any]],
+    *,
+    group: str = "tail",
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Models ranked by `group`'s mAP and by its AUROC (best first), each compared with the
+    leader (rank 1) on the same test patients.
+
+    `groups`: model -> its group table (long_tail.csv rows of that model; older `auprc` names
+    are read too). `paired_delta(model, leader, metric)` (metric `auprc` or `auroc`) returns the
+    paired patient-bootstrap test of the group mean's difference model - leader (`paired.
+    paired_bootstrap_macro` restricted to the group's findings): `delta, ci_low, ci_high,
+    p_value, resamples_dropped, seeds`. Ranks are by the values shown (equal values share a
+    rank); an order is only a finding where `differs_from_leader` (Holm-adjusted p across the
+    models compared with that leader < 1 - confidence): neighbouring ranks are otherwise ties
+    in all but name. Columns: `RANKING_COLUMNS`; empty when no model has the group.
+    """
+    from rare_cxr.evaluation.paired import holm
+
+    alpha = 1.0 - float(confidence)
+    rows: list[dict[str, Any]] = []
+    for column, paired_metric in RANKED_METRICS:
+        entries = []
+        for model, table in groups.items():
+            part = table[table["group"].astype(str) == group] if len(table) else table
+            if not len(part):
+                continue
+            r = part.iloc[0].to_dict()
+            entries.append(
+                {
+                    "metric": column,
+                    "group": group,
+                    "model": model,
+                    "value": _float(group_field(r, column)),
+                    "ci_low": _float(group_field(r, f"{column}_ci_low")),
+                    "ci_high": _float(group_field(r, f"{column}_ci_high")),
+                    "findings": str(r.get("findings", "")),
+                }
+            )
+        if not entries:
+            continue
+        frame = pd.DataFrame(entries)
+        frame["rank"] = frame["value"].rank(method="min", ascending=False, na_option="bottom")
+        frame = frame.sort_values(["rank"], kind="mergesort").reset_index(drop=True)
+        leader = str(frame.loc[0, "model"])
+        tests = {
+            m: dict(paired_delta(m, leader, paired_metric))
+            for m, v in zip(frame["model"], frame["value"], strict=True)
+            if m != leader and math.isfinite(v)
+        }
+        adjusted = dict(
+            zip(tests, holm([t.get("p_value", NAN) for t in tests.values()]), strict=True)
+        )
+        for entry in frame.to_dict(orient="records"):
+            test = tests.get(entry["model"], {})
+            p_holm = float(adjusted.get(entry["model"], NAN))
+            rows.append(
+                {
+                    **entry,
+                    "rank": int(entry["rank"]),
+                    "leader": leader,
+                    "seeds": test.get("seeds", pd.NA),
+                    "delta_vs_leader": test.get("delta", NAN),
+                    "delta_ci_low": test.get("ci_low", NAN),
+                    "delta_ci_high": test.get("ci_high", NAN),
+                    "p_value": test.get("p_value", NAN),
+                    "p_holm": p_holm,
+                    "differs_from_leader": bool(p_holm < alpha) if test else pd.NA,
+                    "method": RANKING_METHOD if test else "",
+                    "resamples_dropped": test.get("resamples_dropped", pd.NA),
+                }
+            )
+    return pd.DataFrame(rows, columns=list(RANKING_COLUMNS))
+
+
+def _float(value: Any) -> float:
+    return NAN if value is None else float(value)

@@ -467,11 +467,15 @@ def _seed_diffs(metric: str, data: _Paired, w: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _macro_sets(metric: str, data: _Paired) -> list[np.ndarray]:
+def _macro_sets(metric: str, data: _Paired, findings: np.ndarray | None = None) -> list[np.ndarray]:
     """Per seed, the findings `[F]` (bool) of the macro: defined for both models on the test
-    set as is. Every resample averages this one set (`bootstrap.fixed_set_mean`)."""
+    set as is (and among `findings`, a mask such as the long tail's group, when given). Every
+    resample averages this one set (`bootstrap.fixed_set_mean`)."""
     ones = np.ones((1, data.y.shape[0]))
-    return [np.isfinite(d[0]) for d in _seed_diffs(metric, data, ones)]
+    chosen = np.ones(data.y.shape[1], bool) if findings is None else np.asarray(findings, bool)
+    if chosen.shape != (data.y.shape[1],):
+        raise ValueError(f"findings: expected {data.y.shape[1]} booleans, got {chosen.shape}")
+    return [np.isfinite(d[0]) & chosen for d in _seed_diffs(metric, data, ones)]
 
 
 def _macro_deltas(metric: str, data: _Paired, w: np.ndarray, sets: list[np.ndarray]) -> np.ndarray:
@@ -500,12 +504,14 @@ def paired_bootstrap_samples(  # noqa: PLR0917 -- (y, scores, thresholds, patien
     metrics: Sequence[str] = MACRO_METRICS,
     chunk_size: int = 200,
     progress_desc: str | None = None,
+    findings: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The bootstrap distribution `{metric: [R]}` of the macro difference (model - reference).
 
     Resample r uses row r of `bootstrap.patient_weights(patient_ids, n_resamples, seed)` for
     both models and every seed, which is what makes the comparison paired. `progress_desc`
-    names a progress bar counting resamples.
+    names a progress bar counting resamples. `findings` (bool `[F]`, default all) restricts
+    the macro to a subset, e.g. the long tail's tail group.
     """
     bad = [m for m in metrics if m not in MACRO_METRICS]
     if bad:
@@ -514,7 +520,7 @@ def paired_bootstrap_samples(  # noqa: PLR0917 -- (y, scores, thresholds, patien
         y_true, (scores_model, scores_ref), (thresholds_model, thresholds_ref), patient_ids
     )
     blocks: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
-    sets = {m: _macro_sets(m, data) for m in metrics}
+    sets = {m: _macro_sets(m, data, findings) for m in metrics}
     for w in patient_weights(
         patient_ids, n_resamples, seed, chunk_size, progress_desc=progress_desc
     ):
@@ -554,6 +560,7 @@ def paired_bootstrap_macro(  # noqa: PLR0917 -- (y, scores, thresholds, patients
     confidence: float = 0.95,
     metrics: Sequence[str] = MACRO_METRICS,
     progress_desc: str | None = None,
+    findings: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
     """Paired patient-bootstrap test of macro AUROC/AUPRC/F1 differences (model - reference).
 
@@ -564,7 +571,8 @@ def paired_bootstrap_macro(  # noqa: PLR0917 -- (y, scores, thresholds, patients
     `ci_low`/`ci_high`, the two-sided `p_value` (`bootstrap_p_value`), `n_resamples`, the
     number of resamples where the difference was defined (those used for CI and p), and
     `resamples_dropped`, the others: resamples that lost every positive patient of a finding
-    in the macro's fixed set (`_macro_sets`).
+    in the macro's fixed set (`_macro_sets`). `findings` (bool `[F]`) restricts the macro to
+    a subset of findings (default: all).
     """
     conf = _check_confidence(confidence)
     samples = paired_bootstrap_samples(
@@ -578,6 +586,7 @@ def paired_bootstrap_macro(  # noqa: PLR0917 -- (y, scores, thresholds, patients
         seed=seed,
         metrics=metrics,
         progress_desc=progress_desc,
+        findings=findings,
     )
     data = _seeded_inputs(
         y_true, (scores_model, scores_ref), (thresholds_model, thresholds_ref), patient_ids
@@ -585,7 +594,7 @@ def paired_bootstrap_macro(  # noqa: PLR0917 -- (y, scores, thresholds, patients
     ones = np.ones((1, data.y.shape[0]))
     out: dict[str, dict[str, float]] = {}
     for m, d in samples.items():
-        point = float(_macro_deltas(m, data, ones, _macro_sets(m, data))[0])
+        point = float(_macro_deltas(m, data, ones, _macro_sets(m, data, findings))[0])
         low, high = percentile_interval(d, conf)
         out[m] = {
             "delta": point,

@@ -98,6 +98,28 @@ def _ordered(values: np.ndarray, order: Sequence[str] | None = None) -> list[str
     return [*known, UNKNOWN] if UNKNOWN in present else known
 
 
+def subgroup_masks(
+    meta: pd.DataFrame, age_edges: Sequence[int], attributes: Sequence[str] = ATTRIBUTES
+) -> list[tuple[str, str, np.ndarray]]:
+    """(attribute, subgroup, row mask) of every subgroup present in `meta` (columns sex, age,
+    view), attribute by attribute in `attributes` order: sex and view as recorded (sorted),
+    age bands in band order; "unknown" last. The one definition of the report's subgroups
+    (AUROC here, the underdiagnosis rate in `underdiagnosis.py`)."""
+    values = {
+        "sex": lambda: _category(meta["sex"]),
+        "age": lambda: assign_age_bands(meta["age"].to_numpy(), age_edges),
+        "view": lambda: _category(meta["view"]),
+    }
+    orders = {"sex": None, "age": age_band_labels(age_edges), "view": None}
+    out = []
+    for attribute in attributes:
+        if attribute not in values:
+            raise ValueError(f"subgroup attribute: expected one of {ATTRIBUTES}, got {attribute!r}")
+        column = values[attribute]()
+        out += [(attribute, g, column == g) for g in _ordered(column, orders[attribute])]
+    return out
+
+
 def subgroup_aurocs(
     y_true: np.ndarray,
     y_score: np.ndarray,
@@ -138,63 +160,54 @@ def subgroup_aurocs(
         raise ValueError(f"meta: expected {len(y)} rows aligned with y_true, got {len(meta)}")
 
     patients = meta["patient_id"].astype(str).to_numpy()
-    values = {
-        "sex": _category(meta["sex"]),
-        "age": assign_age_bands(meta["age"].to_numpy(), age_edges),
-        "view": _category(meta["view"]),
-    }
-    orders = {"sex": None, "age": age_band_labels(age_edges), "view": None}
-
     rows = []
-    for attribute in ATTRIBUTES:
-        for subgroup in _ordered(values[attribute], orders[attribute]):
-            mask = values[attribute] == subgroup
-            ys, ss, ps = y[mask], s[mask], patients[mask]
-            point = np.array([auroc(ys[:, i], ss[:, i]) for i in range(len(FINDINGS))])
-            chunks = []
-            for w in patient_weights(ps, n_resamples, seed):
-                chunks.append(
-                    np.stack(
-                        [weighted_auroc(ys[:, i], ss[:, i], w) for i in range(len(FINDINGS))],
-                        axis=1,
-                    )
+    for attribute, subgroup, mask in subgroup_masks(meta, age_edges):
+        ys, ss, ps = y[mask], s[mask], patients[mask]
+        point = np.array([auroc(ys[:, i], ss[:, i]) for i in range(len(FINDINGS))])
+        chunks = []
+        for w in patient_weights(ps, n_resamples, seed):
+            chunks.append(
+                np.stack(
+                    [weighted_auroc(ys[:, i], ss[:, i], w) for i in range(len(FINDINGS))],
+                    axis=1,
                 )
-            samples = np.concatenate(chunks, axis=0)  # [R, F]
-            low, high = percentile_interval(samples, confidence)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                macro_point = float(np.nanmean(point)) if np.isfinite(point).any() else NAN
-            macro_samples, macro_dropped = fixed_set_mean(samples, point)
-            macro_low, macro_high = percentile_interval(macro_samples, confidence)
-            undefined = np.isnan(samples).sum(axis=0)
-            base = {
-                "attribute": attribute,
-                "subgroup": subgroup,
-                "n_images": int(mask.sum()),
-                "n_patients": int(len(np.unique(ps))),
-            }
-            positives = ys.sum(axis=0)
-            for i, f in enumerate(FINDINGS):
-                rows.append(
-                    {
-                        **base,
-                        "finding": f,
-                        "positives": int(positives[i]),
-                        "auroc": float(point[i]),
-                        "ci_low": float(low[i]),
-                        "ci_high": float(high[i]),
-                        "resamples_dropped": int(undefined[i]) if np.isfinite(point[i]) else 0,
-                    }
-                )
+            )
+        samples = np.concatenate(chunks, axis=0)  # [R, F]
+        low, high = percentile_interval(samples, confidence)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            macro_point = float(np.nanmean(point)) if np.isfinite(point).any() else NAN
+        macro_samples, macro_dropped = fixed_set_mean(samples, point)
+        macro_low, macro_high = percentile_interval(macro_samples, confidence)
+        undefined = np.isnan(samples).sum(axis=0)
+        base = {
+            "attribute": attribute,
+            "subgroup": subgroup,
+            "n_images": int(mask.sum()),
+            "n_patients": int(len(np.unique(ps))),
+        }
+        positives = ys.sum(axis=0)
+        for i, f in enumerate(FINDINGS):
             rows.append(
                 {
                     **base,
-                    "finding": "macro",
-                    "positives": int(positives.sum()),
-                    "auroc": macro_point,
-                    "ci_low": float(macro_low),
-                    "ci_high": float(macro_high),
-                    "resamples_dropped": macro_dropped,
+                    "finding": f,
+                    "positives": int(positives[i]),
+                    "auroc": float(point[i]),
+                    "ci_low": float(low[i]),
+                    "ci_high": float(high[i]),
+                    "resamples_dropped": int(undefined[i]) if np.isfinite(point[i]) else 0,
                 }
             )
+        rows.append(
+            {
+                **base,
+                "finding": "macro",
+                "positives": int(positives.sum()),
+                "auroc": macro_point,
+                "ci_low": float(macro_low),
+                "ci_high": float(macro_high),
+                "resamples_dropped": macro_dropped,
+            }
+        )
     return pd.DataFrame(rows, columns=list(COLUMNS))

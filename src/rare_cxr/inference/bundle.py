@@ -20,6 +20,8 @@ only, nothing that can execute code)::
         "data": {...},                      # source, images/patients per split, positives
         "metrics": {...},                   # test metrics with patient-bootstrap intervals
         "rare_findings", "long_tail", "subgroups",   # where the report has them
+        "calibration": {"temperatures": {finding: float | None}, ...} | None,   # issue 20;
+        "underdiagnosis": [...],            # optional: bundles before it have neither
         "lineage": {...}, "created_by": "rare-cxr <version>"}}
 
 The reporting pipeline writes one per model (`<model>.model_bundle`, node
@@ -46,6 +48,7 @@ from pydantic import (
 )
 
 from rare_cxr.findings import FINDINGS
+from rare_cxr.models.factory import MIN_INPUT
 from rare_cxr.parameters import KeyProblem
 
 BUNDLE_FORMAT = "rare-cxr-model-bundle"
@@ -109,11 +112,15 @@ def make_bundle(
     long_tail: Mapping[str, Any] | None = None,
     subgroups: Mapping[str, Any] | None = None,
     reporting: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    underdiagnosis: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble a bundle from a checkpoint and the reporting outputs of the same model.
 
     The thresholds must be those of the checkpoint's primary seed (`thresholds["thresholds"]`,
-    what `select_thresholds` writes) and were tuned on the validation split only.
+    what `select_thresholds` writes) and were tuned on the validation split only; so were the
+    temperatures of `calibration` (`<model>.calibration`, `calibration_metrics`), which
+    inference applies to write the calibrated probabilities.
     """
     import rare_cxr
     from rare_cxr.image_cache import RESAMPLE_NAME
@@ -166,6 +173,8 @@ def make_bundle(
         "rare_findings": dict(rare_findings or {}),
         "long_tail": groups,
         "subgroups": subgroup_rows,
+        "calibration": _calibration_summary(calibration),
+        "underdiagnosis": list((underdiagnosis or {}).get("rows") or []),
         "reporting": {
             k: (reporting or {}).get(k) for k in ("min_positives", "bootstrap", "threshold_method")
         },
@@ -174,6 +183,29 @@ def make_bundle(
     }
     state = {k: v.detach().cpu() for k, v in checkpoint["state_dict"].items()}
     return {"state_dict": state, "metadata": _plain(metadata)}
+
+
+def _calibration_summary(calibration: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What inference and the card need of `<model>.calibration`: the temperatures (fitted on
+    validation), how they were fitted, and each finding's test ECE raw and calibrated."""
+    if not calibration:
+        return None
+    temperatures = calibration.get("temperatures") or {}
+    missing = [f for f in FINDINGS if f not in temperatures]
+    if missing:
+        raise BundleError(f"calibration lacks the temperature of {missing}")
+    rows = {r.get("finding"): r for r in calibration.get("per_finding") or []}
+    return {
+        "method": calibration.get("method"),
+        "split": calibration.get("split", "val"),
+        "temperatures": {f: temperatures[f] for f in FINDINGS},
+        "binning": calibration.get("binning"),
+        "n_bins": calibration.get("n_bins"),
+        "test_ece": {
+            f: {k: (rows.get(f) or {}).get(f"ece_{k}") for k in ("raw", "calibrated")}
+            for f in (*FINDINGS, "macro")
+        },
+    }
 
 
 # Largest input_size and scale a bundle may ask for: inference resizes every image to
@@ -193,6 +225,23 @@ class _Preprocessing(BaseModel):
     tta_hflip: StrictBool = False
 
 
+class _Calibration(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # one per finding: sigmoid(logit(p) / T) at inference; None = no temperature (identity)
+    temperatures: dict[str, Annotated[StrictFloat, Field(gt=0.0)] | None]
+
+    @field_validator("temperatures")
+    @classmethod
+    def _one_per_finding(cls, value: dict[str, Any]) -> dict[str, Any]:
+        missing = [f for f in FINDINGS if f not in value]
+        unknown = [k for k in value if k not in FINDINGS]
+        if missing or unknown:
+            raise ValueError(
+                f"expected one temperature per finding; missing {missing}, unknown {unknown}"
+            )
+        return value
+
+
 class BundleMetadata(BaseModel):
     """What inference reads from a bundle's metadata, key by key (other keys are kept as they
     are: the card shows them, and escapes them). Validated with `rare_cxr.parameters.check`,
@@ -207,6 +256,8 @@ class BundleMetadata(BaseModel):
     input_size: StrictInt = Field(ge=1, le=MAX_INPUT_SIZE)
     preprocessing: _Preprocessing
     thresholds: dict[str, Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None]
+    # temperature scaling (issue 20); absent or null in older bundles: no calibrated output
+    calibration: _Calibration | None = None
 
     @field_validator("findings")
     @classmethod
@@ -228,7 +279,11 @@ class BundleMetadata(BaseModel):
 
     @model_validator(mode="after")
     def _scales_fit(self) -> BundleMetadata:
-        if max(self.scales) > self.input_size:
+        # Training allows one exception (`check_scales_fit_cache`): a scale at the architecture's
+        # minimum input (Inception-v3's 75 px) above a small image cache, upsampled in the model.
+        # A bundle trained that way must load; any other scale above input_size is refused.
+        minimum = MIN_INPUT.get(str(self.model_spec.get("architecture")), 0)
+        if any(s > self.input_size and s > minimum for s in self.scales):
             raise KeyProblem(
                 "scales", f"{self.scales} exceed input_size {self.input_size} (the model input)"
             )
@@ -339,6 +394,16 @@ def bundle_thresholds(bundle: Mapping[str, Any]) -> dict[str, float]:
         value = bundle["metadata"]["thresholds"].get(f)
         out[f] = math.nan if value is None else float(value)
     return out
+
+
+def bundle_temperatures(bundle: Mapping[str, Any]) -> dict[str, float] | None:
+    """Finding -> temperature (NaN: none fitted, the calibrated probability is the raw one);
+    None for a bundle without calibration (written before issue 20)."""
+    calibration = bundle["metadata"].get("calibration")
+    if not calibration:
+        return None
+    values = calibration["temperatures"]
+    return {f: math.nan if values.get(f) is None else float(values[f]) for f in FINDINGS}
 
 
 def load_bundle_model(bundle: Mapping[str, Any]) -> torch.nn.Module:

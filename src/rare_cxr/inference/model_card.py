@@ -52,8 +52,19 @@ def _rows(value: Any) -> list[Mapping[str, Any]]:
     return [r for r in value if isinstance(r, Mapping)] if isinstance(value, list) else []
 
 
+def _cell(text: str, *values: Any) -> MdSafe:
+    """Formatted numbers as Markdown; when one of `values` is not a number (a damaged or
+    hostile bundle), `fmt_number` passes its text through, so the cell is escaped instead."""
+
+    def plain(v: Any) -> bool:
+        return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+    return MdSafe(text) if all(plain(v) for v in values) else md_escape(text)
+
+
 def _ci(row: Mapping[str, Any], key: str, low: str, high: str) -> Any:
-    return MdSafe(fmt_ci(row.get(key), [row.get(low), row.get(high)]))
+    values = [row.get(key), row.get(low), row.get(high)]
+    return _cell(fmt_ci(values[0], values[1:]), *values)
 
 
 _BALANCED_CI = ("balanced_accuracy_ci_low", "balanced_accuracy_ci_high")
@@ -162,10 +173,28 @@ def card_context(metadata: Mapping[str, Any]) -> dict[str, Any]:
                 g.get("group"),
                 str(g.get("findings", "")).replace("|", ", "),
                 _ci(g, "auroc", "auroc_ci_low", "auroc_ci_high"),
-                _ci(g, "auprc", "auprc_ci_low", "auprc_ci_high"),
+                _map_ci(g),
                 _ci(g, "balanced_accuracy", *_BALANCED_CI),
             )
             for g in _rows(m.get("long_tail"))
+        ],
+        **_calibration_context(m),
+        "underdiagnosis_rows": [
+            (
+                r.get("attribute"),
+                r.get("subgroup"),
+                r.get("sick_images"),
+                r.get("sick_patients"),
+                _cell(
+                    fmt_ci(r.get("underdiagnosis_rate"), [r.get("ci_low"), r.get("ci_high")])
+                    + ("" if r.get("reliable") is True else " †"),
+                    r.get("underdiagnosis_rate"),
+                    r.get("ci_low"),
+                    r.get("ci_high"),
+                ),
+                _ci(r, "gap", "gap_ci_low", "gap_ci_high"),
+            )
+            for r in _rows(m.get("underdiagnosis"))
         ],
         "subgroup_rows": [
             (
@@ -180,6 +209,55 @@ def card_context(metadata: Mapping[str, Any]) -> dict[str, Any]:
         "threshold_split": m.get("threshold_split", "val"),
         "threshold_method": m.get("threshold_method", "n/a"),
         "citations": [MdSafe(c) for c in CITATIONS],
+    }
+
+
+def _map_ci(group: Mapping[str, Any]) -> Any:
+    """A long-tail group's mAP with its interval (`auprc*` in bundles before issue 20)."""
+    from rare_cxr.evaluation.longtail import group_field
+
+    values = [group_field(group, c) for c in ("mAP", "mAP_ci_low", "mAP_ci_high")]
+    return _cell(fmt_ci(values[0], values[1:]), *values)
+
+
+def _calibration_context(m: Mapping[str, Any]) -> dict[str, Any]:
+    """Per finding: threshold, temperature, the threshold on the calibrated scale and the test
+    ECE raw and calibrated (bundles without calibration: thresholds only)."""
+    from rare_cxr.evaluation.calibration import apply_temperature
+
+    thresholds = _mapping(m.get("thresholds"))
+    calibration = _mapping(m.get("calibration"))
+    temperatures = _mapping(calibration.get("temperatures"))
+    ece = _mapping(calibration.get("test_ece"))
+    loss = _mapping(_mapping(_mapping(m.get("training")).get("train_params")).get("loss"))
+    rows = []
+    for f in FINDINGS:
+        t, temp = thresholds.get(f), temperatures.get(f)
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (t, temp))
+        on_calibrated = float(apply_temperature(float(t), float(temp))) if numeric else None
+        if isinstance(t, int | float) and temp is None and calibration:
+            on_calibrated = t  # no temperature: the calibrated score is the raw one
+        raw, cal = (_mapping(ece.get(f)).get(k) for k in ("raw", "calibrated"))
+        rows.append(
+            (
+                f,
+                _cell(fmt_number(t, 4), t),
+                _cell(fmt_number(temp, 3), temp) if calibration else MdSafe("n/a"),
+                _cell(fmt_number(on_calibrated, 4), on_calibrated),
+                _cell(fmt_number(raw, 3), raw),
+                _cell(fmt_number(cal, 3), cal),
+            )
+        )
+    macro = _mapping(ece.get("macro"))
+    return {
+        "calibrated": bool(calibration),
+        "calibration_split": calibration.get("split", "val"),
+        "calibration_bins": f"{calibration.get('n_bins', 'n/a')} "
+        f"{str(calibration.get('binning', '')).replace('_', '-')}",
+        "ece_macro_raw": macro.get("raw"),
+        "ece_macro_calibrated": macro.get("calibrated"),
+        "balanced_weights": bool(loss.get("balanced")),
+        "threshold_rows": rows,
     }
 
 

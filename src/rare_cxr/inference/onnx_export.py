@@ -12,7 +12,10 @@ torch.onnx.export with the dynamo exporter (torch >= 2.9's default, which needs 
 opset 18: the first opset whose Resize has the `antialias` attribute that the models' internal
 down-scaling uses (the TorchScript exporter cannot export `_upsample_bilinear2d_aa`).
 Test-time flip averaging is not in the graph (apply it outside if the bundle says
-`preprocessing.tta_hflip: true`); decisions use the thresholds stored as ONNX metadata.
+`preprocessing.tta_hflip: true`); decisions use the thresholds stored as ONNX metadata. The
+output is the RAW probability: the temperatures of the calibrated probability are stored as
+metadata (`rare_cxr.temperatures`, null for a bundle without them), not applied in the graph,
+so the graph and its parity check stay those of the model.
 """
 
 from __future__ import annotations
@@ -110,6 +113,9 @@ def export_onnx(
         "rare_cxr.model": str(meta["model"]),
         "rare_cxr.findings": json.dumps(list(FINDINGS)),
         "rare_cxr.thresholds": json.dumps(thresholds),
+        # the graph outputs RAW probabilities; calibrated = sigmoid(logit(p) / T) per finding
+        # (null: none), as `kedro run --pipelines inference` writes <finding>_calibrated
+        "rare_cxr.temperatures": json.dumps((meta.get("calibration") or {}).get("temperatures")),
         "rare_cxr.input": f"float32 [batch, 1, {size}, {size}] grey in [0, 1]",
         "rare_cxr.preprocessing": json.dumps(meta["preprocessing"]),
         "rare_cxr.bundle_version": str(meta.get("bundle_version", "unversioned")),

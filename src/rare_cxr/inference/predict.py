@@ -22,13 +22,16 @@ import torch
 from PIL import Image
 from pydantic import Field, field_validator
 
+from rare_cxr.evaluation.calibration import apply_temperature, rescale_to_threshold
 from rare_cxr.findings import FINDINGS
 from rare_cxr.imaging import DEFAULT_MAX_IMAGE_PIXELS
-from rare_cxr.inference.bundle import bundle_thresholds, load_bundle_model
+from rare_cxr.inference.bundle import bundle_temperatures, bundle_thresholds, load_bundle_model
 from rare_cxr.inference.dicom import WITHOUT_VOI_MODES
 from rare_cxr.inference.images import ReadResult, read_for_model, scan_folder
 from rare_cxr.inference.table import (
+    CALIBRATED_SUFFIX,
     DECISION_SUFFIX,
+    RESCALED_SUFFIX,
     column_types,
     prediction_columns,
     printable,
@@ -36,7 +39,9 @@ from rare_cxr.inference.table import (
 from rare_cxr.parameters import Params, check
 
 __all__ = [
+    "CALIBRATED_SUFFIX",
     "DECISION_SUFFIX",
+    "RESCALED_SUFFIX",
     "InferenceParams",
     "overlay_name",
     "prediction_columns",
@@ -82,6 +87,8 @@ class InferenceParams(Params):
     batch_size: int = Field(32, ge=1)
     loader_threads: int = Field(2, ge=0)
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    # add `<finding>_rescaled` columns: 0.5 = the finding's validation-tuned threshold
+    rescale_to_threshold: bool = False
     progress_bar: bool = True
     dicom: DicomParams = Field(default_factory=DicomParams)
     gradcam: GradcamParams = Field(default_factory=GradcamParams)
@@ -232,6 +239,16 @@ def run_inference(
     meta = bundle["metadata"]
     size = int(meta["input_size"])
     thresholds = bundle_thresholds(bundle)
+    cutoffs = np.array([thresholds[f] for f in FINDINGS])
+    temperatures = bundle_temperatures(bundle)
+    if temperatures is None:
+        logger.warning(
+            "inference: the bundle has no temperatures (written before rare-cxr had them): "
+            "the <finding>%s columns stay empty; rerun `kedro run --pipelines reporting` for "
+            "a bundle with them",
+            CALIBRATED_SUFFIX,
+        )
+    rescale = bool(cfg["rescale_to_threshold"])
     device = resolve_inference_device(cfg["device"])
     dtype = amp_dtype({"amp": cfg["amp"]}, device)
     tta = bool(meta["preprocessing"].get("tta_hflip", False))
@@ -287,6 +304,7 @@ def run_inference(
                 row["overlays"] = ""
                 row["model"] = printable(str(meta["model"]))
                 row["bundle_version"] = printable(str(meta.get("bundle_version", "unversioned")))
+                row.update(_calibrated_columns(p, temperatures, cutoffs, rescale))
                 rows.append(row)
                 if p is not None and cam_cfg["enabled"]:
                     cam_jobs += [
@@ -312,12 +330,35 @@ def run_inference(
         bar.close()
         if pool:
             pool.shutdown()
-    table = pd.DataFrame(rows, columns=prediction_columns()).astype(column_types())
+    columns = prediction_columns(rescaled=rescale)
+    types = column_types()
+    table = pd.DataFrame(rows, columns=columns).astype({c: types[c] for c in columns})
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     logger.info("inference: statuses %s; %d overlay(s)", counts, len(overlays))
     if not len(table):
         logger.warning("inference: the input folder %s holds no files", cfg["input_dir"])
     return table, overlays
+
+
+def _calibrated_columns(
+    p: np.ndarray | None,
+    temperatures: Mapping[str, float] | None,
+    cutoffs: np.ndarray,
+    rescale: bool,
+) -> dict[str, float]:
+    """One row's `<finding>_calibrated` (the bundle's validation temperatures; NaN without
+    them or without a prediction) and, with `rescale`, `<finding>_rescaled` (torchxrayvision's
+    threshold rescaling of the RAW probability, so that >= 0.5 is exactly the decision)."""
+    out: dict[str, float] = {}
+    if p is None or temperatures is None:
+        calibrated = np.full(len(FINDINGS), math.nan)
+    else:
+        calibrated = apply_temperature(p, np.array([temperatures[f] for f in FINDINGS]))
+    out.update({f + CALIBRATED_SUFFIX: float(v) for f, v in zip(FINDINGS, calibrated, strict=True)})
+    if rescale:
+        scores = np.full(len(FINDINGS), math.nan) if p is None else rescale_to_threshold(p, cutoffs)
+        out.update({f + RESCALED_SUFFIX: float(v) for f, v in zip(FINDINGS, scores, strict=True)})
+    return out
 
 
 def row_overlays(overlays: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:

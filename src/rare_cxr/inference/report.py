@@ -27,7 +27,7 @@ from rare_cxr.findings import FINDINGS
 from rare_cxr.inference.bundle import bundle_thresholds
 from rare_cxr.inference.images import STATUSES, InputFile, read_for_model, scan_folder
 from rare_cxr.inference.model_card import NOT_FOR_CLINICAL_USE, card_html, card_markdown
-from rare_cxr.inference.predict import DECISION_SUFFIX, row_overlays
+from rare_cxr.inference.predict import CALIBRATED_SUFFIX, DECISION_SUFFIX, row_overlays
 from rare_cxr.inference.templating import render
 
 EXTRA_STYLE = """
@@ -97,10 +97,14 @@ def _findings(row: Mapping[str, Any], thresholds: Mapping[str, float], top: int)
     out = []
     for f in sorted(FINDINGS, key=lambda f: -float(row[f]))[:top]:
         decided = row.get(f + DECISION_SUFFIX)
+        calibrated = row.get(f + CALIBRATED_SUFFIX)
         out.append(
             {
                 "name": f,
                 "probability": float(row[f]),
+                "calibrated": None
+                if calibrated is None or pd.isna(calibrated)
+                else float(calibrated),
                 "threshold": None if math.isnan(thresholds[f]) else thresholds[f],
                 "positive": decided is not pd.NA and not pd.isna(decided) and int(decided) == 1,
             }

@@ -29,6 +29,10 @@ import pandas as pd
 from rare_cxr.findings import FINDINGS
 
 DECISION_SUFFIX = "_positive"
+# issue 20: the temperature-scaled probability (the bundle's validation temperatures) and,
+# with `inference.rescale_to_threshold`, the score rescaled so that 0.5 is the threshold
+CALIBRATED_SUFFIX = "_calibrated"
+RESCALED_SUFFIX = "_rescaled"
 ID_COLUMNS = (
     "path",
     "image_id",
@@ -50,23 +54,30 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 QUOTE = "'"
 
 
-def prediction_columns() -> list[str]:
+def prediction_columns(rescaled: bool = False) -> list[str]:
     """predictions.csv: ids and status, 14 probabilities (FINDINGS names), 14 decisions
     (`<finding>_positive`, 1/0, empty where the finding has no threshold), then
     `positive_findings` (`|`-joined), `overlays` (the Grad-CAM files of the row, `|`-joined),
-    `model` and `bundle_version`."""
+    `model` and `bundle_version`; then (issue 20, after the earlier columns so that no column
+    moves) 14 calibrated probabilities `<finding>_calibrated` (empty for a bundle without
+    temperatures) and, when `rescaled` (`inference.rescale_to_threshold`), 14
+    `<finding>_rescaled` (0.5 = the threshold; empty where there is none)."""
     return [
         *ID_COLUMNS,
         *FINDINGS,
         *(f + DECISION_SUFFIX for f in FINDINGS),
         *TRAILING_COLUMNS,
+        *(f + CALIBRATED_SUFFIX for f in FINDINGS),
+        *((f + RESCALED_SUFFIX for f in FINDINGS) if rescaled else ()),
     ]
 
 
 def column_types() -> dict[str, str]:
-    """The dtype of every column (text: pandas' string dtype)."""
+    """The dtype of every column that can occur (text: pandas' string dtype)."""
     types = dict.fromkeys(TEXT_COLUMNS, "string")
     types.update(dict.fromkeys(FINDINGS, "float64"))
+    types.update({f + CALIBRATED_SUFFIX: "float64" for f in FINDINGS})
+    types.update({f + RESCALED_SUFFIX: "float64" for f in FINDINGS})
     types.update({f + DECISION_SUFFIX: "Int8" for f in FINDINGS})
     types.update(width="Int64", height="Int64")
     return types

@@ -99,3 +99,48 @@ class Preprocess(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, mean={self.mean}, std={self.std}"
+
+
+class DeterministicAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """`nn.AdaptiveAvgPool2d` whose backward is deterministic on CUDA (`training.deterministic`).
+
+    Why: PyTorch has no deterministic CUDA kernel for the backward of adaptive average pooling to
+    anything but 1x1 (1x1 is computed as a mean, which is deterministic), so VGG16's pooling to
+    7x7 makes `torch.use_deterministic_algorithms(True)` fail at the first backward pass. When the
+    feature map is a whole multiple of the output size, adaptive pooling *is* plain average
+    pooling with kernel = stride = that multiple (the same windows, the same means), whose
+    backward is deterministic: this module computes that. Any other size is refused with a
+    message naming it (it cannot be made deterministic on CUDA).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        out_h, out_w = (
+            (self.output_size, self.output_size)
+            if isinstance(self.output_size, int)
+            else self.output_size
+        )
+        out_h, out_w = out_h or height, out_w or width
+        if (out_h, out_w) == (1, 1):
+            return x.mean(dim=(-2, -1), keepdim=True)
+        if height % out_h == 0 and width % out_w == 0:
+            kernel = (height // out_h, width // out_w)
+            return F.avg_pool2d(x, kernel_size=kernel, stride=kernel)
+        raise RuntimeError(
+            f"training.deterministic: adaptive average pooling of a {height}x{width} feature "
+            f"map to {out_h}x{out_w} has no deterministic backward on CUDA (the map is not a "
+            f"whole multiple of {out_h}x{out_w}); choose an input scale whose feature map is "
+            "(VGG16: a multiple of 224 px), or set training.deterministic: false"
+        )
+
+
+def make_pooling_deterministic(model: nn.Module) -> int:
+    """Swap every `nn.AdaptiveAvgPool2d` of `model` for `DeterministicAdaptiveAvgPool2d` (same
+    output size, no parameters: the state dict is unchanged); return how many were swapped."""
+    swapped = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.AdaptiveAvgPool2d:
+                setattr(parent, name, DeterministicAdaptiveAvgPool2d(child.output_size))
+                swapped += 1
+    return swapped

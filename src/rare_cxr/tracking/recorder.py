@@ -28,12 +28,11 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
+from rare_cxr.tracking.store import ARTIFACTS, DATABASE, relocate_store
 from rare_cxr.training import listeners
 
 logger = logging.getLogger(__name__)
 
-DATABASE = "mlflow.db"
-ARTIFACTS = "artifacts"
 # Catalog entries whose saved file becomes an artefact of the pipeline run...
 RUN_ARTIFACTS = ("report_html", "table1", "table1_markdown")
 # ...and of each model's run (`<model>.<entry>`).
@@ -123,6 +122,7 @@ class MlflowRecorder:
         params: Mapping[str, Any],
     ) -> None:
         store.mkdir(parents=True, exist_ok=True)
+        relocate_store(store)  # a store made elsewhere (the Docker image) finds its artefacts
         self.client = MlflowClient(tracking_uri=store_uri(store))
         self.catalog = catalog
         self.run_id = str(run_params["run_id"])

@@ -32,10 +32,39 @@ class ScheduleParams(Params):
 
 
 class LossParams(Params):
-    name: Literal["bce", "focal"] = "bce"
+    """`training.loss`: the loss `name` selects and, as sibling keys, each loss's parameters
+    (a loss reads only its own keys: `rare_cxr.training.losses.LOSS_KEYS`; docs/training.md,
+    "Long-tail methods")."""
+
+    name: Literal["bce", "focal", "class_balanced", "asl", "logit_adjusted", "ldam_drw"] = "bce"
+    # bce, focal: the paper's balanced pos_weight
     balanced: bool = True
     pos_weight_cap: float = Field(100.0, ge=1.0)
     focal_gamma: float = Field(2.0, ge=0.0)
+    # class_balanced (Cui et al. 2019): effective number (1 - beta^n) / (1 - beta)
+    cb_beta: float = Field(0.999, ge=0.0, lt=1.0)
+    # asl (Ridnik et al. 2021): the paper's recommended gamma+ = 0, gamma- = 4, m = 0.05
+    asl_gamma_pos: float = Field(0.0, ge=0.0)
+    asl_gamma_neg: float = Field(4.0, ge=0.0)
+    asl_clip: float = Field(0.05, ge=0.0, lt=1.0)
+    # logit_adjusted (Menon et al. 2021): tau
+    la_tau: float = Field(1.0, ge=0.0)
+    # ldam_drw (Cao et al. 2019): largest margin, logit scale, DRW's beta and first epoch
+    ldam_max_margin: float = Field(0.5, gt=0.0)
+    ldam_scale: float = Field(1.0, gt=0.0)
+    drw_beta: float = Field(0.9999, ge=0.0, lt=1.0)
+    drw_start_epoch: int = Field(4, ge=0)
+
+
+class CrtParams(Params):
+    """`training.crt`: classifier re-training (Kang et al. 2020) after the main training."""
+
+    # 0 = off; N = N epochs of head-only training with class-balanced sampling
+    epochs: int = Field(0, ge=0)
+    # the cRT stage's learning rate (None: training.optimizer.lr)
+    lr: float | None = Field(None, gt=0.0)
+    # re-initialise the head before cRT, as Kang et al. (false: fine-tune the trained head)
+    reinit_head: bool = True
 
 
 class OversampleParams(Params):
@@ -100,6 +129,7 @@ class TrainingParams(Params):
     loss: LossParams = Field(default_factory=LossParams)
     oversample_rare: OversampleParams = Field(default_factory=OversampleParams)
     transfer: TransferParams = Field(default_factory=TransferParams)
+    crt: CrtParams = Field(default_factory=CrtParams)
     amp: Any = "auto"
     channels_last: Any = "auto"
     compile: bool = False
@@ -131,6 +161,12 @@ class TrainingParams(Params):
     def _micro_batches(self, info: ValidationInfo) -> TrainingParams:
         if self.overrides_only:
             return self
+        if self.loss.name == "ldam_drw" and self.loss.drw_start_epoch >= self.epochs:
+            raise KeyProblem(
+                "loss.drw_start_epoch",
+                f"{self.loss.drw_start_epoch} must be below the block's epochs ({self.epochs}): "
+                "deferred re-weighting would never switch on",
+            )
         accumulation, batch = self.accumulation_steps, self.batch_size
         if batch % accumulation or batch // accumulation < 2:
             raise KeyProblem(
@@ -159,8 +195,18 @@ def merge_overrides(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[s
     return out
 
 
+def training_params(
+    params: Mapping[str, Any] | TrainingParams | None, where: str = "training"
+) -> TrainingParams:
+    """`params` as a `TrainingParams`: a mapping (or None: the defaults) is validated, an instance
+    -- what Kedro hands a node, or what a node built -- is returned as it is (never validated
+    twice). The engine reads it by attribute (`cfg.optimizer.lr`)."""
+    return check(TrainingParams, params, where)
+
+
 def validate_training_params(
     params: Mapping[str, Any] | TrainingParams | None, where: str = "training"
 ) -> dict[str, Any]:
-    """Check `params` (defaults for what it leaves out) and return the engine's plain dict."""
+    """Check `params` (defaults for what it leaves out) and return it as a plain dict (for
+    JSON, logs and checkpoint metadata; the engine itself reads `training_params(...)`)."""
     return check(TrainingParams, params, where).model_dump()

@@ -8,7 +8,6 @@ run inside the Kedro node, in DDP worker processes, in the benchmark and in test
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -16,9 +15,7 @@ import os
 import random
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +24,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+# The submodules themselves, not through the package: `rare_cxr.training` re-exports this
+# module's `fit`, so importing the package from here would be an import cycle.
+import rare_cxr.training.checkpointing as checkpointing  # noqa: PLR0402
+import rare_cxr.training.decoupling as decoupling  # noqa: PLR0402
+import rare_cxr.training.distributed as distributed  # noqa: PLR0402
 from rare_cxr.findings import FINDINGS
 from rare_cxr.models import NORMALISATION, build_model, validate_model_spec
+from rare_cxr.models.common import make_pooling_deterministic
 from rare_cxr.progress import progress as progress_bar
-from rare_cxr.training import checkpointing, distributed
-from rare_cxr.training.config import validate_training_params
-from rare_cxr.training.losses import MultiLabelLoss, balanced_pos_weight
+from rare_cxr.training.config import TrainingParams, training_params
+from rare_cxr.training.data import (  # the data path (re-exported: tests, benchmarks)
+    TrainingData,
+    _prefetch,
+    _to_device,
+    batches_for,
+    epoch_order,
+    micro_batches,
+    resize_batch,
+    sample_weights,
+    to_batch,
+    train_input_size,
+)
+from rare_cxr.training.losses import MultiLabelLoss, build_loss, loss_settings
 from rare_cxr.training.metrics import validation_metrics
 from rare_cxr.training.schedule import LRSchedule
 
@@ -61,10 +74,12 @@ class FitResult:
 
 @dataclass
 class Stage:
-    name: str  # "single", or "common" then "all"/"rare" for two-stage transfer
+    name: str  # "single", or "common" then "all"/"rare" for two-stage transfer; then "crt"
     epochs: int
     targets: list[int]  # finding indices the loss and the monitored metric use
     frozen_epochs: int = 0
+    # classifier re-training (decoupling.py): head only, class-aware sampling, plain BCE
+    crt: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -102,156 +117,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def amp_dtype(cfg: Mapping[str, Any], device: torch.device) -> torch.dtype | None:
+def amp_dtype(cfg: TrainingParams | Mapping[str, Any], device: torch.device) -> torch.dtype | None:
     """bf16 where the GPU supports it (no scaler needed), else fp16; None = full fp32."""
-    enabled = cfg["amp"] if cfg["amp"] != "auto" else device.type == "cuda"
+    cfg = training_params(cfg)  # an instance passes through
+    enabled = cfg.amp if cfg.amp != "auto" else device.type == "cuda"
     if not enabled or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor → `device`; on CUDA from pinned memory, asynchronously (the loader threads
-    pin training batches, so the training thread does not wait for that copy either)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
-
-
-def to_batch(
-    images: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool
-) -> torch.Tensor:
-    """uint8 `[B, S, S]` → float `[B, 1, S, S]` in `[0, 1]` on `device` (converted there)."""
-    if isinstance(images, torch.Tensor):
-        x = images
-    else:
-        # slices of the cache's read-only memmap are copied (torch refuses non-writable
-        # arrays); fancy-indexed training batches already are copies
-        images = np.ascontiguousarray(images)
-        x = torch.from_numpy(images if images.flags.writeable else images.copy())
-    x = _to_device(x, device).unsqueeze(1).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize `[B, C, H, W]` to `size` x `size` exactly as the models' `Preprocess` does
-    (bilinear, `align_corners=False`, antialiased when shrinking): fed this, a model of that
-    scale skips its own resize. Normalisation and this resize commute (the interpolation
-    weights sum to one), so resize-then-normalise equals normalise-then-resize up to rounding.
-    """
-    if tuple(x.shape[-2:]) == (size, size):
-        return x
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
-    out = F.interpolate(
-        x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size
-    )
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
-
-
-def train_input_size(model: nn.Module, cache_size: int) -> int | None:
-    """The side to resize training batches to *before* augmentation, or None (augment at the
-    cache size). A single-scale model smaller than the cache (the 224/299 px baselines on a
-    448 px cache) is augmented at its own size: 4x fewer pixels to resample, and the model's
-    internal resize becomes a no-op. A multi-scale model is augmented at the cache size, so
-    that every scale sees the same augmented image."""
-    scales = [int(s) for s in getattr(model, "scales", [])]
-    if len(scales) == 1 and scales[0] < int(cache_size):
-        return scales[0]
-    return None
-
-
-def _fetch(
-    images: np.ndarray, labels: np.ndarray, idx: np.ndarray, pin: bool = False
-) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
-    order = np.sort(idx)  # sorted reads are sequential in the memmap
-    x, y = images[order], labels[order]
-    if pin:  # page-locked here, in the loader thread, not in the training thread
-        return torch.from_numpy(x).pin_memory(), torch.from_numpy(y).pin_memory()
-    return x, y
-
-
-def _prefetch(
-    jobs: list[np.ndarray],
-    images: np.ndarray,
-    labels: np.ndarray,
-    threads: int,
-    *,
-    pin: bool = False,
-) -> Iterator[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]:
-    """Yield batches in order, reading ahead from the memmap while the current one trains.
-
-    `threads` loader threads keep `threads + 1` batches in flight: every thread reading one,
-    plus one finished batch waiting (1 thread: 2 in flight, as before this rule).
-    """
-    if threads <= 0:
-        for idx in jobs:
-            yield _fetch(images, labels, idx)
-        return
-    depth = threads + 1
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending = deque(
-            pool.submit(_fetch, images, labels, jobs[i], pin) for i in range(min(depth, len(jobs)))
-        )
-        for i in range(len(jobs)):
-            batch = pending.popleft().result()
-            if i + depth < len(jobs):
-                pending.append(pool.submit(_fetch, images, labels, jobs[i + depth], pin))
-            yield batch
-
-
-def sample_weights(labels: np.ndarray, power: float) -> np.ndarray:
-    """Oversampling weight per image: (1 / prevalence of its rarest finding) ** power.
-
-    Images without findings use the "No Finding" prevalence. power=0 is uniform sampling,
-    power=1 equalises findings; 0.5 is a compromise that does not repeat Hernia cases 500x.
-    """
-    prevalence = labels.mean(axis=0).clip(min=1.0 / len(labels))
-    no_finding = max((labels.sum(axis=1) == 0).mean(), 1.0 / len(labels))
-    inv = np.where(labels > 0, 1.0 / prevalence, 0.0).max(axis=1)
-    inv = np.where(inv > 0, inv, 1.0 / no_finding)
-    return inv**power
-
-
-def epoch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None) -> np.ndarray:
-    """The epoch's sample order, a pure function of (seed, epoch): identical on every rank and
-    after a resume."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    if weights is None:
-        return torch.randperm(n, generator=gen).numpy()
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    return torch.multinomial(w, n, replacement=True, generator=gen).numpy()
-
-
-def batches_for(
-    order: np.ndarray, batch_size: int, world: int, accumulation: int = 1
-) -> list[np.ndarray]:
-    """Global batches; a short last batch is kept only if it splits evenly into
-    `accumulation` micro-batches times `world` ranks (DDP averages per-rank means) with >= 2
-    samples per rank and micro-batch (BatchNorm cannot train on one)."""
-    out = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    parts = world * accumulation
-    if out and len(out[-1]) < batch_size:
-        r = len(out[-1])
-        if r % parts or r // parts < 2:
-            out.pop()
-    return out
-
-
-def micro_batches(batch: np.ndarray, world: int, rank: int, accumulation: int) -> list[np.ndarray]:
-    """This rank's share of one global batch, as `accumulation` micro-batches.
-
-    The global batch is sorted (sequential reads in the memmap), cut into `accumulation`
-    global micro-batches of consecutive images, and each of those split evenly over the ranks:
-    N processes see the same global micro-batches (and, with synchronised BatchNorm, the same
-    statistics) as one process. Concatenated, a rank's micro-batches are sorted, so the rank
-    reads, augments and splits its whole share at once: one process with any accumulation
-    trains on exactly the images and augmentation draws of `accumulation_steps: 1`.
-    """
-    out = []
-    for micro in np.split(np.sort(batch), accumulation):
-        share = len(micro) // world
-        out.append(micro[rank * share : (rank + 1) * share])
-    return out
 
 
 @torch.no_grad()
@@ -301,8 +173,9 @@ def predict_probabilities(
     return out.astype(np.float32), (loss_sum / n if n and labels is not None else float("nan"))
 
 
-def plan_stages(cfg: Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]:
-    """One stage, or the two-stage rare-finding transfer of the issue (§4).
+def plan_stages(cfg: TrainingParams | Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]:
+    """One stage, or the two-stage rare-finding transfer of the issue (§4); then, with
+    `crt.epochs` > 0, classifier re-training on the last stage's targets, every epoch frozen.
 
     `stage2_targets: rare` keeps the trunk frozen for the WHOLE of stage 2: only the head
     learns, on the rare findings' loss. Why: the report scores all 14 findings, and a trunk
@@ -311,17 +184,25 @@ def plan_stages(cfg: Mapping[str, Any], train_labels: np.ndarray) -> list[Stage]
     such masked frozen epochs, `_Trainer._start_epoch`) the common findings' logits stay the
     stage-1 model's exactly (concat/mean fusion; `fusion: attention` has the attention in the
     head, which learns and moves them)."""
+    cfg = training_params(cfg)  # an instance passes through
     all_idx = list(range(len(FINDINGS)))
-    tr = cfg["transfer"]
-    if not tr["two_stage"]:
-        return [Stage("single", cfg["epochs"], all_idx)]
-    rare = sorted(FINDINGS.index(n) for n in tr["rare_findings"])
-    common = [i for i in all_idx if i not in rare]
-    if tr["stage2_targets"] == "all":
-        second = Stage("all", cfg["epochs"], all_idx, tr["frozen_trunk_epochs"])
+    tr = cfg.transfer
+    if not tr.two_stage:
+        stages = [Stage("single", cfg.epochs, all_idx)]
     else:
-        second = Stage("rare", cfg["epochs"], rare, cfg["epochs"])
-    return [Stage("common", tr["stage1_epochs"], common), second]
+        rare = sorted(FINDINGS.index(n) for n in tr.rare_findings)
+        common = [i for i in all_idx if i not in rare]
+        if tr.stage2_targets == "all":
+            second = Stage("all", cfg.epochs, all_idx, tr.frozen_trunk_epochs)
+        else:
+            second = Stage("rare", cfg.epochs, rare, cfg.epochs)
+        stages = [Stage("common", tr.stage1_epochs, common), second]
+    crt_epochs = cfg.crt.epochs
+    if crt_epochs:
+        stages.append(
+            Stage(decoupling.CRT_STAGE, crt_epochs, stages[-1].targets, crt_epochs, crt=True)
+        )
+    return stages
 
 
 # Training parameters that do not change what is learned: excluded from the state fingerprint,
@@ -369,14 +250,32 @@ def data_fingerprint(cache: Any) -> dict[str, Any]:
     return {"arrays": digest.hexdigest(), "size": int(cache.size)}
 
 
+def result_settings(cfg: TrainingParams | Mapping[str, Any]) -> dict[str, Any]:
+    """The training parameters a result depends on: every key but `NON_RESULT_KEYS`, of
+    `loss` only the selected loss's keys (`losses.LOSS_KEYS`), and `crt` only when it is on.
+    So a key that the configuration does not read (an `asl_*` key under `bce`, the cRT block
+    with `crt.epochs: 0`) retrains nothing, and the fingerprints of trainings made before the
+    long-tail keys existed are unchanged (they are reused)."""
+    plain = cfg.model_dump() if isinstance(cfg, TrainingParams) else dict(cfg)
+    out = {k: v for k, v in plain.items() if k not in NON_RESULT_KEYS}
+    if "loss" in out:
+        out["loss"] = loss_settings(out["loss"])
+    if "crt" in out and not out["crt"]["epochs"]:
+        del out["crt"]
+    if out.get("max_steps_per_epoch", 0) is None:  # unset: fingerprints from before it existed
+        del out["max_steps_per_epoch"]
+    return out
+
+
 def training_settings(
     spec: Mapping[str, Any],
-    cfg: Mapping[str, Any],
+    cfg: TrainingParams,
     cache: Any,
     augment: Augment | None,
     world: int,
 ) -> dict[str, Any]:
-    """Everything a training's result depends on (the fingerprinted settings)."""
+    """Everything a training's result depends on (the fingerprinted settings, plain data: the
+    fingerprint hashes their JSON)."""
     policy = getattr(augment, "policy", None)
     from rare_cxr.models import normalisation_for
 
@@ -384,13 +283,7 @@ def training_settings(
         "model": dict(spec),
         # what the model is fed: part of the result even when the spec does not say it
         "normalisation": normalisation_for(spec["architecture"]),
-        # an unset step cap is left out, so that trainings fingerprinted before it existed
-        # are still resumed and reused
-        "training": {
-            k: v
-            for k, v in cfg.items()
-            if k not in NON_RESULT_KEYS and not (k == "max_steps_per_epoch" and v is None)
-        },
+        "training": result_settings(cfg),
         "data": data_fingerprint(cache),
         "augmentation": dict(policy) if isinstance(policy, Mapping) else repr(augment),
         "processes": world,
@@ -457,7 +350,7 @@ def fit(
     model_spec: Mapping[str, Any],
     cache: Any,
     augment: Augment | None,
-    params: Mapping[str, Any] | None,
+    params: TrainingParams | Mapping[str, Any] | None,
     *,
     callbacks: TrainingCallbacks | None = None,
     rank: int = 0,
@@ -491,7 +384,7 @@ def _fit(
     model_spec: Mapping[str, Any],
     cache: Any,
     augment: Augment | None,
-    params: Mapping[str, Any] | None,
+    params: TrainingParams | Mapping[str, Any] | None,
     *,
     callbacks: TrainingCallbacks | None,
     rank: int,
@@ -500,18 +393,20 @@ def _fit(
 ) -> FitResult | None:
     """Check everything, reuse a finished training of this configuration, else train."""
     spec = validate_model_spec(model_spec)
-    cfg = validate_training_params(params)
+    cfg = training_params(params)  # validated once; an instance passes through unchanged
     _check_batch_split(cfg, world)
     name = spec["name"]
-    data = _TrainingData.from_cache(cache, name)
+    data = TrainingData.from_cache(cache, name)
 
     # training state: reuse a finished training, or resume an unfinished one
     settings = training_settings(spec, cfg, cache, augment, world)
     fp = checkpointing.fingerprint(settings)
     store = _state_store(cfg, name, state_store)
-    state = store.load(fp, settings) if store is not None else None
+    main = _main_training(cfg, settings)
+    main_state = _finished_main(name, cfg, store, fp, main, rank=rank)
+    state = store.load(fp, settings) if store is not None and main_state is None else None
     if store is not None and state is not None and state.get("finished"):
-        if cfg["reuse_finished"]:
+        if cfg.reuse_finished:
             return _reuse_finished(name, state, store.path(fp), rank, cfg)
         logger.info("%s: training.reuse_finished is false: training again", name)
         state = None
@@ -527,71 +422,86 @@ def _fit(
         store=store,
         fingerprint=fp,
         settings=settings,
+        main=main,
     )
-    return trainer.run(state)
+    return trainer.run(state, main_state)
 
 
-def _check_batch_split(cfg: Mapping[str, Any], world: int) -> None:
+def _main_training(
+    cfg: TrainingParams, settings: dict[str, Any]
+) -> tuple[str, dict[str, Any]] | None:
+    """With cRT on: the fingerprint and settings of the same configuration without cRT, whose
+    result the main stages produce (they do not read `training.crt`). None with cRT off."""
+    if not cfg.crt.epochs:
+        return None
+    main_settings = {
+        **settings,
+        "training": result_settings(decoupling.main_training_config(cfg)),
+    }
+    return checkpointing.fingerprint(main_settings), main_settings
+
+
+def _finished_main(
+    name: str,
+    cfg: TrainingParams,
+    store: checkpointing.TrainingStateStore | None,
+    fp: str,
+    main: tuple[str, dict[str, Any]] | None,
+    *,
+    rank: int,
+) -> dict[str, Any] | None:
+    """The finished main training to start cRT from, when this configuration has no state of
+    its own yet (a new or changed cRT block): its main stages are not trained again."""
+    if store is None or main is None or not cfg.reuse_finished or store.path(fp).is_file():
+        return None
+    main_fp, main_settings = main
+    if not store.path(main_fp).is_file():
+        return None
+    state = store.load(main_fp, main_settings)
+    if state is None or not state.get("finished"):
+        return None
+    if rank == 0:
+        logger.info(
+            "%s: the main training of this configuration already finished (%s, best epoch %s): "
+            "starting classifier re-training (cRT) from its best weights, no main epoch is "
+            "trained",
+            name,
+            store.path(main_fp),
+            state["metadata"].get("epoch"),
+        )
+    return state
+
+
+def _check_batch_split(cfg: TrainingParams, world: int) -> None:
     """The global batch must split over the DDP processes and accumulation micro-batches."""
-    if cfg["batch_size"] % world:
+    if cfg.batch_size % world:
         raise ValueError(
-            f"training.batch_size ({cfg['batch_size']}) must be divisible by the "
+            f"training.batch_size ({cfg.batch_size}) must be divisible by the "
             f"number of DDP processes ({world})"
         )
-    accumulation = cfg["accumulation_steps"]
-    if (
-        cfg["batch_size"] % (world * accumulation)
-        or cfg["batch_size"] // (world * accumulation) < 2
-    ):
+    accumulation = cfg.accumulation_steps
+    if cfg.batch_size % (world * accumulation) or cfg.batch_size // (world * accumulation) < 2:
         raise ValueError(
-            f"training.batch_size ({cfg['batch_size']}) must split into "
+            f"training.batch_size ({cfg.batch_size}) must split into "
             f"training.accumulation_steps ({accumulation}) micro-batches x {world} DDP "
             "process(es) of at least 2 images each"
         )
 
 
-@dataclass
-class _TrainingData:
-    """The train and val arrays of the image cache (memmaps and float32 label matrices)."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
-    val_labels: np.ndarray
-    size: int  # the cache's square side
-
-    @classmethod
-    def from_cache(cls, cache: Any, name: str) -> _TrainingData:
-        train, val = cache.split("train"), cache.split("val")
-        data = cls(
-            train.images,
-            np.asarray(train.labels, dtype=np.float32),
-            val.images,
-            np.asarray(val.labels, dtype=np.float32),
-            int(cache.size),
-        )
-        if len(data.train_labels) < 2 or len(data.val_labels) < 1:
-            raise ValueError(
-                f"{name}: the image cache needs >= 2 train and >= 1 val images "
-                f"(has {len(data.train_labels)} / {len(data.val_labels)})"
-            )
-        return data
-
-
 def _state_store(
-    cfg: Mapping[str, Any], name: str, state_store: checkpointing.TrainingStateStore | None
+    cfg: TrainingParams, name: str, state_store: checkpointing.TrainingStateStore | None
 ) -> checkpointing.TrainingStateStore | None:
     """Where training states live: the catalog's folder, else `training.resume_dir/<name>`;
     None (nothing persisted) when neither is set or `training.resume` is off."""
-    if not cfg["resume"]:
+    if not cfg.resume:
         return None
-    if state_store is None and cfg["resume_dir"]:
-        return checkpointing.TrainingStateStore(Path(cfg["resume_dir"]) / name)
+    if state_store is None and cfg.resume_dir:
+        return checkpointing.TrainingStateStore(Path(cfg.resume_dir) / name)
     return state_store
 
 
 def _reuse_finished(
-    name: str, state: Mapping[str, Any], path: Path, rank: int, cfg: Mapping[str, Any]
+    name: str, state: Mapping[str, Any], path: Path, rank: int, cfg: TrainingParams
 ) -> FitResult | None:
     """The result of a finished training of the same fingerprint; no epoch is trained.
 
@@ -614,8 +524,9 @@ def _reuse_finished(
     history_frame = pd.DataFrame(state["history"])
     history_frame["training_id"] = state["metadata"].get("training_id")
     metadata = dict(state["metadata"])
-    now = {k: copy.deepcopy(v) for k, v in cfg.items() if k in NON_RESULT_KEYS}
-    metadata["train_params"] = {**dict(metadata.get("train_params") or {}), **now}
+    # the same fingerprint: every key the result depends on is equal, the others (device,
+    # TTA, keys of another loss, an unused cRT block) are this run's
+    metadata["train_params"] = cfg.model_dump()
     return FitResult(dict(state["best_state"]), metadata, history_frame)
 
 
@@ -689,8 +600,8 @@ class _Trainer:
     def __init__(
         self,
         spec: dict[str, Any],
-        cfg: dict[str, Any],
-        data: _TrainingData,
+        cfg: TrainingParams,
+        data: TrainingData,
         augment: Augment | None,
         *,
         callbacks: TrainingCallbacks,
@@ -699,39 +610,42 @@ class _Trainer:
         store: checkpointing.TrainingStateStore | None,
         fingerprint: str,
         settings: dict[str, Any],
+        main: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
         self.spec, self.cfg, self.data, self.augment = spec, cfg, data, augment
+        self.main = main  # with cRT: (fingerprint, settings) of the main training alone
         self.name = spec["name"]
         self.callbacks, self.rank, self.world = callbacks, rank, world
         self.store, self.fingerprint, self.settings = store, fingerprint, settings
         self.state_path = store.path(fingerprint) if store is not None else None
-        self.accumulation = cfg["accumulation_steps"]
-        self.show_bar = cfg["progress_bar"] and rank == 0
+        self.accumulation = cfg.accumulation_steps
+        self.show_bar = cfg.progress_bar and rank == 0
 
-        device = self.device = resolve_device(cfg["device"], rank)
+        device = self.device = resolve_device(cfg.device, rank)
         if world > 1:
             distributed.init_process_group(rank, world, device)
-        seed_everything(cfg["seed"], cfg["deterministic"])
+        seed_everything(cfg.seed, cfg.deterministic)
         self.dtype = amp_dtype(cfg, device)
-        self.channels_last = (cfg["channels_last"] is True) or (
-            cfg["channels_last"] == "auto" and device.type == "cuda"
+        self.channels_last = (cfg.channels_last is True) or (
+            cfg.channels_last == "auto" and device.type == "cuda"
         )
 
         model = build_model(spec).to(device)
-        if world > 1 and cfg["sync_batchnorm"]:
+        if cfg.deterministic and device.type == "cuda":
+            # adaptive average pooling has no deterministic CUDA backward (VGG16's 7x7 pool
+            # would fail the first step): the equivalent plain pooling where one exists
+            make_pooling_deterministic(model)
+        if world > 1 and cfg.sync_batchnorm:
             # before the optimiser is built: conversion creates new BatchNorm parameter objects
             model = distributed.convert_sync_batchnorm(model, device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.pos_weight = (
-            balanced_pos_weight(data.train_labels, cfg["loss"]["pos_weight_cap"])
-            if cfg["loss"]["balanced"]
-            else None
-        )
-        self.criterion = MultiLabelLoss(
-            self.pos_weight, cfg["loss"]["name"], cfg["loss"]["focal_gamma"]
-        ).to(device)
+        # the loss of the main stages, and the cRT stage's plain BCE (decoupling.py)
+        self.main_criterion = build_loss(cfg.loss, data.train_labels).to(device)
+        self.crt_criterion = MultiLabelLoss(None, "bce").to(device)
+        self.criterion = self.main_criterion  # the current stage's (`_run_stage`)
+        self.pos_weight = getattr(self.main_criterion, "pos_weight", None)
         head_ids = _head_parameter_ids(model)
         self.head_params = [p for p in model.parameters() if id(p) in head_ids]
         self.trunk_params = [p for p in model.parameters() if id(p) not in head_ids]
@@ -742,15 +656,20 @@ class _Trainer:
                 {"params": self.trunk_params, "lr_multiplier": 1.0},
                 {"params": self.head_params, "lr_multiplier": 1.0},
             ],
-            lr=cfg["optimizer"]["lr"],
-            weight_decay=cfg["optimizer"]["weight_decay"],
-            eps=cfg["optimizer"]["eps"],
+            lr=cfg.optimizer.lr,
+            weight_decay=cfg.optimizer.weight_decay,
+            eps=cfg.optimizer.eps,
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.stages = plan_stages(cfg, data.train_labels)
         self.weights = (
-            sample_weights(data.train_labels, cfg["oversample_rare"]["power"])
-            if cfg["oversample_rare"]["enabled"]
+            sample_weights(data.train_labels, cfg.oversample_rare.power)
+            if cfg.oversample_rare.enabled
+            else None
+        )
+        self.crt_weights = (
+            decoupling.class_aware_weights(data.train_labels)
+            if any(s.crt for s in self.stages)
             else None
         )
         # set by `_wrap_model`, after a resume has loaded the weights
@@ -759,9 +678,12 @@ class _Trainer:
 
     # ---- the whole training --------------------------------------------------------------
 
-    def run(self, state: Mapping[str, Any] | None) -> FitResult | None:
-        """Train every stage from the start or from `state`; the result on rank 0."""
-        progress = self._restore(state)
+    def run(
+        self, state: Mapping[str, Any] | None, main_state: Mapping[str, Any] | None = None
+    ) -> FitResult | None:
+        """Train every stage from the start or from `state`, or only cRT after the finished
+        main training `main_state`; the result on rank 0."""
+        progress = self._restore(state) if main_state is None else self._after_main(main_state)
         self._wrap_model()
         while progress.stage_index < len(self.stages):
             self._run_stage(progress)
@@ -782,7 +704,7 @@ class _Trainer:
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        if self.cfg["compile"]:
+        if self.cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
     # ---- resume --------------------------------------------------------------------------
@@ -824,6 +746,24 @@ class _Trainer:
             )
         return progress
 
+    def _after_main(self, main: Mapping[str, Any]) -> _FitState:
+        """The progress a cRT run has when its main stages end, rebuilt from the finished main
+        training (what `_keep_main_result` saved, or a run without cRT): the same weights,
+        history and epoch count, so the cRT epochs draw exactly what they draw in one go."""
+        meta = main["metadata"]
+        progress = _FitState(
+            training_id=uuid.uuid4().hex[:12],
+            stage_index=len(self.stages) - 2,
+            global_epoch=len(main["history"]),
+            best_metric=float(meta["metric"]),
+            best_state=dict(main["best_state"]),
+            best_epoch=int(meta["epoch"]),
+            history=list(main["history"]),
+        )
+        self._next_stage(progress)
+        progress.stage_index = len(self.stages) - 1
+        return progress
+
     def _save_state(
         self, progress: _FitState, schedule: LRSchedule, next_stage: int, next_epoch: int
     ) -> None:
@@ -859,23 +799,25 @@ class _Trainer:
         """The remaining epochs of the current stage, until its last or an early stop."""
         cfg = self.cfg
         stage = self.stages[progress.stage_index]
+        self.criterion = self.crt_criterion if stage.crt else self.main_criterion
         mask = torch.zeros(len(FINDINGS), device=self.device)
         mask[stage.targets] = 1.0
         self.criterion.set_mask(None if len(stage.targets) == len(FINDINGS) else mask)
+        base_lr = cfg.optimizer.lr
+        if stage.crt and cfg.crt.lr is not None:
+            base_lr = cfg.crt.lr
         # the schedule counts optimiser steps (global batches), never micro-batches
         steps_per_epoch = len(
             batches_for(
                 np.arange(len(self.data.train_labels)),
-                cfg["batch_size"],
+                cfg.batch_size,
                 self.world,
                 self.accumulation,
             )
         )
-        if cfg.get("max_steps_per_epoch"):
-            steps_per_epoch = min(steps_per_epoch, int(cfg["max_steps_per_epoch"]))
-        schedule = LRSchedule(
-            self.optimizer, cfg["optimizer"]["lr"], cfg["schedule"], steps_per_epoch, stage.epochs
-        )
+        if cfg.max_steps_per_epoch:  # a benchmark's cap (conf/rehearsal)
+            steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+        schedule = LRSchedule(self.optimizer, base_lr, cfg.schedule, steps_per_epoch, stage.epochs)
         if progress.schedule is not None:
             schedule.load_state_dict(progress.schedule)
             progress.schedule = None
@@ -885,15 +827,21 @@ class _Trainer:
 
     def _next_stage(self, progress: _FitState) -> None:
         """Stage 2 starts from the best stage-1 weights, with a fresh optimiser state,
-        schedule (built by `_run_stage`) and early-stopping record."""
+        schedule (built by `_run_stage`) and early-stopping record. cRT also re-initialises
+        the head (`crt.reinit_head`, from the seed) and starts a fresh GradScaler."""
         self.model.load_state_dict(progress.best_state)
         self.optimizer.state.clear()
         progress.reset_best()
+        if self.stages[progress.stage_index + 1].crt:
+            if self.cfg.crt.reinit_head:
+                decoupling.reinit_head(self.model, self.cfg.seed * 7_727 + 1)
+            self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
     # ---- one epoch -----------------------------------------------------------------------
 
     def _run_epoch(self, progress: _FitState, stage: Stage, schedule: LRSchedule) -> bool:
         """Train, validate, keep the best, save the state; True when the stage stops early."""
+        self.criterion.start_epoch(progress.epoch_in_stage)  # DRW's switch: a function of it
         epoch = self._start_epoch(progress, stage, schedule)
         elapsed = self._train_epoch(epoch)
         train_loss = float(epoch.loss_sum) / max(epoch.seen, 1)
@@ -914,7 +862,7 @@ class _Trainer:
             "img_per_s": epoch.seen * self.world / max(elapsed, 1e-9),
         }
         progress.history.append(row)
-        stop = progress.track_best(monitored, self.model, self.cfg["patience"])
+        stop = progress.track_best(monitored, self.model, self.cfg.patience)
         progress.global_epoch += 1
         progress.epoch_in_stage += 1
         next_stage, next_epoch = progress.stage_index, progress.epoch_in_stage
@@ -937,6 +885,8 @@ class _Trainer:
             " -- early stop" if stop else "",
         )
         if progress.stage_index < next_stage < len(self.stages):
+            if self.stages[next_stage].crt:
+                self._keep_main_result(progress)
             self._next_stage(progress)
         self._save_state(progress, schedule, next_stage, next_epoch)
         if self.callbacks.on_epoch_end:
@@ -958,16 +908,16 @@ class _Trainer:
         # shrink them towards 0 (by ~lr per step). Off for the head in such epochs only.
         masked = len(stage.targets) < len(FINDINGS)
         self.optimizer.param_groups[1]["weight_decay"] = (
-            0.0 if frozen and masked else cfg["optimizer"]["weight_decay"]
+            0.0 if frozen and masked else cfg.optimizer.weight_decay
         )
         schedule.apply()
         # Every random draw of an epoch derives from (seed, epoch): a resumed epoch replays
         # exactly what the interrupted one would have done. The augmentation generator lives
         # on the training device (no host-side draws or copies per batch); it is re-seeded
         # from (seed, epoch, rank) every epoch, so it has no state to save.
-        torch.manual_seed(cfg["seed"] * 7919 + index)
+        torch.manual_seed(cfg.seed * 7919 + index)
         generator = torch.Generator(device=self.device).manual_seed(
-            cfg["seed"] * 104_729 + index * 131 + self.rank
+            cfg.seed * 104_729 + index * 131 + self.rank
         )
         self.train_model.train()
         set_trunk_frozen(self.trunk, self.trunk_params, frozen)
@@ -988,20 +938,21 @@ class _Trainer:
         """Every optimiser step of the epoch, over this rank's share of the epoch's batches
         (read ahead by the loader threads); returns the seconds it took."""
         cfg, world = self.cfg, self.world
+        weights = self.crt_weights if epoch.stage.crt else self.weights
         jobs = batches_for(
-            epoch_order(len(self.data.train_labels), cfg["seed"], epoch.index, self.weights),
-            cfg["batch_size"],
+            epoch_order(len(self.data.train_labels), cfg.seed, epoch.index, weights),
+            cfg.batch_size,
             world,
             self.accumulation,
         )
-        if cfg.get("max_steps_per_epoch"):  # a benchmark's cap (conf/rehearsal): the first steps
-            jobs = jobs[: int(cfg["max_steps_per_epoch"])]
+        if cfg.max_steps_per_epoch:  # a benchmark's cap (conf/rehearsal): the first steps
+            jobs = jobs[: cfg.max_steps_per_epoch]
         rank_jobs = [micro_batches(j, world, self.rank, self.accumulation) for j in jobs]
         batches = _prefetch(
             [np.concatenate(micros) for micros in rank_jobs],
             self.data.train_images,
             self.data.train_labels,
-            cfg["loader_threads"],
+            cfg.loader_threads,
             pin=self.device.type == "cuda",
         )
         t0 = time.perf_counter()
@@ -1111,7 +1062,7 @@ class _Trainer:
             self.model,
             self.data.val_images,
             self.device,
-            batch_size=self.cfg["eval_batch_size"],
+            batch_size=self.cfg.eval_batch_size,
             dtype=self.dtype,
             channels_last=self.channels_last,
             labels=self.data.val_labels,
@@ -1126,45 +1077,85 @@ class _Trainer:
 
     # ---- the result ----------------------------------------------------------------------
 
-    def _finish(self, progress: _FitState) -> FitResult:
-        """Best weights + metadata + history; the finished state is kept for reruns."""
-        final_stage = self.stages[-1]
-        metadata = {
+    def _metadata(
+        self, progress: _FitState, stage: Stage, cfg: TrainingParams, fingerprint: str
+    ) -> dict[str, Any]:
+        """The checkpoint metadata of the best weights `progress` holds (stage: the last one)."""
+        return {
             "model_spec": dict(self.spec),
             "findings": list(FINDINGS),
             "normalisation": dict(getattr(self.model, "normalisation", NORMALISATION)),
             "scales": list(self.spec["scales"]),
             "input_size": self.data.size,
-            "train_params": copy.deepcopy(dict(self.cfg)),
+            "train_params": cfg.model_dump(),
             "epoch": int(progress.best_epoch),
             "metric": float(progress.best_metric),
-            "metric_name": _metric_name(final_stage),
-            "stage": final_stage.name,
+            "metric_name": _metric_name(stage),
+            "stage": stage.name,
             "pos_weight": self.pos_weight.tolist() if self.pos_weight is not None else None,
+            # the per-finding constants of the main stages' loss (weights, offsets, margins)
+            "loss_constants": self.main_criterion.constants(),
             "world_size": self.world,
             "training_id": progress.training_id,
-            "fingerprint": self.fingerprint,
+            "fingerprint": fingerprint,
             "image_cache": self.settings["data"],
         }
+
+    def _keep_finished(
+        self,
+        fingerprint: str,
+        settings: dict[str, Any],
+        progress: _FitState,
+        metadata: dict[str, Any],
+    ) -> Path:
+        """Write a finished state (kept for reruns to reuse); returns its path."""
+        assert self.store is not None  # callers check
+        return self.store.save(
+            fingerprint,
+            {
+                "finished": True,
+                "settings": settings,
+                "training_id": metadata["training_id"],
+                "best_state": progress.best_state,
+                "metadata": metadata,
+                "history": progress.history,
+            },
+        )
+
+    def _keep_main_result(self, progress: _FitState) -> None:
+        """At the end of the main stages of a cRT run: keep their result as the finished
+        training of the same configuration without cRT. Rerunning without cRT, or with other
+        cRT settings, then reuses it instead of training the trunk again."""
+        if self.rank != 0 or self.store is None or self.main is None:
+            return
+        fingerprint, settings = self.main
+        metadata = self._metadata(
+            progress,
+            self.stages[progress.stage_index],
+            decoupling.main_training_config(self.cfg),
+            fingerprint,
+        )
+        # its own training id: another result than the cRT model's, derived from the cRT
+        # run's id so that a resumed run writes the same
+        metadata["training_id"] = hashlib.sha256(
+            f"{progress.training_id}:main".encode()
+        ).hexdigest()[:12]
+        path = self._keep_finished(fingerprint, settings, progress, metadata)
+        logger.info(
+            "%s: main training finished, classifier re-training (cRT) follows; the main result "
+            "is kept at %s (a run without cRT, or with other cRT settings, reuses it)",
+            self.name,
+            path,
+        )
+
+    def _finish(self, progress: _FitState) -> FitResult:
+        """Best weights + metadata + history; the finished state is kept for reruns."""
+        metadata = self._metadata(progress, self.stages[-1], self.cfg, self.fingerprint)
         if self.store is not None:
             # kept, not deleted: if the checkpoint's catalog save fails, or a later model or
             # stage dies, the rerun reuses this result instead of training again
-            self.store.save(
-                self.fingerprint,
-                {
-                    "finished": True,
-                    "settings": self.settings,
-                    "training_id": progress.training_id,
-                    "best_state": progress.best_state,
-                    "metadata": metadata,
-                    "history": progress.history,
-                },
-            )
-            logger.info(
-                "%s: training finished; result kept at %s for reruns",
-                self.name,
-                self.store.path(self.fingerprint),
-            )
+            path = self._keep_finished(self.fingerprint, self.settings, progress, metadata)
+            logger.info("%s: training finished; result kept at %s for reruns", self.name, path)
         history_frame = pd.DataFrame(progress.history)
         history_frame["training_id"] = progress.training_id
         return FitResult(progress.best_state, metadata, history_frame)

@@ -9,9 +9,13 @@ gradients off and runs those head-only steps outside DDP, see `engine.set_trunk_
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from rare_cxr.parameters import check
+from rare_cxr.training.config import ScheduleParams
 
 
 class LRSchedule:
@@ -21,18 +25,19 @@ class LRSchedule:
         self,
         optimizer: torch.optim.Optimizer,
         base_lr: float,
-        cfg: dict[str, Any],
+        cfg: ScheduleParams | Mapping[str, Any],
         steps_per_epoch: int,
         epochs: int,
     ) -> None:
+        cfg = check(ScheduleParams, cfg, "training.schedule")  # an instance passes through
         self.optimizer = optimizer
         self.base_lr = float(base_lr)
-        self.name = cfg["name"]
-        self.warmup_steps = int(cfg["warmup_epochs"]) * steps_per_epoch
+        self.name = cfg.name
+        self.warmup_steps = int(cfg.warmup_epochs) * steps_per_epoch
         self.total_steps = max(1, epochs * steps_per_epoch)
-        self.min_ratio = float(cfg["min_lr_ratio"])
-        self.plateau_factor = float(cfg["plateau_factor"])
-        self.plateau_patience = int(cfg["plateau_patience"])
+        self.min_ratio = float(cfg.min_lr_ratio)
+        self.plateau_factor = float(cfg.plateau_factor)
+        self.plateau_patience = int(cfg.plateau_patience)
         self.step_count = 0
         self.plateau_scale = 1.0
         self.plateau_best = -math.inf

@@ -10,16 +10,20 @@ Each is `training.create_model_pipeline(<name>)`, reading `params:<name>.model` 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kedro.pipeline import Pipeline
 
 from rare_cxr.pipelines.training.pipeline import create_model_pipeline
 
+if TYPE_CHECKING:
+    from rare_cxr.models.roster import Roster
 
-def create_pipeline(**kwargs: object) -> Pipeline:
-    """Every baseline's train/predict nodes, one namespace each."""
-    from rare_cxr.pipeline_registry import current_roster
 
+def create_pipeline(roster: Roster, **kwargs: object) -> Pipeline:
+    """Every baseline's train/predict nodes of `roster` (read by `rare_cxr.pipeline_registry`
+    from the run's parameters), one namespace each."""
     return Pipeline(
-        sum((create_model_pipeline(name) for name in current_roster().baselines), Pipeline([])),
+        sum((create_model_pipeline(name) for name in roster.baselines), Pipeline([])),
         tags=["baselines"],
     )

@@ -18,7 +18,8 @@ import warnings
 
 from kedro.pipeline import Node, Pipeline
 
-from rare_cxr.pipelines.inference import nodes
+# the module, not through the package (whose __init__ imports this module): no import cycle
+import rare_cxr.pipelines.inference.nodes as nodes  # noqa: PLR0402
 from rare_cxr.runs import DOWNSTREAM_TAG
 
 DEFAULT_MODEL = "multiscale_resnet"

@@ -31,17 +31,16 @@ from rare_cxr.evaluation import (
     subgroups,
 )
 from rare_cxr.findings import FINDINGS, finding_index
-from rare_cxr.parameters import check
-from rare_cxr.pipelines.reporting.params import ReportingParams
+from rare_cxr.pipelines.reporting.params import ReportingParams, validate_reporting_params
+from rare_cxr.pipelines.reporting.test_arrays import (
+    _seed_arrays,
+    _seed_thresholds,
+    _test_arrays,
+    _test_table,
+)
 from rare_cxr.progress import progress
 
 logger = logging.getLogger(__name__)
-
-
-def validate_reporting_params(params: Mapping[str, Any] | ReportingParams) -> dict[str, Any]:
-    """Check `params:reporting` (a mapping, or the model Kedro built) before any work and return
-    it as a plain dict with defaults filled in; errors name the offending key."""
-    return check(ReportingParams, params, "reporting").model_dump(exclude={"models"})
 
 
 # --- shared, once per run -------------------------------------------------------------------
@@ -354,11 +353,6 @@ def evaluate_model(
     )
 
 
-def _seed_thresholds(thresholds: Mapping[str, Any], seed: int | None) -> dict[str, float]:
-    chosen = (thresholds.get("per_seed") or {}).get(str(seed)) or thresholds["thresholds"]
-    return {f: metrics.from_json_number(chosen.get(f)) for f in FINDINGS}
-
-
 def _seed_summary(per_seed: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Mean, sample sd and count over seeds of each macro metric (NaN seeds left out)."""
     out = {}
@@ -371,16 +365,6 @@ def _seed_summary(per_seed: Mapping[str, Any]) -> dict[str, dict[str, float]]:
             "n": int(len(values)),
         }
     return out
-
-
-def _test_table(
-    predictions: pd.DataFrame, labels: pd.DataFrame
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(image ids, patient ids, y, scores) of the primary seed's test rows."""
-    ids, patients, y, s = metrics.split_arrays(predictions, labels, "test")
-    if len(y) == 0:
-        raise ValueError("predictions: no 'test' rows; the report is computed on test")
-    return ids, patients, y, s
 
 
 def long_tail_metrics(
@@ -529,7 +513,8 @@ def localisation_metrics(
 
 
 def _device(name: str) -> str:
-    """`auto` = cuda when available, else cpu (Grad-CAM over every boxed image wants a GPU)."""
+    """`auto` = cuda when available, else cpu (Grad-CAM over every boxed image and the cost
+    measurement of a study want the GPU it trained on; conf/nih uses auto)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
@@ -547,6 +532,7 @@ def measure_cost(
     """Parameters, GFLOPs/image at the input size, measured img/s; plus the checkpoint's card
     (which names the verified checkpoint version)."""
     cfg = validate_reporting_params(reporting)["cost"]
+    cfg = {**cfg, "device": _device(cfg["device"])}
     model = _load_model(checkpoint)
     meta = checkpoint.get("metadata", {})
     size = int(meta.get("input_size") or max(getattr(model, "scales", [224])))
@@ -673,8 +659,11 @@ def build_model_bundle(
     data_summary: Mapping[str, Any],
     rare_findings: Mapping[str, Any],
     reporting: ReportingParams,
+    calibration: Mapping[str, Any] | None = None,
+    underdiagnosis: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The model bundle (weights, spec, validation thresholds, data summary, metrics) and its
+    """The model bundle (weights, spec, validation thresholds and temperatures, data summary,
+    metrics) and its
     model card (Markdown): what `kedro run --pipelines inference` and a reader of the model
     need, from the outputs `verify_lineage` checked belong together (rare_cxr.inference)."""
     from rare_cxr.inference.bundle import make_bundle
@@ -696,6 +685,8 @@ def build_model_bundle(
         long_tail=long_tail,
         subgroups=subgroups,
         reporting=validate_reporting_params(reporting),
+        calibration=calibration,
+        underdiagnosis=underdiagnosis,
     )
     return bundle, card_markdown(bundle["metadata"])
 
@@ -771,6 +762,7 @@ def build_table1(all_metrics: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
         row["params"] = f"{c.get('params', 0) / 1e6:.2f}M" if c.get("params") else "n/a"
         row["GFLOPs"] = _fmt(c.get("gflops"), digits=2)
         row["img/s"] = _fmt(c.get("img_per_s"), digits=1)
+        row["img/s on"] = c.get("device", "cpu")  # measured there only
         # additive columns (issue 18): what the ± or [ ] of this row means, and the macro
         # resamples dropped
         row["Uncertainty"] = (
@@ -837,29 +829,6 @@ def build_subgroup_table(**inputs: Mapping[str, Any]) -> pd.DataFrame:
     for key, value in inputs.items():
         rows += [{"model": key.rsplit("__", 1)[0], **row} for row in value["rows"]]
     return pd.DataFrame(rows)
-
-
-def _seed_arrays(
-    predictions: pd.DataFrame,
-    thresholds: Mapping[str, Any],
-    labels: pd.DataFrame,
-    seeds: list[int | None],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(image ids, patient ids, y [N,F], scores [S,N,F], thresholds [S,F]) on sorted test ids."""
-    scores, cutoffs, ids, patients, y = [], [], None, None, None
-    for seed in seeds:
-        seed_ids, seed_patients, seed_y, seed_s = metrics.split_arrays(
-            predictions, labels, "test", seed
-        )
-        order = np.argsort(seed_ids, kind="mergesort")
-        if ids is None:
-            ids, patients, y = seed_ids[order], seed_patients[order], seed_y[order]
-        elif not np.array_equal(seed_ids[order], ids):
-            raise ValueError("test images differ between seeds of one model")
-        scores.append(seed_s[order])
-        t = _seed_thresholds(thresholds, seed)
-        cutoffs.append([t[f] for f in FINDINGS])
-    return ids, patients, y, np.stack(scores), np.asarray(cutoffs, dtype=float)
 
 
 # paired_comparison.csv: issue 10's columns, then the reliability of each per-finding row,
@@ -1021,23 +990,6 @@ def build_rare_findings_table(
     return pd.DataFrame(rows)
 
 
-def _test_arrays(labels: pd.DataFrame, predictions: Mapping[str, pd.DataFrame]):
-    """Common test labels and per-model scores, aligned on the first model's image order."""
-    scores, y, reference = {}, None, None
-    for model, p in predictions.items():
-        ids, _, yy, s = metrics.split_arrays(p, labels, "test")
-        order = np.argsort(ids, kind="mergesort")
-        if y is None:
-            y, reference = yy[order], ids[order]
-        elif not np.array_equal(ids[order], reference):
-            raise ValueError(
-                f"{model}.predictions: test images differ from the other models'; "
-                "curves must compare models on the same images (same image cache)"
-            )
-        scores[model] = s[order]
-    return (y if y is not None else np.zeros((0, len(FINDINGS)))), scores
-
-
 def _primary_seed(history: pd.DataFrame) -> pd.DataFrame:
     """The history of the primary (first) seed: the curves are one training's epochs."""
     if "seed" not in history.columns or history.empty:
@@ -1090,7 +1042,9 @@ FIGURE_CAPTIONS = {
     "per_finding_auroc_figure": "Per-finding test AUROC with 95% intervals",
     "roc_curves": "ROC curves per finding (test)",
     "pr_curves": "Precision-recall curves per finding (test)",
-    "reliability_diagram": "Reliability diagram (test)",
+    "reliability_diagram": "Reliability diagram (test, all findings pooled)",
+    "reliability_rare": "Reliability per rare finding (test): raw (solid) and after the "
+    "validation temperature (dashed), in the ECE's bins (reporting.calibration)",
     "seed_spread": "Spread over training seeds (dots) and their mean (bar)",
     "paired_forest": "Paired comparison: Δ (model − reference) with UNADJUSTED 95% intervals; "
     "filled = the interval excludes 0 (no multiplicity correction, for bars and fill alike); "
@@ -1114,6 +1068,9 @@ def render_report(
     long_tail: pd.DataFrame | None = None,
     long_tail_findings: pd.DataFrame | None = None,
     subgroups: pd.DataFrame | None = None,
+    long_tail_ranking: pd.DataFrame | None = None,
+    calibration: pd.DataFrame | None = None,
+    underdiagnosis: pd.DataFrame | None = None,
     **pngs: bytes,
 ) -> str:
     """report.html: tables, every saved figure (PNG bytes of this run), definitions, data, params.
@@ -1162,7 +1119,17 @@ def render_report(
         params=params,
         lineage=lineage,
         sections=_paired_section(paired_comparison)
-        + _analysis_sections(long_tail, long_tail_findings, subgroups, cfg["min_positives"])
+        + _analysis_sections(
+            long_tail,
+            long_tail_findings,
+            subgroups,
+            cfg["min_positives"],
+            extra={
+                "long_tail_ranking": long_tail_ranking,
+                "calibration": calibration,
+                "underdiagnosis": underdiagnosis,
+            },
+        )
         + _label_and_box_sections(expert_labels, localisation)
         + _class_weight_section(all_metrics, data_summary),
         model_cards=cards,
@@ -1259,21 +1226,32 @@ def _analysis_sections(
     long_tail_findings: pd.DataFrame | None,
     subgroup_table: pd.DataFrame | None,
     min_positives: int,
+    extra: Mapping[str, pd.DataFrame | None] | None = None,
 ) -> list[tuple[str, str, pd.DataFrame]]:
-    """(title, explanation, table) blocks of the report's analysis part, in reading order."""
+    """(title, explanation, table) blocks of the report's analysis part, in reading order.
+    `extra`: issue 20's tables (`long_tail_ranking`, `calibration`, `underdiagnosis`), each
+    placed next to the section it extends."""
+    import rare_cxr.pipelines.reporting.analysis_nodes as analysis_nodes  # noqa: PLR0402
+    from rare_cxr.evaluation.longtail import read_group_table
+
+    extra = extra or {}
     out: list[tuple[str, str, pd.DataFrame]] = []
     if long_tail is not None and len(long_tail):
         out.append(
             (
                 "Long tail: head / medium / tail findings",
                 "Findings grouped by training prevalence (reporting.long_tail); group means of "
-                "AUROC, AUPRC and balanced accuracy (0.5 = a model that says 'absent' "
-                "everywhere), with 95% patient-bootstrap intervals of the group mean; every "
-                "resample averages the group's findings defined on test, and "
-                "<metric>_resamples_dropped counts the resamples that lost one of them.",
-                _round(long_tail),
+                "AUROC, AUPRC — named mAP, as the CXR-LT challenges do: the mean over the "
+                "group's findings of the average precision — and balanced accuracy (0.5 = a "
+                "model that says 'absent' everywhere), with 95% patient-bootstrap intervals of "
+                "the group mean; the row 'all' averages every finding (the challenges' overall "
+                "mAP; equal to Table 1's macro AUPRC). Every resample averages the group's "
+                "findings defined on test, and <metric>_resamples_dropped counts the resamples "
+                "that lost one of them.",
+                _round(read_group_table(long_tail)),
             )
         )
+    out += analysis_nodes.ranking_section(extra.get("long_tail_ranking"))
     if long_tail_findings is not None and len(long_tail_findings):
         out.append(
             (
@@ -1295,4 +1273,6 @@ def _analysis_sections(
                 _round(macro),
             )
         )
+    out += analysis_nodes.underdiagnosis_section(extra.get("underdiagnosis"))
+    out += analysis_nodes.calibration_section(extra.get("calibration"), min_positives)
     return out

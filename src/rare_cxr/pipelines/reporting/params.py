@@ -6,15 +6,17 @@ silently ignored and Grad-CAM would run on the default device.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from rare_cxr.evaluation import subgroups
+from rare_cxr.evaluation.calibration import BINNINGS
 from rare_cxr.evaluation.metrics import THRESHOLD_METHODS
 from rare_cxr.evaluation.proportions import PROPORTION_METHODS
 from rare_cxr.findings import FINDINGS
-from rare_cxr.parameters import KeyProblem, Params
+from rare_cxr.parameters import KeyProblem, Params, check
 
 
 def _device(name: str) -> str:
@@ -89,6 +91,12 @@ class SubgroupParams(Params):
         return edges
 
 
+class CalibrationParams(Params):
+    # bins of the expected calibration error (rare_cxr.evaluation.calibration)
+    n_bins: int = Field(15, ge=1)
+    binning: Literal[BINNINGS] = "equal_mass"  # type: ignore[valid-type]
+
+
 class ReportingParams(Params):
     # `trained` or a list of model namespaces (checked against the configured models)
     models: Any = "trained"
@@ -105,6 +113,7 @@ class ReportingParams(Params):
     proportion_interval: Literal[PROPORTION_METHODS] = "exact"  # type: ignore[valid-type]
     long_tail: LongTailParams = Field(default_factory=LongTailParams)
     subgroups: SubgroupParams = Field(default_factory=SubgroupParams)
+    calibration: CalibrationParams = Field(default_factory=CalibrationParams)
 
     @field_validator("models")
     @classmethod
@@ -121,3 +130,9 @@ class ReportingParams(Params):
         raise ValueError(
             f"expected 'trained' or a non-empty list of distinct model names, got {value!r}"
         )
+
+
+def validate_reporting_params(params: Mapping[str, Any] | ReportingParams) -> dict[str, Any]:
+    """Check `params:reporting` (a mapping, or the model Kedro built) before any work and return
+    it as a plain dict with defaults filled in; errors name the offending key."""
+    return check(ReportingParams, params, "reporting").model_dump(exclude={"models"})

@@ -4,9 +4,10 @@ Per model (namespace `<model>`, so kedro-viz folds them into the same box as tha
 training nodes): `verify_lineage` (checkpoint, history and predictions from one training, on
 the current image cache, labels and split; everything downstream reads its verified tables)
 -> `select_thresholds` (validation only) -> `evaluate_model` (test + patient bootstrap) ;
+`calibration_metrics` (temperatures fitted on validation, test ECE) ; `underdiagnosis_metrics` ;
 `measure_cost` ; `gradcam_examples` ; `build_model_bundle` (weights + validation thresholds +
-data summary + metrics in one file, and its model card: what `kedro run --pipelines inference`
-reads, docs/inference.md). Then, once for all models:
+temperatures + data summary + metrics in one file, and its model card: what `kedro run
+--pipelines inference` reads, docs/inference.md). Then, once for all models:
 `combine_metrics` -> `build_table1`, `build_per_finding_auroc`, `build_rare_findings_table`,
 the figures, and `render_report`, which embeds the PNGs this run saved.
 """
@@ -21,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from kedro.pipeline import Node, Pipeline
 
-from rare_cxr.pipelines.reporting import nodes
+# the modules, not through the package (whose __init__ imports this module): no import cycle
+import rare_cxr.pipelines.reporting.analysis_nodes as analysis_nodes  # noqa: PLR0402
+import rare_cxr.pipelines.reporting.nodes as nodes  # noqa: PLR0402
 from rare_cxr.pipelines.reporting.params import ReportingParams
 from rare_cxr.runs import DOWNSTREAM_TAG
 
@@ -45,6 +48,7 @@ FIGURES = (
     "roc_curves",
     "pr_curves",
     "reliability_diagram",
+    "reliability_rare",
     "seed_spread",
     "paired_forest",
 )
@@ -124,6 +128,20 @@ def _model_pipeline() -> Pipeline:
                 tags=["metrics", "subgroups"],
             ),
             Node(
+                analysis_nodes.calibration_metrics,
+                ["verified_predictions", "labels", "params:reporting"],
+                "calibration",
+                name="calibration_metrics",
+                tags=["metrics", "calibration"],
+            ),
+            Node(
+                analysis_nodes.underdiagnosis_metrics,
+                ["verified_predictions", "labels", "thresholds", "params:reporting"],
+                "underdiagnosis",
+                name="underdiagnosis_metrics",
+                tags=["metrics", "subgroups", "underdiagnosis"],
+            ),
+            Node(
                 nodes.measure_cost,
                 ["checkpoint", "lineage", "params:reporting"],
                 "cost",
@@ -143,6 +161,8 @@ def _model_pipeline() -> Pipeline:
                             "metrics",
                             "long_tail",
                             "subgroups",
+                            "calibration",
+                            "underdiagnosis",
                             "data_summary",
                             "rare_findings",
                         )
@@ -205,16 +225,15 @@ def create_model_pipeline(model: str) -> Pipeline:
 
 
 def create_pipeline(
+    roster: Roster,
     models: Sequence[str] | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
     **kwargs: object,
 ) -> Pipeline:
-    """Reporting for `models` (default: every configured model) from
+    """Reporting for `models` (default: every model of `roster`, which
+    `rare_cxr.pipeline_registry` reads from the run's parameters) from
     `<model>.predictions|history|checkpoint`; `pairs` are the paired comparisons (default: each
     model against its configured `reference`, where both are reported)."""
-    from rare_cxr.pipeline_registry import current_roster
-
-    roster = current_roster()
     models = roster.check_names(list(roster.models if models is None else models), "reporting")
     if not models:
         raise ValueError("reporting: need at least one model")
@@ -225,6 +244,22 @@ def create_pipeline(
     metric_inputs = {f"{m}__{k}": f"{m}.{k}" for m in models for k in ("metrics", "cost")}
     long_tail_inputs = {f"{m}__long_tail": f"{m}.long_tail" for m in models}
     subgroup_inputs = {f"{m}__subgroups": f"{m}.subgroups" for m in models}
+    calibration_inputs = {f"{m}__calibration": f"{m}.calibration" for m in models}
+    underdiagnosis_inputs = {f"{m}__underdiagnosis": f"{m}.underdiagnosis" for m in models}
+    ranking_inputs = {
+        "labels": "labels",
+        "reporting": "params:reporting",
+        **long_tail_inputs,
+        **{f"{m}__predictions": f"{m}.verified_predictions" for m in models},
+        **{f"{m}__thresholds": f"{m}.thresholds" for m in models},
+    }
+    reliability_inputs = {
+        "labels": "labels",
+        "rare_findings": "rare_findings",
+        "reporting": "params:reporting",
+        **calibration_inputs,
+        **{f"{m}__predictions": f"{m}.verified_predictions" for m in models},
+    }
     paired_inputs = {
         "labels": "labels",
         "reporting": "params:reporting",
@@ -244,6 +279,9 @@ def create_pipeline(
         "long_tail": "long_tail_table",
         "long_tail_findings": "long_tail_findings",
         "subgroups": "subgroup_table",
+        "long_tail_ranking": "long_tail_ranking",
+        "calibration": "calibration_table",
+        "underdiagnosis": "underdiagnosis_table",
         "table1": "table1",
         "per_finding_auroc": "per_finding_auroc",
         "rare_findings_table": "rare_findings_table",
@@ -302,6 +340,34 @@ def create_pipeline(
                     "subgroup_table",
                     name="build_subgroup_table",
                     tags=["tables", "subgroups"],
+                ),
+                Node(
+                    analysis_nodes.build_long_tail_ranking,
+                    ranking_inputs,
+                    "long_tail_ranking",
+                    name="build_long_tail_ranking",
+                    tags=["tables", "long_tail", "paired"],
+                ),
+                Node(
+                    analysis_nodes.build_calibration_table,
+                    calibration_inputs,
+                    "calibration_table",
+                    name="build_calibration_table",
+                    tags=["tables", "calibration"],
+                ),
+                Node(
+                    analysis_nodes.plot_reliability_rare,
+                    reliability_inputs,
+                    "reliability_rare",
+                    name="plot_reliability_rare",
+                    tags=["figures", "calibration"],
+                ),
+                Node(
+                    analysis_nodes.build_underdiagnosis_table,
+                    underdiagnosis_inputs,
+                    "underdiagnosis_table",
+                    name="build_underdiagnosis_table",
+                    tags=["tables", "subgroups", "underdiagnosis"],
                 ),
             ]
         )

@@ -29,7 +29,7 @@ from rare_cxr.parameters import plain
 from rare_cxr.processes import exit_with_parent
 from rare_cxr.training import distributed
 from rare_cxr.training.checkpointing import TrainingStateStore
-from rare_cxr.training.config import TrainingParams, merge_overrides, validate_training_params
+from rare_cxr.training.config import TrainingParams, merge_overrides, training_params
 from rare_cxr.training.engine import (
     FitResult,
     TrainingCallbacks,
@@ -132,6 +132,21 @@ def split_training_overrides(
     return model, merge_overrides(plain(training) or {}, overrides)
 
 
+def model_training_params(
+    model: Mapping[str, Any] | ModelSpec, training: Mapping[str, Any] | TrainingParams | None
+) -> tuple[dict[str, Any], TrainingParams]:
+    """(model spec, the training protocol this model uses), the protocol validated exactly once:
+    the shared block as Kedro handed it when the model overrides nothing, else the merged block
+    (new data: validated here, with its overrides' keys named)."""
+    spec, merged = split_training_overrides(model, training)
+    has_overrides = isinstance(model, ModelSpec) and model.training is not None
+    if not isinstance(model, ModelSpec):
+        has_overrides = bool(dict(model).get("training"))
+    if isinstance(training, TrainingParams) and not has_overrides:
+        return spec, training
+    return spec, training_params(merged)
+
+
 def check_scales_fit_cache(spec: Mapping[str, Any], image_cache: Any) -> None:
     """A scale larger than the image cache is an error naming both parameters: the model would
     only upsample the cached pixels, so that "high-resolution" branch sees no new information.
@@ -185,11 +200,10 @@ def train_model(
     after training, so only rank 0 writes catalog entries (run
     `torchrun ... -m rare_cxr --pipelines training` so no other stage runs on every rank).
     """
-    model, training = split_training_overrides(model, training)
+    model, cfg = model_training_params(model, training)
     spec = validate_model_spec(model)
-    cfg = validate_training_params(training)
     check_scales_fit_cache(spec, image_cache)
-    if training_state is not None and cfg["resume_dir"] is not None:
+    if training_state is not None and cfg.resume_dir is not None:
         raise ValueError(
             "training.resume_dir is set, but in a Kedro run the training state lives in the "
             f"catalog entry {spec['name']}.training_state ({training_state.folder}); remove "
@@ -202,7 +216,7 @@ def train_model(
     for i, seed in enumerate(seeds):
         if len(seeds) > 1:
             logger.info("%s: seed %d (%d of %d)", spec["name"], seed, i + 1, len(seeds))
-        one = {**cfg, "seed": seed}
+        one = cfg.model_copy(update={"seed": seed})
         # plus any epoch listener a hook registered (experiment tracking); unchanged without one
         seed_callbacks = with_listeners(callbacks, spec["name"], seed)
         if torchrun:
@@ -219,14 +233,14 @@ def train_model(
                     state_store=training_state,
                 )
             )
-        elif cfg["devices"] > 1:
+        elif cfg.devices > 1:
             results.append(
                 fit_spawned(
                     spec,
                     image_cache,
                     augmentation_policy,
                     one,
-                    cfg["devices"],
+                    cfg.devices,
                     state_store=training_state,
                 )
             )
@@ -247,9 +261,9 @@ def train_model(
     return combine_seeds(seeds, [r for r in results if r is not None])
 
 
-def seed_list(cfg: Mapping[str, Any]) -> list[int]:
+def seed_list(cfg: TrainingParams) -> list[int]:
     """The seeds a model is trained with: `seed, seed + 1, ..., seed + n_seeds - 1`."""
-    return [int(cfg["seed"]) + i for i in range(int(cfg.get("n_seeds", 1)))]
+    return [cfg.seed + i for i in range(cfg.n_seeds)]
 
 
 def combine_seeds(
@@ -347,8 +361,8 @@ def predict(
     """Probabilities for the val and test splits, for every seed of the checkpoint: image_id,
     patient_id, split, seed, 14 findings, then the lineage columns `checkpoint_version`,
     `training_id` (of that seed's training), `image_cache_fingerprint`."""
-    cfg = validate_training_params(training)
-    device = resolve_device(cfg["device"])
+    cfg = training_params(training)
+    device = resolve_device(cfg.device)
     dtype = amp_dtype(cfg, device)
     name = checkpoint["metadata"].get("model_spec", {}).get("name", "model")
     seeds = checkpoint_seeds(checkpoint)
@@ -364,13 +378,13 @@ def predict(
                 model,
                 part.images,
                 device,
-                batch_size=cfg["eval_batch_size"],
+                batch_size=cfg.eval_batch_size,
                 dtype=dtype,
                 channels_last=False,
-                tta_hflip=cfg["tta_hflip"],
+                tta_hflip=cfg.tta_hflip,
                 progress_desc=(
                     f"{name} predict {split}" + (f" seed {seed}" if len(seeds) > 1 else "")
-                    if cfg["progress_bar"]
+                    if cfg.progress_bar
                     else None
                 ),
             )

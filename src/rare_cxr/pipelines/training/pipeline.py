@@ -11,9 +11,14 @@ which models exist comes from the parameters (`rare_cxr.models.roster`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kedro.pipeline import Node, Pipeline
 
 from rare_cxr.pipelines.training.nodes import predict, train_model
+
+if TYPE_CHECKING:
+    from rare_cxr.models.roster import Roster
 
 SHARED_INPUTS = {"image_cache", "augmentation_policy"}
 
@@ -58,8 +63,7 @@ def create_model_pipeline(model_name: str) -> Pipeline:
     )
 
 
-def create_pipeline(**kwargs: object) -> Pipeline:
-    """Pipeline `training`: the main model (the model block with `role: main`)."""
-    from rare_cxr.pipeline_registry import current_roster
-
-    return create_model_pipeline(current_roster().main)
+def create_pipeline(roster: Roster, **kwargs: object) -> Pipeline:
+    """Pipeline `training`: the main model (the model block with `role: main`) of `roster`,
+    which `rare_cxr.pipeline_registry` reads from the run's parameters."""
+    return create_model_pipeline(roster.main)
