@@ -388,3 +388,33 @@ def test_max_steps_per_epoch_caps_the_optimiser_steps_and_is_fingerprinted(tmp_p
     assert len(_state_files(tmp_path)) == 2
     with pytest.raises(ValueError, match="max_steps_per_epoch"):
         validate_training_params({"max_steps_per_epoch": 0})
+
+
+def test_a_full_disk_while_streaming_the_training_state_names_the_file_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    """The state is streamed into its file (no in-memory copy, issue 19): a full disk part-way
+    is an OSError naming the state file, and no partial file or temporary remains."""
+    import errno
+
+    from rare_cxr.atomic import AtomicWriter
+    from rare_cxr.training.checkpointing import TrainingStateStore
+
+    real_write = AtomicWriter.write
+
+    def full_after_1k(self, data):  # type: ignore[no-untyped-def]
+        if self.tell() + len(data) > 1000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    store = TrainingStateStore(tmp_path / "states")
+    state = {"model": {"w": torch.zeros(10_000)}, "finished": False}
+    monkeypatch.setattr(AtomicWriter, "write", full_after_1k)
+    with pytest.raises(OSError, match=r"training state .*\.pt") as err:
+        store.save("abc", state)
+    assert "MB free" in str(err.value)
+    # the folder the write created is removed with its temporary
+    assert not (tmp_path / "states").exists() or not list((tmp_path / "states").iterdir())
+    monkeypatch.undo()
+    saved = torch.load(store.save("abc", state), weights_only=True)
+    assert saved["fingerprint"] == "abc" and torch.equal(saved["model"]["w"], torch.zeros(10_000))

@@ -186,7 +186,7 @@ class AtomicWriter(io.IOBase):
             self.discard()
 
 
-def write_atomic_bytes(destination: str | os.PathLike, payload: bytes | memoryview) -> None:
+def write_atomic_bytes(destination: str | os.PathLike, payload: bytes) -> None:
     """Atomic write of a whole file from bytes."""
     with AtomicWriter(destination, "wb") as handle:
         handle.write(payload)
