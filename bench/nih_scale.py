@@ -470,12 +470,14 @@ def write_doc(doc: Path, section: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.project = args.project.resolve()
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise SystemExit(f"--fractions: expected fractions in (0, 1], got {args.fractions!r}")
     results = args.results_dir or ROOT / "bench" / "results" / time.strftime(
         "nih_scale-%Y%m%d-%H%M%S"
     )
+    results = results.resolve()  # the kedro run's working directory is the project
     results.mkdir(parents=True, exist_ok=True)
     if not args.from_results:
         for fraction in fractions:
