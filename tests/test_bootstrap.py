@@ -201,3 +201,73 @@ def test_proportion_interval_matches_scipy(method):
     with pytest.raises(ValueError, match="proportion_interval"):
         proportions.proportion_interval(1, 2, method="agresti")
     assert proportions.patient_counts(6, 12, 3) == (1.5, 3.0)
+
+
+# --- issue 19: the faster weighted metrics give the numbers of the grouped form, bit for bit ----
+
+
+def grouped_auroc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """`bootstrap.weighted_auroc` as it was before issue 19 (tied-score groups summed with
+    `np.add.reduceat` over every film): the reference of the rewrite."""
+    order = np.argsort(s, kind="mergesort")
+    ss, yy = s[order], y[order].astype(bool)
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    ww = w[:, order]
+    pos = np.add.reduceat(ww * yy, starts, axis=1)
+    neg = np.add.reduceat(ww * ~yy, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    num = (pos * (below + 0.5 * neg)).sum(axis=1)
+    den = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def grouped_average_precision(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """`bootstrap.weighted_average_precision` as it was before issue 19 (the reference)."""
+    order = np.argsort(-s, kind="mergesort")
+    ss, yy = s[order], y[order].astype(bool)
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    ww = w[:, order]
+    pos = np.add.reduceat(ww * yy, starts, axis=1)
+    neg = np.add.reduceat(ww * ~yy, starts, axis=1)
+    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    total = tp[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        ap = (pos / total * precision).sum(axis=1)
+    return np.where(total[:, 0] > 0, ap, np.nan)
+
+
+@pytest.mark.parametrize("decimals", [1, 2, 6])  # many ties ... almost none
+@pytest.mark.parametrize("prevalence", [0.002, 0.05, 0.5, 0.97])
+def test_weighted_metrics_equal_the_grouped_form_bit_for_bit(decimals: int, prevalence: float):
+    """Patient-draw weights (integers, many zero), unit weights and the edge cases (no positive
+    or no negative drawn in a resample, a finding without positives): the same floats."""
+    rng = np.random.default_rng(decimals * 100 + int(prevalence * 1000))
+    n = 3000
+    patients = np.sort(rng.integers(0, 800, n))
+    y = rng.random(n) < prevalence
+    s = np.round(np.clip(0.2 * y + rng.random(n), 0, 1), decimals)
+    blocks = list(bootstrap.patient_weights(patients, n_resamples=120, seed=4, chunk_size=50))
+    blocks.append(np.ones((1, n)))
+    for w in blocks:
+        for yy in (y, np.zeros(n, bool), np.ones(n, bool)):
+            np.testing.assert_array_equal(
+                bootstrap.weighted_auroc(yy, s, w), grouped_auroc(yy, s, w)
+            )
+            np.testing.assert_array_equal(
+                bootstrap.weighted_average_precision(yy, s, w),
+                grouped_average_precision(yy, s, w),
+            )
+
+
+def test_weighted_metrics_with_fractional_weights_agree_with_the_grouped_form():
+    """Fractional weights (no caller uses them) agree to rounding error, not bit for bit."""
+    rng = np.random.default_rng(9)
+    y = rng.random(500) < 0.1
+    s = np.round(rng.random(500), 2)
+    w = rng.random((20, 500))
+    np.testing.assert_allclose(bootstrap.weighted_auroc(y, s, w), grouped_auroc(y, s, w), 1e-12)
+    np.testing.assert_allclose(
+        bootstrap.weighted_average_precision(y, s, w), grouped_average_precision(y, s, w), 1e-12
+    )

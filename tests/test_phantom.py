@@ -293,3 +293,24 @@ def test_kedro_run_pipeline_phantom(kedro_project) -> None:
     reports = kedro_project.data("08_reporting", "phantom").rglob("summary.json")
     summaries = [p for p in reports if p.is_file()]  # versioned: summary.json/<version>/
     assert len(summaries) == 1 and '"synthetic": true' in summaries[0].read_text()
+
+
+def test_boxed_images_keeps_the_boxes_of_that_many_films_drawn_with_the_seed() -> None:
+    """`boxed_images` (conf/rehearsal: NIH's 880) caps the films listed in BBox_List, keeping
+    all boxes of each kept film; the draw is seeded, and null keeps every film's boxes."""
+
+    def boxed(**over: object) -> list[list[str]]:
+        params = {"n_patients": 60, "images_per_patient": [1, 3], "image_size": 64, **over}
+        rows = list(csv.reader(io.StringIO(generate_phantom(params)[3])))[1:]
+        return rows
+
+    every = boxed()
+    films = {r[0] for r in every}
+    assert len(films) > 10
+    capped = boxed(boxed_images=10)
+    assert len({r[0] for r in capped}) == 10 and {r[0] for r in capped} <= films
+    for film in {r[0] for r in capped}:  # a kept film keeps all of its boxes
+        assert [r for r in capped if r[0] == film] == [r for r in every if r[0] == film]
+    assert boxed(boxed_images=10) == capped
+    assert boxed(boxed_images=10, seed=7) != capped
+    assert boxed(boxed_images=10_000) == every

@@ -372,3 +372,49 @@ def test_changed_settings_start_afresh_naming_what_changed_and_keep_the_old_stat
         )
     assert "data.arrays" in caplog.text and "augmentation" in caplog.text
     assert len(_state_files(tmp_path)) == 4
+
+
+def test_max_steps_per_epoch_caps_the_optimiser_steps_and_is_fingerprinted(tmp_path):
+    """The benchmark cap (conf/rehearsal): 96 training images in batches of 16 are 6 steps; a
+    cap of 2 makes 2 per epoch (32 images seen), and the capped training is its own state."""
+    cache = blob_cache(n_train=96, n_val=16)
+    steps: list[tuple[int, int]] = []
+    on_step = TrainingCallbacks(on_step=lambda epoch, step: steps.append((epoch, step)))
+    fit(TINY_SPEC, cache, None, tiny_params(tmp_path, max_steps_per_epoch=2), callbacks=on_step)
+    assert steps == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    steps.clear()
+    fit(TINY_SPEC, cache, None, tiny_params(tmp_path, epochs=1), callbacks=on_step)
+    assert steps == [(0, s) for s in range(6)]  # uncapped: not the capped state reused
+    assert len(_state_files(tmp_path)) == 2
+    with pytest.raises(ValueError, match="max_steps_per_epoch"):
+        validate_training_params({"max_steps_per_epoch": 0})
+
+
+def test_a_full_disk_while_streaming_the_training_state_names_the_file_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    """The state is streamed into its file (no in-memory copy, issue 19): a full disk part-way
+    is an OSError naming the state file, and no partial file or temporary remains."""
+    import errno
+
+    from rare_cxr.atomic import AtomicWriter
+    from rare_cxr.training.checkpointing import TrainingStateStore
+
+    real_write = AtomicWriter.write
+
+    def full_after_1k(self, data):  # type: ignore[no-untyped-def]
+        if self.tell() + len(data) > 1000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    store = TrainingStateStore(tmp_path / "states")
+    state = {"model": {"w": torch.zeros(10_000)}, "finished": False}
+    monkeypatch.setattr(AtomicWriter, "write", full_after_1k)
+    with pytest.raises(OSError, match=r"training state .*\.pt") as err:
+        store.save("abc", state)
+    assert "MB free" in str(err.value)
+    # the folder the write created is removed with its temporary
+    assert not (tmp_path / "states").exists() or not list((tmp_path / "states").iterdir())
+    monkeypatch.undo()
+    saved = torch.load(store.save("abc", state), weights_only=True)
+    assert saved["fingerprint"] == "abc" and torch.equal(saved["model"]["w"], torch.zeros(10_000))

@@ -7,8 +7,10 @@ import warnings
 from rare_cxr.config_loader import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS  # noqa: F401
 from rare_cxr.hooks import ProjectHooks, RunSafetyHooks
 from rare_cxr.tracking import TrackingHooks
+from rare_cxr.tracking.node_stats import NodeStatsHooks
 
-HOOKS = (ProjectHooks(), RunSafetyHooks(), TrackingHooks())
+# NodeStatsHooks is inert unless RARE_CXR_NODE_STATS names a file (bench/nih_scale.py sets it).
+HOOKS = (ProjectHooks(), RunSafetyHooks(), TrackingHooks(), NodeStatsHooks())
 
 # Experiment tracking is the project's own hook (rare_cxr.tracking says why not kedro-mlflow). If
 # kedro-mlflow is installed anyway, its entry-point hook would open a second MLflow store on

@@ -74,34 +74,83 @@ def patient_weights(
             bar.update(r)  # after the caller has computed this block's metrics
 
 
+def _sorted_negative_cumsum(
+    neg_scores: np.ndarray, neg_index: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(negatives' scores ascending `[n]`, `c [R, n + 1]`): c[:, k] = the weight of the k
+    lowest-scored negatives (c[:, 0] = 0), so that the weight of the negatives below a score v
+    is c[:, searchsorted(scores, v)]."""
+    order = np.argsort(neg_scores, kind="mergesort")
+    c = np.zeros((w.shape[0], order.size + 1))
+    np.cumsum(w[:, neg_index[order]], axis=1, out=c[:, 1:])
+    return neg_scores[order], c
+
+
 def weighted_auroc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUROC per row of weights `w [R, N]` (ties count one half, as scikit-learn)."""
-    order = np.argsort(s, kind="mergesort")
-    ss, yy = s[order], y[order].astype(bool)
-    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
-    ww = w[:, order]
-    pos = np.add.reduceat(ww * yy, starts, axis=1)
-    neg = np.add.reduceat(ww * ~yy, starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    num = (pos * (below + 0.5 * neg)).sum(axis=1)
-    den = pos.sum(axis=1) * neg.sum(axis=1)
+    """AUROC per row of weights `w [R, N]` (ties count one half, as scikit-learn).
+
+    The weighted Mann-Whitney statistic: sum over positives i of w_i (weight of the negatives
+    scored below s_i + half the weight of those tied with it), over (positive weight x negative
+    weight). Why this form (issue 19): it reads the [R, N] weights twice (one gather, one
+    cumulative sum over the negatives) and then only the positives' columns, where grouping
+    tied scores with `np.add.reduceat` over every film cost ~10 passes, the bottleneck of every
+    bootstrap at NIH's size. With integer weights (patient draw counts, unit weights) every sum
+    is exact in float64, so the result is bit for bit the grouped form's
+    (tests/test_bootstrap.py keeps that implementation as the reference).
+    """
+    yy = np.asarray(y).astype(bool)
+    ss = np.asarray(s, dtype=float)
+    w = np.asarray(w, dtype=float)
+    pos, neg = np.flatnonzero(yy), np.flatnonzero(~yy)
+    neg_scores, c = _sorted_negative_cumsum(ss[neg], neg, w)
+    pos_scores = ss[pos]
+    below = c[:, np.searchsorted(neg_scores, pos_scores, side="left")]
+    up_to = c[:, np.searchsorted(neg_scores, pos_scores, side="right")]
+    wp = w[:, pos]
+    num = (wp * (below + 0.5 * (up_to - below))).sum(axis=1)
+    den = wp.sum(axis=1) * c[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
 
 
 def weighted_average_precision(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Average precision per row of weights (scikit-learn's step-wise definition)."""
-    order = np.argsort(-s, kind="mergesort")
-    ss, yy = s[order], y[order].astype(bool)
-    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
-    ww = w[:, order]
-    pos = np.add.reduceat(ww * yy, starts, axis=1)
-    neg = np.add.reduceat(ww * ~yy, starts, axis=1)
-    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
-    total = tp[:, -1:]
+    """Average precision per row of weights (scikit-learn's step-wise definition).
+
+    AP = sum over tied-score groups g, in descending score order, of (positive weight of g /
+    all positive weight) x precision at the end of g. Only groups holding a positive add to it,
+    so precision is computed there alone, from the positives' cumulative weight and the weight
+    of the negatives scored at or above the group (`_sorted_negative_cumsum`). Why, and why the
+    numbers are unchanged: see `weighted_auroc`; the terms are placed back at their groups'
+    positions among all tied-score groups before the sum, so that floating-point addition sees
+    the very same sequence as the grouped form's (bit for bit, tests/test_bootstrap.py).
+    """
+    yy = np.asarray(y).astype(bool)
+    ss = np.asarray(s, dtype=float)
+    w = np.asarray(w, dtype=float)
+    r = w.shape[0]
+    pos, neg = np.flatnonzero(yy), np.flatnonzero(~yy)
+    if pos.size == 0:
+        return np.full(r, np.nan)
+    # tied-score groups of all films, descending: the positions the terms are summed at
+    every = np.sort(ss)[::-1]
+    groups_desc = np.r_[every[:1], every[1:][every[1:] != every[:-1]]]
+    pos_order = pos[np.argsort(-ss[pos], kind="mergesort")]
+    pos_scores = ss[pos_order]
+    last = np.flatnonzero(np.r_[pos_scores[1:] != pos_scores[:-1], True])  # end of each group
+    first = np.r_[0, last[:-1] + 1]
+    values = pos_scores[last]
+    cp = np.cumsum(w[:, pos_order], axis=1)
+    tp = cp[:, last]  # positive weight scored >= the group's score
+    in_group = tp - np.where(first > 0, cp[:, np.maximum(first - 1, 0)], 0.0)
+    neg_scores, c = _sorted_negative_cumsum(ss[neg], neg, w)
+    fp = c[:, -1:] - c[:, np.searchsorted(neg_scores, values, side="left")]
+    total = cp[:, -1:]
+    terms = np.zeros((r, groups_desc.size))
+    slots = np.searchsorted(-groups_desc, -values)  # each positive group's position
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-        ap = (pos / total * precision).sum(axis=1)
+        terms[:, slots] = in_group / total * precision
+        ap = terms.sum(axis=1)
     return np.where(total[:, 0] > 0, ap, np.nan)
 
 

@@ -41,6 +41,8 @@ class PhantomParams:
     label_noise: float = 0.0
     test_fraction: float = 0.2
     min_patients_per_finding: int = 4
+    # at most this many films keep their lesion boxes in BBox_List (None: every film)
+    boxed_images: int | None = None
 
 
 class PhantomConfig(Params):
@@ -56,6 +58,7 @@ class PhantomConfig(Params):
     label_noise: float = Field(0.0, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     min_patients_per_finding: int = Field(4, ge=0)
+    boxed_images: int | None = Field(None, ge=0)
 
     @field_validator("images_per_patient")
     @classmethod
@@ -94,4 +97,5 @@ def validate_params(raw: Mapping[str, Any] | PhantomConfig | None) -> PhantomPar
         label_noise=float(config.label_noise),
         test_fraction=float(config.test_fraction),
         min_patients_per_finding=config.min_patients_per_finding,
+        boxed_images=config.boxed_images,
     )

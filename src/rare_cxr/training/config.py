@@ -115,6 +115,9 @@ class TrainingParams(Params):
     device: str = "auto"
     devices: int = Field(1, ge=1)
     epochs: int = Field(8, ge=1)
+    # At most this many optimiser steps per epoch (None = the whole training split): for
+    # benchmarks that time the other stages at full size (conf/rehearsal), never for a study.
+    max_steps_per_epoch: int | None = Field(None, ge=1)
     patience: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     # Split every global batch into this many micro-batches and step the optimiser once per

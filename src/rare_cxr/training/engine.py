@@ -262,6 +262,8 @@ def result_settings(cfg: TrainingParams | Mapping[str, Any]) -> dict[str, Any]:
         out["loss"] = loss_settings(out["loss"])
     if "crt" in out and not out["crt"]["epochs"]:
         del out["crt"]
+    if out.get("max_steps_per_epoch", 0) is None:  # unset: fingerprints from before it existed
+        del out["max_steps_per_epoch"]
     return out
 
 
@@ -813,6 +815,8 @@ class _Trainer:
                 self.accumulation,
             )
         )
+        if cfg.max_steps_per_epoch:  # a benchmark's cap (conf/rehearsal)
+            steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
         schedule = LRSchedule(self.optimizer, base_lr, cfg.schedule, steps_per_epoch, stage.epochs)
         if progress.schedule is not None:
             schedule.load_state_dict(progress.schedule)
@@ -941,6 +945,8 @@ class _Trainer:
             world,
             self.accumulation,
         )
+        if cfg.max_steps_per_epoch:  # a benchmark's cap (conf/rehearsal): the first steps
+            jobs = jobs[: cfg.max_steps_per_epoch]
         rank_jobs = [micro_batches(j, world, self.rank, self.accumulation) for j in jobs]
         batches = _prefetch(
             [np.concatenate(micros) for micros in rank_jobs],
