@@ -126,6 +126,8 @@ def split_training_overrides(
     else:
         model = dict(model)
         overrides = model.pop("training", None) or {}
+        if isinstance(overrides, TrainingParams):  # `dict()` of a typed spec keeps the model
+            overrides = overrides.model_dump(exclude_unset=True)
     if not isinstance(overrides, Mapping):
         name = model.get("name", model.get("architecture"))
         raise ValueError(f"{name}.model.training: expected a mapping of overrides")
