@@ -321,7 +321,7 @@ def _combined_paired_nodes(models: Sequence[str], pairs: list[tuple[str, str]]) 
     return Pipeline(
         [
             Node(
-                _paired_comparison_of(pairs),
+                _with_pairs(nodes.paired_comparison, pairs),
                 {**shared, **_per_model(models, predictions, "thresholds")},
                 "paired_comparison",
                 name="paired_comparison",
@@ -353,7 +353,7 @@ def _combined_paired_nodes(models: Sequence[str], pairs: list[tuple[str, str]]) 
                 tags=["tables", "long_tail", "paired"],
             ),
             Node(
-                _method_comparison_of(pairs),
+                _with_pairs(nodes.build_method_comparison, pairs),
                 {**shared, **_per_model(models, "long_tail", predictions, "thresholds")},
                 "method_comparison",
                 name="build_method_comparison",
@@ -427,21 +427,23 @@ def _combined_analysis_nodes(models: Sequence[str]) -> Pipeline:
     )
 
 
-def _paired_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.DataFrame]:
-    """`nodes.paired_comparison` with this pipeline's (model, reference) pairs bound. A plain
+def _with_pairs(
+    node_function: Callable[..., pd.DataFrame], pairs: list[tuple[str, str]]
+) -> Callable[..., pd.DataFrame]:
+    """`node_function(labels, reporting, pairs=..., **inputs)` with this pipeline's (model,
+    reference) pairs bound (`nodes.paired_comparison`, `nodes.build_method_comparison`). A plain
     function rather than `functools.partial`, so that Kedro can read its signature and type
     hints (typed parameters) like any node's."""
 
-    def paired_comparison(
-        labels: pd.DataFrame, reporting: ReportingParams, **inputs: Any
-    ) -> pd.DataFrame:
-        return nodes.paired_comparison(labels, reporting, pairs=pairs, **inputs)
+    def bound(labels: pd.DataFrame, reporting: ReportingParams, **inputs: Any) -> pd.DataFrame:
+        return node_function(labels, reporting, pairs=pairs, **inputs)
 
-    return paired_comparison
+    bound.__name__ = bound.__qualname__ = node_function.__name__
+    return bound
 
 
 def _lesion_size_delta_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.DataFrame]:
-    """`nodes.lesion_size_delta` with the pairs bound (see `_paired_comparison_of`)."""
+    """`nodes.lesion_size_delta` with the pairs bound (as `_with_pairs`, plus the box list)."""
 
     def lesion_size_delta(
         labels: pd.DataFrame, raw_bbox_list: str, reporting: ReportingParams, **inputs: Any
@@ -449,17 +451,6 @@ def _lesion_size_delta_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.Data
         return nodes.lesion_size_delta(labels, raw_bbox_list, reporting, pairs=pairs, **inputs)
 
     return lesion_size_delta
-
-
-def _method_comparison_of(pairs: list[tuple[str, str]]) -> Callable[..., pd.DataFrame]:
-    """`nodes.build_method_comparison` with the pairs bound (see `_paired_comparison_of`)."""
-
-    def build_method_comparison(
-        labels: pd.DataFrame, reporting: ReportingParams, **inputs: Any
-    ) -> pd.DataFrame:
-        return nodes.build_method_comparison(labels, reporting, pairs=pairs, **inputs)
-
-    return build_method_comparison
 
 
 def _combined_table_nodes(metric_inputs: dict[str, str]) -> Pipeline:
