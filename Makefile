@@ -31,10 +31,11 @@ run: $(STAMP)
 ## Set up (first time) and run the whole test suite (installs Chromium for the kedro-viz test when root).
 # Two pytest-xdist workers, one test file each at a time (module fixtures stay shared):
 # the suite is mostly single-threaded subprocesses, so 2 workers use both cores of a CI machine.
+# --durations=30: the 30 slowest tests close the log (where to look when the suite grows).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	@bash scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench notebooks scripts

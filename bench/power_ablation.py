@@ -11,14 +11,19 @@ docs/benchmarks.md's img/s agree with):
 * the paired macro ΔAUROC interval of the default run (seed 42): [-0.070, 0.080] on 33 test
   patients -> SE0 by `power.se_from_interval`;
 * the per-seed differences +0.030, +0.206, -0.002 (seeds 42-44) -> the sd between retrainings;
-* the default phantom: 160 patients, 331 films; 238 train / 26 validation films; test 33
-  patients (test_fraction 0.2);
-* training cost per image, 2 threads, resnet18, batch 16: 114 ms / 16 at 64 px and 335 ms / 16
-  at 128 px, so the pyramid [64, 128] costs (114 + 335) / 16 = 28.1 ms and the single scale
-  [128] 20.9 ms; a forward pass (validation, test) ~0.4 of a training step (the profile in
-  docs/benchmarks.md: forward 9.2 s of 23.7 s forward + backward + Adam);
+* the default phantom: 160 patients, 331 films (2.07 per patient); validation 10% of the
+  train_val images (`split.val_fraction`);
+* training cost per training film and epoch, measured on 2 cores on the first attempt at
+  2,110 patients (2026-12-08): the multi-scale model [64, 128] at 13.7 img/s, validation
+  included (233 s an epoch for ~3,140 training films); the single-scale [128] model scaled by
+  the stack notes' step times, 335 / (114 + 335) of it. The stack notes' own per-step figures
+  (114 ms and 335 ms per 16 images) gave 2.6x less and an estimate that did not hold;
 * 8 epochs (the maximum; early stopping can only shorten it), 3 seeds.
 
+The power of the paired test depends on the **test** patients only, the training cost on the
+training films only: `--test-fraction` (the phantom's `test_fraction`) decides both from one
+phantom size. The default 0.53 keeps ~3x the default run's training films and puts 424
+patients in test.
 The estimate leaves out the phantom generation, the image cache and the reporting pipeline
 (Grad-CAM on every boxed test image, bootstraps): not measured at this size.
 """
@@ -36,16 +41,13 @@ from rare_cxr.evaluation import power  # noqa: E402 -- after the path set-up, as
 
 # the default run (docs/results.md)
 FILMS_PER_PATIENT = 331 / 160
-TRAIN_FILMS_PER_PATIENT = 238 / 160
-VAL_FILMS_PER_PATIENT = 26 / 160
-TEST_FILMS_PER_PATIENT = 67 / 160
-# seconds per image of one training step, multi [64, 128] + single [128] (STACK-NOTES)
-PAIR_TRAIN_S_PER_IMAGE = (114 + 335) / 16 / 1000 + 335 / 16 / 1000
-FORWARD_SHARE = 0.4
+VAL_FRACTION = 0.1  # conf/base split.val_fraction: share of the train_val images
+# seconds per training film and epoch (validation included), measured (module doc)
+MULTI_TRAIN_S_PER_IMAGE = 1 / 13.7
+PAIR_TRAIN_S_PER_IMAGE = MULTI_TRAIN_S_PER_IMAGE * (1 + 335 / (114 + 335))
+FORWARD_SHARE = 0.4  # a forward pass vs a training step (docs/benchmarks.md's profile)
 # docs/phantom.md: a median 12 ms of CPU per 256-px film
 RENDER_S_PER_FILM = 0.012
-# docs/results.md: the default run's pipeline took 122 s on a quiet machine (160 patients, 1 seed)
-DEFAULT_RUN_S, DEFAULT_PATIENTS = 122.0, 160
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--test-patients", type=int, default=33, help="patients behind --ci")
     p.add_argument("--per-seed", type=float, nargs="+", default=(0.030, 0.206, -0.002))
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.53,
+        help="the phantom's test_fraction (default 0.53, conf/phantom_study)",
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument(
@@ -75,14 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def training_minutes(n_patients: int, seeds: int, epochs: int) -> float:
-    """Upper bound on the pair's training + validation + test prediction, minutes."""
-    per_epoch = (
-        n_patients
-        * (TRAIN_FILMS_PER_PATIENT + FORWARD_SHARE * VAL_FILMS_PER_PATIENT)
-        * PAIR_TRAIN_S_PER_IMAGE
-    )
-    test = n_patients * TEST_FILMS_PER_PATIENT * FORWARD_SHARE * PAIR_TRAIN_S_PER_IMAGE
+def training_minutes(n_patients: int, test_fraction: float, seeds: int, epochs: int) -> float:
+    """Upper bound on the pair's training (validation included) + test prediction, minutes."""
+    train_val = n_patients * (1 - test_fraction) * FILMS_PER_PATIENT
+    per_epoch = train_val * (1 - VAL_FRACTION) * PAIR_TRAIN_S_PER_IMAGE
+    test = n_patients * test_fraction * FILMS_PER_PATIENT * FORWARD_SHARE * PAIR_TRAIN_S_PER_IMAGE
     return seeds * (epochs * per_epoch + test) / 60.0
 
 
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     tested = round(patients * a.test_fraction)
     films = patients * FILMS_PER_PATIENT
     detectable = power.detectable_delta(tested, se0, a.test_patients, a.alpha, a.power)
-    scaled = DEFAULT_RUN_S * patients / DEFAULT_PATIENTS * a.seeds / 60
+    train_films = patients * (1 - a.test_fraction) * FILMS_PER_PATIENT * (1 - VAL_FRACTION)
     lines = [
         f"SE0 = ({a.ci[1]:+.3f} - {a.ci[0]:+.3f}) / (2 x 1.960) = {se0:.4f}"
         f" on {a.test_patients} test patients",
@@ -109,11 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         f"detectable ΔAUROC with {tested} test patients: {detectable:.4f}",
         f"seed sd of the differences {list(a.per_seed)}: {sd:.4f};"
         f" seeds for ΔAUROC {a.delta} across retrainings: {seeds_needed}",
+        f"training films: ~{train_films:,.0f} (the default run: 238)",
         f"pair training upper bound, {a.seeds} seeds x {a.epochs} epochs:"
-        f" {training_minutes(patients, a.seeds, a.epochs):.1f} min",
+        f" {training_minutes(patients, a.test_fraction, a.seeds, a.epochs):.1f} min",
         f"phantom rendering: {films:,.0f} films x 12 ms = {films * RENDER_S_PER_FILM / 60:.1f} min",
-        f"cross-check, the measured default run scaled linearly in patients and seeds:"
-        f" {DEFAULT_RUN_S:.0f} s x {patients}/{DEFAULT_PATIENTS} x {a.seeds} = {scaled:.1f} min",
     ]
     print("\n".join(lines))
     return 0

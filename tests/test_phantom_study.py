@@ -54,10 +54,10 @@ def test_docs_show_the_command():
 def test_size_is_the_power_calculation_s():
     """n_patients = the test patients docs/results.md's calculation asks for / test_fraction."""
     phantom = yaml.safe_load((ENV_CONF / "parameters_phantom.yml").read_text())["phantom"]
-    base = yaml.safe_load((ROOT / "conf" / "base" / "parameters_phantom.yml").read_text())
     need = power.required_units(0.03, power.se_from_interval(-0.070, 0.080), 33)
-    fraction = base["phantom"]["test_fraction"]
+    fraction = phantom["test_fraction"]
     assert phantom["n_patients"] == 10 * math.ceil(need / fraction / 10)
+    assert round(phantom["n_patients"] * fraction) >= need == 422
 
 
 def test_environment_validates_to_the_pair_with_three_seeds(kedro_project):
@@ -67,7 +67,7 @@ def test_environment_validates_to_the_pair_with_three_seeds(kedro_project):
     assert checked["models"].models == PAIR
     assert checked["models"].pairs(PAIR) == [PAIR]
     assert checked["training"].n_seeds == 3
-    assert checked["phantom"].n_patients == 2110
+    assert checked["phantom"].n_patients == 800 and checked["phantom"].test_fraction == 0.53
     # conf/base's budget and generator settings, unchanged
     base = validate_parameters(project_parameters(kedro_project.path))
     assert checked["training"].epochs == base["training"].epochs

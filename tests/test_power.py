@@ -63,4 +63,5 @@ def test_bench_script_prints_the_sizing():
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "-> 422" in done.stdout and "-> 2110" in done.stdout
+    assert "-> 422" in done.stdout and "-> 800" in done.stdout
+    assert "424 test patients" in done.stdout and "training films: ~700" in done.stdout

@@ -418,3 +418,36 @@ def test_a_full_disk_while_streaming_the_training_state_names_the_file_and_leave
     monkeypatch.undo()
     saved = torch.load(store.save("abc", state), weights_only=True)
     assert saved["fingerprint"] == "abc" and torch.equal(saved["model"]["w"], torch.zeros(10_000))
+
+
+def test_the_optimiser_is_fused_adam_with_the_same_update_as_the_default(tmp_path, monkeypatch):
+    """Peak memory (VGG16's, docs/benchmarks.md): the trainer builds fused Adam on CPU (no
+    weight-sized temporaries), which steps a model as the default Adam does, and frees the
+    gradients after an epoch's last step (none is left beside validation and the saved state)."""
+    built: list[tuple[dict[str, Any], torch.optim.Optimizer]] = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, params: Any, **kwargs: Any) -> None:
+            super().__init__(params, **kwargs)
+            built.append((kwargs, self))
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    fit(TINY_SPEC, blob_cache(n_train=32, n_val=16), None, tiny_params(tmp_path, epochs=1))
+    assert [kwargs.get("fused") for kwargs, _ in built] == [True]
+    stepped = [p for group in built[0][1].param_groups for p in group["params"]]
+    assert stepped and all(p.grad is None for p in stepped)
+    monkeypatch.undo()
+
+    def three_steps(**kwargs: Any) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4, **kwargs)
+        x, y = torch.randn(12, 8), torch.rand(12, 3).round()
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(net(x), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    for fused, default in zip(three_steps(fused=True), three_steps(), strict=True):
+        torch.testing.assert_close(fused, default, rtol=1e-5, atol=1e-6)
