@@ -65,6 +65,33 @@ def nih_sample() -> Path:
     return NIH_SAMPLE
 
 
+# `--params` that shrink a multi-model phantom run through the CLI to a tiny one (64 px films,
+# a 32 px cache, one epoch, 20 bootstrap resamples); each test adds its models' scales.
+TINY_PHANTOM_RUN = {
+    "phantom.image_size": 64,
+    "image_cache.size": 32,
+    "image_cache.workers": 1,
+    "augmentation_preview.scales": "[16,32]",
+    "training.epochs": 1,
+    "training.batch_size": 16,
+    "training.device": "cpu",
+    "training.progress_bar": False,
+    "reporting.bootstrap.n_resamples": 20,
+    "reporting.cost.batch_size": 2,
+    "reporting.cost.n_batches": 1,
+}
+
+
+def cli_params(params: dict[str, Any]) -> str:
+    """One `--params` value (`key=value,...`) from a dict of dotted keys."""
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def latest_version(folder: Path) -> Path:
+    """The newest version's file of a versioned catalog entry (`<name>/<version>/<name>`)."""
+    return sorted(p for p in folder.iterdir() if p.is_dir())[-1] / folder.name
+
+
 def nest_dotted(params: dict[str, Any]) -> dict[str, Any]:
     """`{"a.b": 1}` -> `{"a": {"b": 1}}`, as `kedro run --params a.b=1` does.
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import TINY_PHANTOM_RUN, cli_params, latest_version
 
 from rare_cxr.evaluation import method_comparison
 
@@ -26,27 +27,14 @@ def _methods() -> list[str]:
 
 def _tiny(models: list[str]) -> str:
     """--params that shrink the run (every model's pyramid to 16 + 32 px, one epoch)."""
-    params = {
-        "phantom.n_patients": 24,
-        "phantom.image_size": 64,
-        "image_cache.size": 32,
-        "image_cache.workers": 1,
-        "augmentation_preview.scales": "[16,32]",
-        "training.epochs": 1,
-        "training.batch_size": 16,
-        "training.device": "cpu",
-        "training.progress_bar": False,
-        "training.loss.drw_start_epoch": 0,  # below the one epoch: LDAM-DRW's re-weighting runs
-        "reporting.bootstrap.n_resamples": 20,
-        "reporting.cost.batch_size": 2,
-        "reporting.cost.n_batches": 1,
-        **{f"{m}.model.scales": "[16,32]" for m in ["multiscale_resnet", *models]},
-    }
-    return ",".join(f"{k}={v}" for k, v in params.items())
-
-
-def _latest(folder: Path) -> Path:
-    return sorted(p for p in folder.iterdir() if p.is_dir())[-1] / folder.name
+    return cli_params(
+        {
+            **TINY_PHANTOM_RUN,
+            "phantom.n_patients": 24,
+            "training.loss.drw_start_epoch": 0,  # below the one epoch: LDAM-DRW's re-weighting
+            **{f"{m}.model.scales": "[16,32]" for m in ["multiscale_resnet", *models]},
+        }
+    )
 
 
 def test_docs_show_the_command():
@@ -60,7 +48,7 @@ def test_one_command_trains_every_method_and_pairs_each_with_balanced_bce(kedro_
     )
     done = kedro_project.cli(*COMMAND.split()[1:], "--params", _tiny(methods), timeout=1500)
     reports = kedro_project.data("08_reporting", env="longtail")
-    table = pd.read_csv(_latest(reports / "method_comparison.csv"))
+    table = pd.read_csv(latest_version(reports / "method_comparison.csv"))
     # every method against the balanced BCE, on the four metrics, and nothing else
     assert set(table["model"]) == set(methods), done.stderr[-3000:]
     assert set(table["reference"]) == {"multiscale_resnet"}
@@ -69,7 +57,7 @@ def test_one_command_trains_every_method_and_pairs_each_with_balanced_bce(kedro_
     defined = table[table["findings"] == "all"]
     assert defined["delta"].notna().all() and defined["p_value"].between(0, 1).all()
     # the base configuration's baselines are not in this environment
-    table1 = pd.read_csv(_latest(reports / "table1.csv"))
+    table1 = pd.read_csv(latest_version(reports / "table1.csv"))
     assert set(table1["Model"]) == {"multiscale_resnet", *methods}
     # each method really trained with its own loss or stage (the checkpoint records both)
     expected = {m: ("bce", 0) for m in ("multiscale_resnet", "ms_crt")}
@@ -77,11 +65,11 @@ def test_one_command_trains_every_method_and_pairs_each_with_balanced_bce(kedro_
     expected["ms_crt"] = ("bce", 2)
     for model, (loss, crt_epochs) in expected.items():
         folder = kedro_project.data("06_models", model, "checkpoint.pt", env="longtail")
-        train = torch.load(_latest(folder), weights_only=True)["metadata"]["train_params"]
+        train = torch.load(latest_version(folder), weights_only=True)["metadata"]["train_params"]
         assert (train["loss"]["name"], train["crt"]["epochs"]) == (loss, crt_epochs), model
-    metrics_all = json.loads(_latest(reports / "metrics_all.json").read_text())
+    metrics_all = json.loads(latest_version(reports / "metrics_all.json").read_text())
     assert set(metrics_all) == {"multiscale_resnet", *methods}
-    html = _latest(reports / "report.html").read_text()
+    html = latest_version(reports / "report.html").read_text()
     assert "Long-tail methods: each model against its reference" in html
     # the default environment's folder was not touched
     assert not any(kedro_project.data("08_reporting").iterdir())

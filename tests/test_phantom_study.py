@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import TINY_PHANTOM_RUN, cli_params, latest_version
 
 from rare_cxr.configuration import validate_parameters
 from rare_cxr.evaluation import lesion_size, power
@@ -24,27 +25,14 @@ PAIR = ("multiscale_resnet", "resnet_single_scale")
 def _tiny() -> str:
     """--params that shrink the run (both pyramids to 16 + 32 px / 32 px, one epoch); the
     environment's own n_seeds (3) is kept."""
-    params = {
-        "phantom.n_patients": 40,
-        "phantom.image_size": 64,
-        "image_cache.size": 32,
-        "image_cache.workers": 1,
-        "augmentation_preview.scales": "[16,32]",
-        "training.epochs": 1,
-        "training.batch_size": 16,
-        "training.device": "cpu",
-        "training.progress_bar": False,
-        "reporting.bootstrap.n_resamples": 20,
-        "reporting.cost.batch_size": 2,
-        "reporting.cost.n_batches": 1,
-        "multiscale_resnet.model.scales": "[16,32]",
-        "resnet_single_scale.model.scales": "[32]",
-    }
-    return ",".join(f"{k}={v}" for k, v in params.items())
-
-
-def _latest(folder: Path) -> Path:
-    return sorted(p for p in folder.iterdir() if p.is_dir())[-1] / folder.name
+    return cli_params(
+        {
+            **TINY_PHANTOM_RUN,
+            "phantom.n_patients": 40,
+            "multiscale_resnet.model.scales": "[16,32]",
+            "resnet_single_scale.model.scales": "[32]",
+        }
+    )
 
 
 def test_docs_show_the_command():
@@ -79,14 +67,14 @@ def test_one_command_trains_the_pair_with_three_seeds_and_splits_by_lesion_size(
     done = kedro_project.cli(*COMMAND.split()[1:], "--params", _tiny(), timeout=1500)
     reports = kedro_project.data("08_reporting", env="phantom_study")
     # only the ablation pair, three seeds each
-    table1 = pd.read_csv(_latest(reports / "table1.csv"))
+    table1 = pd.read_csv(latest_version(reports / "table1.csv"))
     assert set(table1["Model"]) == set(PAIR), done.stderr[-3000:]
     assert (table1["Seeds"] == 3).all()
-    paired = pd.read_csv(_latest(reports / "paired_comparison.csv"))
+    paired = pd.read_csv(latest_version(reports / "paired_comparison.csv"))
     assert set(zip(paired["model"], paired["reference"], strict=True)) == {PAIR}
     assert (paired["seeds"] == 3).all()
     # ΔAUROC by planted lesion size: rows for the pair, localised findings only, bins from 1
-    sizes = pd.read_csv(_latest(reports / "lesion_size_delta.csv"))
+    sizes = pd.read_csv(latest_version(reports / "lesion_size_delta.csv"))
     assert list(sizes.columns) == list(lesion_size.COLUMNS)
     assert len(sizes) > 0
     assert set(zip(sizes["model"], sizes["reference"], strict=True)) == {PAIR}
@@ -94,7 +82,7 @@ def test_one_command_trains_the_pair_with_three_seeds_and_splits_by_lesion_size(
     assert (sizes["seeds"] == 3).all() and (sizes["size_bin"] >= 1).all()
     assert (sizes["area_min"] <= sizes["area_max"]).all() and (sizes["positives"] >= 1).all()
     assert sizes["delta"].between(-1, 1).all()
-    html = _latest(reports / "report.html").read_text()
+    html = latest_version(reports / "report.html").read_text()
     assert "Paired comparison by planted lesion size" in html
     # the default environment's folder was not touched
     assert not any(kedro_project.data("08_reporting").iterdir())
